@@ -1,0 +1,5 @@
+"""`python -m fedsynth` runs the CLI."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,33 @@
+"""The `fedsynth` command: registers the sub-commands; no logic of its own."""
+
+from __future__ import annotations
+
+import typer
+
+from .commands.demo import demo
+from .commands.info import config, models
+from .commands.prepare import prepare
+from .commands.sample import sample
+from .commands.simulate import simulate
+
+app = typer.Typer(
+    name="fedsynth",
+    help="Federated synthetic CT/MRI slices: train GANs across hospitals with Flower, without moving images.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+app.command(help=prepare.__doc__)(prepare)
+app.command(help=simulate.__doc__)(simulate)
+app.command(help=sample.__doc__)(sample)
+app.command(help=demo.__doc__)(demo)
+app.command(help=models.__doc__)(models)
+app.command(help=config.__doc__)(config)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Flower ClientApp: turn a training message into a local round and its reply."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from ..shared.config import RunConfig
+from ..shared.rundir import HOSPITALS_MANIFEST
+from ..shared.records import ARRAYS, CONFIG, HOSPITAL, METRICS, record_to_tensors, tensors_to_record
+from ..shared.weights import DISCRIMINATOR, GENERATOR, split_model
+from .hospital import HospitalSite, run_local_round
+
+__all__ = ["app", "site_from_context"]
+
+# Node config keys a hospital sets on its SuperNode (per hospital, never run config).
+DATA_PATH, STATE_DIR, HOSPITAL_NAME = "data-path", "state-dir", "hospital-name"
+PARTITION_ID = "partition-id"
+
+app = ClientApp()
+
+
+def site_from_context(context: Context, cfg: RunConfig) -> HospitalSite:
+    """Where this hospital's data and state are.
+
+    In a deployment the SuperNode's node config names them (``data-path``, optional
+    ``state-dir`` and ``hospital-name``). In simulation Flower only gives a partition id,
+    which indexes the per-hospital slice sets ``fedsynth simulate`` wrote.
+
+    Raises
+    ------
+    ValueError
+        Neither a ``data-path`` node config nor a simulation hospitals folder.
+    """
+    node = context.node_config
+    run_name = Path(cfg.output.run_dir).name
+    if DATA_PATH in node:
+        data_path = Path(str(node[DATA_PATH])).expanduser()
+        state_root = Path(str(node.get(STATE_DIR, data_path.parent / "fedsynth-state")))
+        name = str(node.get(HOSPITAL_NAME, data_path.stem))
+        return HospitalSite(name=name, data_path=data_path, state_dir=state_root / run_name)
+    if PARTITION_ID in node and cfg.simulation.hospitals_dir:
+        folder = Path(cfg.simulation.hospitals_dir)
+        names = json.loads((folder / HOSPITALS_MANIFEST).read_text())["hospitals"]
+        name = names[int(node[PARTITION_ID])]
+        return HospitalSite(name=name, data_path=folder / name / "slices.npz", state_dir=folder / name / "state")
+    raise ValueError(
+        "this SuperNode has no 'data-path' in its node config "
+        "(start it with --node-config \"data-path='/path/slices.npz'\")"
+    )
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Run one local GAN round on the global generator and reply with the new weights."""
+    cfg = RunConfig.from_run_config(context.run_config)
+    site = site_from_context(context, cfg)
+    server_round = int(msg.content[CONFIG]["server-round"])
+    gen_state, disc_state = split_model(record_to_tensors(msg.content[ARRAYS]))
+    result = run_local_round(
+        site, cfg, server_round=server_round,
+        global_generator=gen_state, global_discriminator=disc_state or None,
+    )
+    tensors = {f"{GENERATOR}.{k}": v for k, v in result.generator.items()}
+    if result.discriminator is not None:
+        tensors.update({f"{DISCRIMINATOR}.{k}": v for k, v in result.discriminator.items()})
+    content = RecordDict({
+        ARRAYS: tensors_to_record(tensors),
+        METRICS: MetricRecord(result.stats.as_metrics()),
+        HOSPITAL: ConfigRecord({"name": site.name}),
+    })
+    return Message(content=content, reply_to=msg)

@@ -1,0 +1,156 @@
+"""One hospital's side of a federated round: its data, its local state, its training."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..shared.checkpoint import load_checkpoint, load_torch_tensors, save_checkpoint, save_torch_atomic
+from ..shared.config import RunConfig
+from ..shared.device import pick_device
+from ..shared.models import build_gan
+from ..shared.sliceset import TRAIN, SliceSet, SliceSetError
+from ..shared.weights import exchanged_state, load_weights
+from .train import BatchSource, RoundStats, make_optimizers, train_round
+
+__all__ = ["HospitalSite", "LocalRoundResult", "derive_seed", "run_local_round"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HospitalSite:
+    """Where a hospital's slice set and its local training state live."""
+
+    name: str
+    data_path: Path
+    state_dir: Path
+
+
+@dataclass(frozen=True)
+class LocalRoundResult:
+    generator: dict[str, torch.Tensor]
+    discriminator: dict[str, torch.Tensor] | None
+    stats: RoundStats
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from any parts (base seed, hospital, round), stable across runs."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+def load_hospital_slices(site: HospitalSite, cfg: RunConfig) -> SliceSet:
+    """The hospital's slice set, checked against what the run expects.
+
+    Raises
+    ------
+    SliceSetError
+        Unreadable file, wrong image size, other classes, or no training slices.
+    """
+    slices = SliceSet.load(site.data_path)
+    expected = cfg.data.classes
+    if slices.image_size != cfg.data.image_size:
+        raise SliceSetError(
+            f"{site.data_path}: slices are {slices.image_size} px but the run expects "
+            f"data.image-size {cfg.data.image_size}"
+        )
+    if expected and list(slices.class_names) != expected:
+        raise SliceSetError(
+            f"{site.data_path}: classes {list(slices.class_names)} differ from the run's "
+            f"data.class-names {expected}"
+        )
+    if not (slices.split == TRAIN).any():
+        raise SliceSetError(f"{site.data_path}: no training slices at {site.name}")
+    return slices
+
+
+class _LocalState:
+    """The hospital's private training state between rounds: its discriminator and both
+    optimizers' moments. Stored at the hospital, never sent."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.disc_path = folder / "discriminator.safetensors"
+        self.optim_path = folder / "optimizers.pt"
+        self.info_path = folder / "local.json"
+
+    def exists(self) -> bool:
+        return self.disc_path.is_file()
+
+    def load(self, disc: torch.nn.Module, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer) -> int:
+        tensors, _ = load_checkpoint(self.disc_path)
+        load_weights(disc, tensors)
+        if self.optim_path.is_file():
+            states = load_torch_tensors(self.optim_path)
+            assert isinstance(states, dict)
+            opt_g.load_state_dict(states["generator"])
+            opt_d.load_state_dict(states["discriminator"])
+        info = json.loads(self.info_path.read_text()) if self.info_path.is_file() else {}
+        return int(info.get("last_round", 0))
+
+    def save(self, disc: torch.nn.Module, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
+             *, server_round: int, hospital: str) -> None:
+        save_checkpoint(self.disc_path, exchanged_state(disc), {"round": str(server_round), "hospital": hospital})
+        save_torch_atomic(self.optim_path, {"generator": opt_g.state_dict(), "discriminator": opt_d.state_dict()})
+        self.info_path.write_text(json.dumps({"last_round": server_round, "hospital": hospital}))
+
+
+def run_local_round(
+    site: HospitalSite,
+    cfg: RunConfig,
+    *,
+    server_round: int,
+    global_generator: dict[str, torch.Tensor],
+    global_discriminator: dict[str, torch.Tensor] | None = None,
+) -> LocalRoundResult:
+    """Train the received global generator on this hospital's slices for one round.
+
+    The discriminator is the hospital's own (restored from its state folder), unless the
+    run aggregates discriminators, in which case the global one is used.
+
+    Returns
+    -------
+    The updated generator weights (and discriminator weights when aggregated) and the
+    round's statistics.
+    """
+    slices = load_hospital_slices(site, cfg)
+    train = slices.only(TRAIN)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = pick_device(cfg.train.device)
+    seed = derive_seed(cfg.train.seed, site.name, server_round)
+    torch.manual_seed(derive_seed(cfg.train.seed, site.name, "init"))
+    gen, disc = build_gan(cfg.model, image_size=cfg.data.image_size, num_classes=len(train.class_names))
+    load_weights(gen, global_generator)
+    gen.to(device)
+    disc.to(device)
+    opt_g, opt_d = make_optimizers(gen, disc, cfg.train)
+    state = _LocalState(site.state_dir)
+    if state.exists():
+        last = state.load(disc, opt_g, opt_d)
+        log.info("%s: restored local state from round %d", site.name, last)
+    if global_discriminator:
+        load_weights(disc, global_discriminator)
+    rng = torch.Generator().manual_seed(seed)
+    batches = BatchSource(
+        torch.from_numpy(train.as_float()).to(device),
+        torch.from_numpy(train.labels).to(device),
+        batch_size=cfg.train.batch_size,
+        generator=rng,
+    )
+    stats = train_round(gen, disc, opt_g, opt_d, batches, cfg.train, generator=rng)
+    state.save(disc, opt_g, opt_d, server_round=server_round, hospital=site.name)
+    log.info("%s round %d: d=%.3f g=%.3f %.0f img/s", site.name, server_round, stats.d_loss, stats.g_loss,
+             stats.images_per_second)
+    return LocalRoundResult(
+        generator={k: v.cpu() for k, v in exchanged_state(gen).items()},
+        discriminator={k: v.cpu() for k, v in exchanged_state(disc).items()}
+        if cfg.federation.aggregate_discriminator else None,
+        stats=stats,
+    )

@@ -1,0 +1,181 @@
+"""The local GAN round a hospital runs: plain PyTorch, no Flower."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..shared.config import TrainConfig
+from ..shared.models import DiscriminatorOutput
+
+__all__ = ["BatchSource", "RoundStats", "discriminator_loss", "generator_loss", "make_optimizers", "train_round"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RoundStats:
+    """What one local round did, reported to the server as metrics."""
+
+    steps: int
+    num_examples: int
+    images_seen: int
+    d_loss: float
+    g_loss: float
+    d_real: float  # mean D(real) logit
+    d_fake: float  # mean D(fake) logit
+    seconds: float
+    images_per_second: float
+
+    def as_metrics(self) -> dict[str, float | int]:
+        """Kebab-case metric names, with ``num-examples`` for weighted averaging."""
+        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+
+class BatchSource:
+    """Random mini-batches of a hospital's training slices, kept in memory on the device.
+
+    Each pass visits every slice once in a fresh random order (sampling without
+    replacement within an epoch). The whole set sits on the device: a hospital's 64 px
+    slice set is a few MB, so a DataLoader would only add overhead.
+    """
+
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int, generator: torch.Generator
+    ) -> None:
+        if len(images) == 0:
+            raise ValueError("no training slices at this hospital")
+        self.images, self.labels = images, labels
+        self.batch_size = min(batch_size, len(images))
+        self.generator = generator
+        self._order = torch.empty(0, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(self._order) < self.batch_size:
+            fresh = torch.randperm(len(self.images), generator=self.generator)
+            self._order = torch.cat([self._order, fresh])
+        idx, self._order = self._order[: self.batch_size], self._order[self.batch_size :]
+        idx = idx.to(self.images.device)
+        return self.images[idx], self.labels[idx]
+
+
+def discriminator_loss(real: DiscriminatorOutput, fake: DiscriminatorOutput, labels: torch.Tensor, kind: str) -> torch.Tensor:
+    """Adversarial loss of the discriminator (+ class loss on real images for AC heads)."""
+    if kind == "hinge":
+        loss = F.relu(1 - real.adv).mean() + F.relu(1 + fake.adv).mean()
+    else:  # non-saturating BCE on logits
+        loss = F.softplus(-real.adv).mean() + F.softplus(fake.adv).mean()
+    if real.class_logits is not None:
+        loss = loss + F.cross_entropy(real.class_logits, labels)
+    return loss
+
+
+def generator_loss(fake: DiscriminatorOutput, labels: torch.Tensor, kind: str) -> torch.Tensor:
+    """Adversarial loss of the generator (+ class loss on its images for AC heads)."""
+    loss = -fake.adv.mean() if kind == "hinge" else F.softplus(-fake.adv).mean()
+    if fake.class_logits is not None:
+        loss = loss + F.cross_entropy(fake.class_logits, labels)
+    return loss
+
+
+def make_optimizers(gen: nn.Module, disc: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Adam, torch.optim.Adam]:
+    """Adam for both networks, with the configured learning rates and betas."""
+    betas = (cfg.beta1, cfg.beta2)
+    return (
+        torch.optim.Adam(gen.parameters(), lr=cfg.lr_g, betas=betas),
+        torch.optim.Adam(disc.parameters(), lr=cfg.lr_d, betas=betas),
+    )
+
+
+def train_round(
+    gen: nn.Module,
+    disc: nn.Module,
+    opt_g: torch.optim.Optimizer,
+    opt_d: torch.optim.Optimizer,
+    batches: BatchSource,
+    cfg: TrainConfig,
+    *,
+    generator: torch.Generator,
+) -> RoundStats:
+    """Train G and D for ``cfg.local_steps`` alternating steps.
+
+    Each step: one discriminator update on a real batch and as many generated images
+    (conditioned on the real batch's labels, so fakes follow this hospital's class mix),
+    then one generator update through the discriminator with its weights frozen.
+
+    Parameters
+    ----------
+    gen, disc : the networks, already on the device of ``batches``.
+    opt_g, opt_d : their optimizers (kept across rounds by the caller).
+    batches : the hospital's training slices.
+    cfg : the training section of the run config.
+    generator : the seeded random source for noise.
+
+    Returns
+    -------
+    RoundStats with means over the round's steps.
+    """
+    device = batches.images.device
+    gen.train()
+    disc.train()
+    d_losses, g_losses, d_real, d_fake = [], [], [], []
+    start = time.perf_counter()
+    latent = gen.latent_dim
+    for _ in range(cfg.local_steps):
+        real, labels = batches.next()
+        n = len(real)
+        # --- discriminator ---
+        z = torch.randn(n, latent, generator=generator).to(device)
+        with torch.no_grad():
+            fake = gen(z, labels)
+        opt_d.zero_grad(set_to_none=True)
+        out_real = disc(real, labels)
+        out_fake = disc(fake, labels)
+        loss_d = discriminator_loss(out_real, out_fake, labels, cfg.loss)
+        loss_d.backward()
+        opt_d.step()
+        # --- generator (discriminator frozen: no weight gradients needed) ---
+        disc.requires_grad_(False)
+        z = torch.randn(n, latent, generator=generator).to(device)
+        opt_g.zero_grad(set_to_none=True)
+        out_gen = disc(gen(z, labels), labels)
+        loss_g = generator_loss(out_gen, labels, cfg.loss)
+        loss_g.backward()
+        opt_g.step()
+        disc.requires_grad_(True)
+        d_losses.append(loss_d.detach())
+        g_losses.append(loss_g.detach())
+        d_real.append(out_real.adv.detach().mean())
+        d_fake.append(out_fake.adv.detach().mean())
+    seconds = time.perf_counter() - start
+    images_seen = cfg.local_steps * batches.batch_size
+
+    def mean(values: list[torch.Tensor]) -> float:
+        return float(torch.stack(values).mean().cpu())
+
+    stats = RoundStats(
+        steps=cfg.local_steps,
+        num_examples=len(batches),
+        images_seen=images_seen,
+        d_loss=mean(d_losses),
+        g_loss=mean(g_losses),
+        d_real=mean(d_real),
+        d_fake=mean(d_fake),
+        seconds=seconds,
+        images_per_second=images_seen / seconds if seconds > 0 else float("nan"),
+    )
+    if not np.isfinite([stats.d_loss, stats.g_loss]).all():
+        raise FloatingPointError(
+            f"training diverged (d-loss {stats.d_loss}, g-loss {stats.g_loss}); "
+            "lower train.lr-g / train.lr-d"
+        )
+    return stats

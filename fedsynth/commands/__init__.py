@@ -1,0 +1,1 @@
+"""The `fedsynth` sub-commands, one module each; `fedsynth.cli` registers them."""

@@ -1,0 +1,58 @@
+"""What every sub-command shares: the console, logging set-up and one-line user errors."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+from ..shared.checkpoint import CheckpointError
+from ..shared.config import ConfigError
+from ..shared.ingest import IngestError
+from ..shared.partition import PartitionError
+from ..shared.rundir import RunDirError
+from ..shared.sliceset import SliceSetError
+
+__all__ = ["USER_ERRORS", "console", "err_console", "setup_logging", "user_errors"]
+
+console = Console()
+err_console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class CommandError(Exception):
+    """A user-facing error raised by a command itself."""
+
+
+USER_ERRORS: tuple[type[Exception], ...] = (
+    CommandError, ConfigError, SliceSetError, IngestError, PartitionError, RunDirError, CheckpointError,
+    FileNotFoundError,
+)
+
+
+def setup_logging(verbose: bool) -> None:
+    """Warnings (or everything, with --verbose) from fedsynth's loggers to stderr."""
+    handler = RichHandler(console=err_console, show_time=False, show_path=False, markup=False)
+    root = logging.getLogger("fedsynth")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    root.propagate = False
+
+
+def user_errors(func: F) -> F:
+    """Show expected errors (bad input, bad config) as one red line and exit 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except USER_ERRORS as err:
+            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,114 @@
+"""`fedsynth prepare`: raw scans (an image folder or NIfTI volumes) to a slice set and a data card."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ..shared.ingest import DataCard, detect_source_kind, ingest_image_folder, ingest_nifti_folder, summarize_unreadable
+from .common import CommandError, console, user_errors
+
+__all__ = ["prepare", "card_path_for"]
+
+
+def card_path_for(out: Path) -> Path:
+    """``mri.npz`` -> ``mri.card.json``."""
+    return out.with_name(out.name.removesuffix(".npz") + ".card.json")
+
+
+def _parse_ints(text: str, option: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise CommandError(f"{option} {text!r}: expected label values such as 2 or 1,2") from None
+
+
+@user_errors
+def prepare(
+    source: Path = typer.Argument(..., help="An image folder (<split>/<class>/*.jpg|png or <class>/*) or a folder of NIfTI volumes (volume-XXX.nii.gz with segmentation-XXX.nii.gz)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Slice set to write (.npz); the data card goes beside it as .card.json."),
+    size: int = typer.Option(64, help="Output side in pixels (32, 64 or 128 for the built-in models)."),
+    holdout: float = typer.Option(0.2, help="Share of patients held out for audits, stratified by class."),
+    seed: int = typer.Option(0, help="Seed of the train/holdout draw."),
+    keep_folder_split: bool = typer.Option(False, help="Image folders: use the folder's own split (Testing/test/holdout/val become holdout) instead of drawing one."),
+    window: str = typer.Option("ct-abdomen", help="NIfTI: intensity window, a preset (ct-abdomen, ct-lung, ct-brain, mri) or WIDTH,LEVEL in HU."),
+    label_from_mask: str = typer.Option("", help="NIfTI: mask value(s), e.g. 2 or 1,2; a slice with at least --min-voxels such voxels is labelled present."),
+    label_names: str = typer.Option("", help="NIfTI: class names for absent,present (default absent,present)."),
+    min_voxels: int = typer.Option(1, help="NIfTI: voxels of the label needed to call a slice present."),
+    keep_slices_with: str = typer.Option("", help="NIfTI: keep only slices whose mask contains these value(s), e.g. 1 for liver."),
+    output_format: str = typer.Option("text", "--format", help="text (a table) or json (the card on stdout)."),
+) -> None:
+    """Turn raw scans into a slice set (.npz) with a patient-level train/holdout split.
+
+    Prints a data card: files read, unreadable files (named), duplicates removed,
+    images per class and train/holdout counts; the card is also written as JSON.
+    """
+    if size < 8:
+        raise CommandError(f"--size {size}: too small (use 32, 64 or 128)")
+    if out.suffix != ".npz":
+        raise CommandError(f"--out {out}: the slice set file must end in .npz")
+    kind = detect_source_kind(source)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True, disable=output_format == "json") as progress:
+        task = progress.add_task(f"reading {source}", total=None)
+
+        def report(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        if kind == "image-folder":
+            slices, card = ingest_image_folder(
+                source, size=size, holdout_fraction=holdout, keep_folder_split=keep_folder_split, seed=seed,
+                progress=report,
+            )
+        else:
+            slices, card = ingest_nifti_folder(
+                source, size=size, window=window,
+                label_from_mask=_parse_ints(label_from_mask, "--label-from-mask"),
+                label_names=[n.strip() for n in label_names.split(",") if n.strip()],
+                min_voxels=min_voxels,
+                keep_slices_with=_parse_ints(keep_slices_with, "--keep-slices-with"),
+                holdout_fraction=holdout, seed=seed, progress=report,
+            )
+    slices.save(out)
+    card.output = str(out)
+    card_path = card.write(card_path_for(out))
+    if output_format == "json":
+        typer.echo(json.dumps(card.to_dict(), indent=2))
+        return
+    print_card(card, card_path)
+
+
+def print_card(card: DataCard, card_path: Path) -> None:
+    """The data card as a short table for the terminal."""
+    table = Table(title=f"data card: {card.output}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("source", f"{card.source} ({card.kind})")
+    table.add_row("files read", f"{card.files_read} of {card.files_found}")
+    table.add_row("unreadable", str(len(card.unreadable)))
+    dup = card.duplicates
+    if dup:
+        table.add_row(
+            "duplicates",
+            f"{dup['byte_identical_groups']} byte-identical groups ({dup['byte_identical_groups_crossing_split']} crossing "
+            f"the folder split); {dup['pixel_identical_groups']} pixel-identical groups "
+            f"({dup['pixel_identical_groups_crossing_split']} crossing); {dup['files_removed']} files removed",
+        )
+    table.add_row("images", f"{card.images} at {card.image_size}x{card.image_size}")
+    table.add_row("per class", ", ".join(f"{k} {v}" for k, v in card.images_per_class.items()))
+    for name, counts in card.split.items():
+        table.add_row(name, f"{counts['slices']} slices, {counts['patients']} patients")
+    table.add_row("split rule", card.split_rule)
+    table.add_row("privacy unit", card.privacy_unit + ("" if card.patient_ids_known else " (no patient ids)"))
+    if card.sites:
+        table.add_row("sites", ", ".join(f"{k} {v}" for k, v in card.sites.items()))
+    console.print(table)
+    for line in summarize_unreadable(card):
+        console.print(f"  [yellow]unreadable[/] {line}", highlight=False)
+    for note in card.notes:
+        console.print(f"  [dim]note: {note}[/]")
+    console.print(f"card written to {card_path}")

@@ -1,0 +1,107 @@
+"""`fedsynth sample`: synthetic slices from a run's global generator, as PNG or a slice set."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import typer
+from PIL import Image
+
+from ..shared.checkpoint import file_sha256, load_checkpoint
+from ..shared.models import build_gan
+from ..shared.rundir import RunDir
+from ..shared.sampling import generate, save_grid
+from ..shared.sliceset import SYNTHETIC, SliceSet
+from ..shared.weights import load_weights, split_model
+from .common import CommandError, console, user_errors
+
+__all__ = ["sample", "sample_images"]
+
+
+def sample_images(run: RunDir, *, n: int, label: str | None, round_: int | None, seed: int) -> tuple[np.ndarray, np.ndarray, list[str], int, bool]:
+    """Draw ``n`` images from a run's generator.
+
+    Returns (images, labels, class names, round used, conditional). Without a label,
+    images cycle through the classes so each gets an equal share.
+
+    Raises
+    ------
+    CommandError
+        Unknown label, or a label asked of an unconditional model.
+    """
+    cfg = run.load_config()
+    round_ = run.resolve_round(round_)
+    classes = cfg.data.classes
+    gen, _ = build_gan(cfg.model, image_size=cfg.data.image_size, num_classes=len(classes))
+    tensors, _ = load_checkpoint(run.checkpoint(round_))
+    load_weights(gen, split_model(tensors)[0])
+    conditional = bool(getattr(gen, "conditional", False))
+    if label is not None:
+        if label not in classes:
+            raise CommandError(f"--label {label!r}: not a class of this run (classes: {', '.join(classes)})")
+        if not conditional:
+            raise CommandError(f"--label: model {cfg.model.name!r} is unconditional and cannot draw a chosen class")
+        labels = np.full(n, classes.index(label))
+    else:
+        labels = np.arange(n) % len(classes)
+    return generate(gen, labels, seed=seed), labels, classes, round_, conditional
+
+
+@user_errors
+def sample(
+    run_dir: Path = typer.Option(..., "--run", "-r", help="Run directory of a finished (or partial) run."),
+    n: int = typer.Option(64, "--n", help="Number of synthetic slices."),
+    label: str = typer.Option(None, help="Class to draw (a class name of the run); default: all classes in equal shares."),
+    round_: str = typer.Option("last", "--round", help="Round whose global generator to use: a number or 'last'."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder."),
+    output_format: str = typer.Option("png", "--format", help="png (one file per slice plus grid.png) or npz (a slice set marked synthetic)."),
+    seed: int = typer.Option(0, help="Seed of the noise; the same seed gives the same images."),
+) -> None:
+    """Write synthetic slices from a run's global generator (the final round by default)."""
+    if n < 1:
+        raise CommandError("--n must be at least 1")
+    if output_format not in ("png", "npz"):
+        raise CommandError(f"--format {output_format!r}: use png or npz")
+    if round_ != "last" and not round_.isdigit():
+        raise CommandError(f"--round {round_!r}: a round number or 'last'")
+    run = RunDir(run_dir)
+    images, labels, classes, used_round, conditional = sample_images(
+        run, n=n, label=label, round_=None if round_ == "last" else int(round_), seed=seed,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = run.checkpoint(used_round)
+    provenance = {
+        "synthetic": True,
+        "run": str(run.root),
+        "round": used_round,
+        "checkpoint_sha256": file_sha256(checkpoint),
+        "seed": seed,
+        "n": n,
+        "label": label,
+        "conditional": conditional,
+    }
+    names = [classes[i] if conditional else "unconditional" for i in labels]
+    if output_format == "png":
+        for i, (image, name) in enumerate(zip(images, names, strict=True)):
+            Image.fromarray(image).save(out / f"synthetic-{i:05d}-{name}.png")
+        columns = min(16, n)
+        grid = save_grid(images, out / "grid.png", columns=columns,
+                         title=f"synthetic, round {used_round}" + (f", {label}" if label else ""),
+                         scale=max(1, 128 // images.shape[1]))
+        written = f"{n} PNG files and {grid}"
+    else:
+        synthetic = SliceSet(
+            images=images,
+            labels=labels.astype(np.int64),
+            class_names=tuple(classes),
+            patient_ids=np.array([f"synthetic-{i:06d}" for i in range(n)]),
+            split=np.full(n, SYNTHETIC),
+            source=np.array([f"{checkpoint.name}#seed={seed}#{i}" for i in range(n)]),
+            meta={**provenance, "patient_ids_known": False, "kind": "synthetic"},
+        )
+        path = synthetic.save(out / "synthetic.npz")
+        written = str(path)
+    (out / "manifest.json").write_text(json.dumps(provenance, indent=2))
+    console.print(f"wrote {written} (round {used_round}{', ' + label if label else ''}); provenance in {out / 'manifest.json'}")

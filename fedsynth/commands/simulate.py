@@ -1,0 +1,126 @@
+"""`fedsynth simulate`: N simulated hospitals federate through Flower's simulation engine."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ..server.launcher import EngineError, run_simulation_engine
+from ..server.simulate import hospital_summary, prepare_simulation, resume_config
+from ..shared.config import RunConfig, parse_overrides
+from ..shared.rundir import RunDir
+from .common import CommandError, console, setup_logging, user_errors
+
+__all__ = ["run_with_progress", "simulate"]
+
+
+@user_errors
+def simulate(
+    data: Path = typer.Option(None, "--data", "-d", help="Slice set (.npz) from `fedsynth prepare` to split into hospitals."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run directory to create (or to continue, with --resume)."),
+    hospitals: int = typer.Option(None, help="Number of simulated hospitals [default: 3]."),
+    partition: str = typer.Option(None, help="How to split the data: iid, dirichlet:ALPHA (non-IID by class; 0.5 is strongly skewed) or by-site (the slice set's site column) [default: iid]."),
+    rounds: int = typer.Option(None, help="Federated rounds [default: 5]."),
+    local_steps: int = typer.Option(None, help="GAN steps per hospital per round [default: 50]."),
+    config: Path = typer.Option(None, "--config", "-c", help="YAML config file (see `fedsynth config`)."),
+    set_: list[str] = typer.Option([], "--set", help="Override any config key, e.g. --set model.width=64 (repeatable)."),
+    resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint (add --rounds to extend it)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log fedsynth's progress messages."),
+) -> None:
+    """Federate a GAN across simulated hospitals on this machine.
+
+    Each hospital gets its own slice set (a partition of --data) and trains locally;
+    the server averages generator weights each round and writes, in --out, a checkpoint
+    and a sample grid per round, rounds.jsonl (metrics per hospital) and curves.png.
+    """
+    setup_logging(verbose)
+    run = RunDir(out)
+    overrides = parse_overrides(set_)
+    for key, value in (("simulation.hospitals", hospitals), ("simulation.partition", partition),
+                       ("federation.rounds", rounds), ("train.local-steps", local_steps)):
+        if value is not None:
+            overrides[key] = value
+    if resume:
+        if data is not None or config is not None:
+            raise CommandError("--resume continues with the run's saved data and config: drop --data/--config")
+        cfg = resume_config(run, overrides)
+        console.print(f"resuming {run.root} after round {run.last_round()} of {cfg.federation.rounds}")
+    else:
+        if data is None:
+            raise CommandError("--data is required (a slice set from `fedsynth prepare`)")
+        cfg = RunConfig.from_yaml(config, overrides) if config else RunConfig.from_overrides(overrides)
+        cfg = prepare_simulation(cfg, data, run)
+        print_hospitals(run)
+    outcome_ok = run_with_progress(cfg, run)
+    if not outcome_ok:
+        raise typer.Exit(1)
+
+
+def print_hospitals(run: RunDir) -> None:
+    table = Table(title="simulated hospitals", title_justify="left")
+    for column in ("hospital", "train slices", "holdout slices", "train per class"):
+        table.add_column(column)
+    for name, counts in hospital_summary(run).items():
+        per_class = ", ".join(f"{k} {v}" for k, v in counts["train_per_class"].items())
+        table.add_row(name, str(counts["train"]), str(counts["holdout"]), per_class)
+    console.print(table)
+
+
+def _round_line(record: dict, total: int) -> str:
+    parts = []
+    for name, m in sorted(record.get("hospitals", {}).items()):
+        parts.append(f"{name} d={m.get('d-loss', float('nan')):.2f} g={m.get('g-loss', float('nan')):.2f} "
+                     f"{m.get('images-per-second', 0):.0f} img/s")
+    for failure in record.get("failures", []):
+        parts.append(f"[red]node {failure['node']} failed: {failure['reason']}[/]")
+    for rejected in record.get("rejected", []):
+        parts.append(f"[red]{rejected['hospital']} rejected: {rejected['reason']}[/]")
+    return f"round {record['round']}/{total} ({record.get('seconds', 0):.1f} s): " + " | ".join(parts)
+
+
+def run_with_progress(cfg: RunConfig, run: RunDir) -> bool:
+    """Run on the simulation engine with a progress bar and a line per finished round;
+    print where the results are. Returns whether the run finished."""
+    total = cfg.federation.rounds
+    seen = {r["round"] for r in run.read_rounds()}
+    start = time.monotonic()
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} rounds"),
+                  TimeElapsedColumn(), console=console, transient=True) as progress:
+        task = progress.add_task("starting Flower's simulation engine", total=total, completed=len(seen))
+
+        def poll() -> None:
+            for record in run.read_rounds():
+                if record["round"] not in seen:
+                    seen.add(record["round"])
+                    progress.console.print(_round_line(record, total), highlight=False)
+            done = len(seen)
+            label = "training" if run.status().get("state") == "running" else "starting Flower's simulation engine"
+            progress.update(task, completed=done, description=f"{label}: round {min(done + 1, total)}/{total}")
+
+        try:
+            outcome = run_simulation_engine(cfg, run, on_poll=poll)
+        except EngineError as err:
+            raise CommandError(str(err)) from None
+        except KeyboardInterrupt:
+            console.print(f"[yellow]interrupted[/]; finished rounds are kept. Continue with: "
+                          f"fedsynth simulate --out {run.root} --resume")
+            raise typer.Exit(130) from None
+    elapsed = time.monotonic() - start
+    if not outcome.ok:
+        error = outcome.status.get("error") or f"Flower exited with code {outcome.returncode}"
+        console.print(f"[bold red]error:[/] the run did not finish: {error}", highlight=False)
+        console.print(f"Flower's log: {outcome.log_path}")
+        last = run.last_round()
+        if last is not None and last > 0:
+            console.print(f"rounds up to {last} are saved; continue with: fedsynth simulate --out {run.root} --resume")
+        return False
+    last = run.last_round()
+    console.print(f"[green]finished[/] {total} rounds in {elapsed:.0f} s. Run directory: {run.root}")
+    console.print(f"  checkpoints   {run.root / 'checkpoints'}  (round-0000 = initial weights)")
+    console.print(f"  sample grids  {run.grid(last)}  (one per round; real.png for comparison)")
+    console.print(f"  metrics       {run.rounds_path}, {run.curves_path}")
+    return True

@@ -1,0 +1,116 @@
+"""What the server keeps after each round: checkpoint, sample grid, metrics line, curves."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..shared.checkpoint import load_checkpoint, save_checkpoint
+from ..shared.config import RunConfig
+from ..shared.models import build_gan
+from ..shared.rundir import RunDir
+from ..shared.sampling import generate, grid_labels, save_grid
+from ..shared.weights import load_weights, model_tensors, split_model
+
+__all__ = ["GRID_SEED_OFFSET", "build_global_models", "plot_curves", "record_round", "restore_round"]
+
+log = logging.getLogger(__name__)
+GRID_SEED_OFFSET = 7919  # grids use seed + this, so they never share noise with training
+
+
+def build_global_models(cfg: RunConfig) -> tuple[nn.Module, nn.Module | None]:
+    """The initial global generator (and discriminator, if aggregated), seeded."""
+    torch.manual_seed(cfg.train.seed)
+    gen, disc = build_gan(cfg.model, image_size=cfg.data.image_size, num_classes=len(cfg.data.classes))
+    return gen, (disc if cfg.federation.aggregate_discriminator else None)
+
+
+def restore_round(run: RunDir, round_: int, gen: nn.Module, disc: nn.Module | None) -> None:
+    """Load a round's checkpoint into the global models."""
+    tensors, _ = load_checkpoint(run.checkpoint(round_))
+    gen_state, disc_state = split_model(tensors)
+    load_weights(gen, gen_state)
+    if disc is not None and disc_state:
+        load_weights(disc, disc_state)
+
+
+def record_round(
+    run: RunDir,
+    cfg: RunConfig,
+    round_: int,
+    gen: nn.Module,
+    disc: nn.Module | None,
+    *,
+    report: dict[str, Any],
+    seconds: float,
+) -> dict[str, Any]:
+    """Write the round's checkpoint (atomically), its sample grid and its metrics line.
+
+    The checkpoint is written first: a round counts as done once its checkpoint exists,
+    and ``rounds.jsonl`` is appended only after that, so a crash in between loses no
+    weights and resuming rewrites nothing already trusted.
+    """
+    checkpoint = save_checkpoint(
+        run.checkpoint(round_),
+        model_tensors(gen, disc),
+        {"round": str(round_), "model": cfg.model.name, "image-size": str(cfg.data.image_size),
+         "class-names": cfg.data.class_names},
+    )
+    classes = cfg.data.classes
+    images = generate(gen, grid_labels(len(classes), cfg.output.grid_per_class),
+                      seed=cfg.train.seed + GRID_SEED_OFFSET)
+    grid = save_grid(
+        images, run.grid(round_), columns=cfg.output.grid_per_class,
+        row_names=classes if getattr(gen, "conditional", False) else None,
+        title=f"round {round_}" + ("" if getattr(gen, "conditional", False) else " (unconditional)"),
+        scale=max(1, 128 // cfg.data.image_size),
+    )
+    record = {
+        "round": round_,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seconds": round(seconds, 3),
+        "checkpoint": str(checkpoint.relative_to(run.root)),
+        "grid": str(grid.relative_to(run.root)),
+        **report,
+    }
+    if round_ > 0:
+        run.append_round(record)
+        plot_curves(run)
+    return record
+
+
+def plot_curves(run: RunDir) -> None:
+    """``curves.png``: discriminator and generator loss per hospital over rounds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = run.read_rounds()
+    series: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for record in rounds:
+        for name, metrics in record.get("hospitals", {}).items():
+            for key in ("d-loss", "g-loss"):
+                value = metrics.get(key)
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    series.setdefault(key, {}).setdefault(name, []).append((record["round"], value))
+    if not series:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), constrained_layout=True)
+    for ax, key, title in zip(axes, ("d-loss", "g-loss"), ("discriminator loss", "generator loss"), strict=True):
+        for name, points in sorted(series.get(key, {}).items()):
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, marker="o", label=name)
+        ax.set_xlabel("round")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    tmp = run.curves_path.with_name(".curves.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(run.curves_path)

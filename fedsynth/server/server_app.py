@@ -1,0 +1,105 @@
+"""Flower ServerApp: federated rounds over the generator, with checkpoints and a run directory."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from flwr.app import ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from ..shared.config import RunConfig
+from ..shared.records import pack_model, unpack_model
+from ..shared.rundir import RunDir
+from ..shared.weights import load_weights
+from .bookkeeping import build_global_models, record_round, restore_round
+from .strategy import GeneratorFedAvg, RoundReport
+
+__all__ = ["RoundFailed", "app", "federate"]
+
+log = logging.getLogger(__name__)
+
+app = ServerApp()
+
+
+class RoundFailed(RuntimeError):
+    """Too few hospitals returned a usable update for a round to count."""
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point Flower calls, in simulation and in deployment alike."""
+    federate(grid, RunConfig.from_run_config(context.run_config))
+
+
+def federate(grid: Grid, cfg: RunConfig) -> RunDir:
+    """Run ``cfg.federation.rounds`` rounds (continuing after the last checkpoint when
+    ``output.resume`` is set), recording every round in the run directory.
+
+    Raises
+    ------
+    RoundFailed
+        A round in which fewer than ``federation.min-hospitals`` updates were usable.
+    """
+    run = RunDir(cfg.output.run_dir)
+    run.set_status("running", rounds=cfg.federation.rounds)
+    try:
+        _federate(grid, cfg, run)
+    except BaseException as err:
+        run.set_status("failed", error=f"{type(err).__name__}: {err}")
+        raise
+    run.set_status("finished", rounds=cfg.federation.rounds)
+    return run
+
+
+def _federate(grid: Grid, cfg: RunConfig, run: RunDir) -> None:
+    gen, disc = build_global_models(cfg)
+    last = run.last_round()
+    if cfg.output.resume and last is not None:
+        restore_round(run, last, gen, disc)
+        run.truncate_rounds_after(last)
+        start = last + 1
+        log.info("resuming after round %d", last)
+    else:
+        if last is not None:
+            raise RuntimeError(
+                f"{run.root} already holds checkpoints; resume it (output.resume) or use a new run directory"
+            )
+        record_round(run, cfg, 0, gen, disc, report={}, seconds=0.0)
+        start = 1
+    arrays = pack_model(gen, disc)
+    strategy = GeneratorFedAvg(
+        expected_shapes={k: tuple(v.shape) for k, v in arrays.items()},
+        fraction_train=cfg.federation.fraction_train,
+        fraction_evaluate=0.0,
+        min_train_nodes=cfg.federation.min_hospitals,
+        min_available_nodes=cfg.federation.min_hospitals,
+    )
+    for round_ in range(start, cfg.federation.rounds + 1):
+        began = time.perf_counter()
+        messages = strategy.configure_train(round_, arrays, ConfigRecord(), grid)
+        replies = grid.send_and_receive(messages, timeout=cfg.federation.round_timeout)
+        aggregated, _ = strategy.aggregate_train(round_, replies)
+        report = strategy.last_report
+        if aggregated is None or len(report.hospitals) < cfg.federation.min_hospitals:
+            raise RoundFailed(_describe_failure(report, cfg.federation.min_hospitals))
+        arrays = aggregated
+        gen_state, disc_state = unpack_model(arrays)
+        load_weights(gen, gen_state)
+        if disc is not None:
+            load_weights(disc, disc_state)
+        record_round(
+            run, cfg, round_, gen, disc,
+            report={"hospitals": report.hospitals, "failures": report.failures, "rejected": report.rejected},
+            seconds=time.perf_counter() - began,
+        )
+
+
+def _describe_failure(report: RoundReport, needed: int) -> str:
+    problems = [f"{f['node']}: {f['reason']}" for f in report.failures]
+    problems += [f"{r['hospital']}: rejected, {r['reason']}" for r in report.rejected]
+    detail = "; ".join(problems) if problems else "no replies"
+    return (
+        f"round {report.round}: {len(report.hospitals)} usable update(s), "
+        f"federation.min-hospitals is {needed} ({detail})"
+    )

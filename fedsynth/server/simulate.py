@@ -1,0 +1,124 @@
+"""Set up a simulated federation: split a slice set into hospitals and fill the run directory."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from ..shared.checkpoint import file_sha256
+from ..shared.config import ConfigError, RunConfig
+from ..shared.partition import partition
+from ..shared.rundir import HOSPITALS_MANIFEST, RunDir, RunDirError, collect_manifest
+from ..shared.sampling import save_grid
+from ..shared.sliceset import TRAIN, SliceSet
+
+__all__ = ["hospital_summary", "prepare_simulation", "resume_config", "write_real_grid"]
+
+log = logging.getLogger(__name__)
+
+
+def prepare_simulation(cfg: RunConfig, data_path: str | Path, run: RunDir) -> RunConfig:
+    """Partition ``data_path`` into ``cfg.simulation.hospitals`` hospitals under
+    ``RUN/hospitals/<name>/slices.npz`` and write the resolved config and manifest.
+
+    Returns the resolved config (data shape, paths and threads filled in).
+
+    Raises
+    ------
+    RunDirError
+        The run directory already holds a run.
+    ConfigError
+        The config's data section contradicts the slice set.
+    """
+    if run.last_round() is not None or run.config_path.exists():
+        raise RunDirError(f"{run.root} already holds a run: resume it with --resume, or choose a new --out")
+    slices = SliceSet.load(data_path)
+    classes = ",".join(slices.class_names)
+    if cfg.data.class_names and cfg.data.class_names != classes:
+        raise ConfigError(f"data.class-names {cfg.data.class_names!r} differs from {data_path}'s classes {classes!r}")
+    parts = partition(slices, cfg.simulation.partition, cfg.simulation.hospitals, seed=cfg.train.seed)
+    overrides = {
+        "data.image-size": slices.image_size,
+        "data.class-names": classes,
+        "output.run-dir": str(run.root),
+        "output.resume": False,
+        "simulation.hospitals-dir": str(run.hospitals_dir),
+    }
+    if cfg.train.threads == 0:
+        overrides["train.threads"] = cfg.simulation.client_cpus
+    cfg = cfg.with_overrides(overrides)
+    run.root.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for name, part in parts.items():
+        part.save(run.hospitals_dir / name / "slices.npz")
+        counts[name] = {
+            "train": int((part.split == TRAIN).sum()),
+            "holdout": int((part.split != TRAIN).sum()),
+            "train_per_class": part.only(TRAIN).class_counts(),
+        }
+    run.write_json(run.hospitals_dir / HOSPITALS_MANIFEST, {
+        "hospitals": list(parts), "partition": cfg.simulation.partition, "source": str(Path(data_path).resolve()),
+        "counts": counts,
+    })
+    run.config_path.write_text(cfg.to_yaml())
+    run.write_json(run.manifest_path, collect_manifest(
+        seeds={"train": cfg.train.seed, "partition": cfg.train.seed},
+        data={"path": str(Path(data_path).resolve()), "sha256": file_sha256(data_path),
+              "images": len(slices), "privacy_unit": slices.privacy_unit},
+        hospitals=counts,
+    ))
+    write_real_grid(slices.only(TRAIN), run.root / "samples" / "real.png", per_class=cfg.output.grid_per_class,
+                    seed=cfg.train.seed)
+    return cfg
+
+
+def write_real_grid(slices: SliceSet, path: Path, *, per_class: int, seed: int) -> Path:
+    """A grid of randomly drawn (not chosen) real training slices, one row per class, laid
+    out like the generated grids for side-by-side viewing."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    size = slices.image_size
+    for label in range(len(slices.class_names)):
+        idx = np.flatnonzero(slices.labels == label)
+        pick = rng.choice(idx, size=min(per_class, len(idx)), replace=False) if len(idx) else []
+        row = [slices.images[i] for i in pick]
+        row += [np.zeros((size, size), dtype=np.uint8)] * (per_class - len(row))
+        rows.extend(row)
+    return save_grid(np.stack(rows).astype(np.uint8), path, columns=per_class, row_names=list(slices.class_names),
+                     title="real training slices (random)", scale=max(1, 128 // size))
+
+
+def resume_config(run: RunDir, overrides: dict[str, object]) -> RunConfig:
+    """The saved config of ``run`` with ``output.resume`` on and the few overrides that
+    may change on resume (more rounds, a longer timeout).
+
+    Raises
+    ------
+    RunDirError
+        Nothing to resume.
+    ConfigError
+        An override of a key that must not change mid-run.
+    """
+    cfg = run.load_config()
+    allowed = {"federation.rounds", "federation.round-timeout"}
+    frozen = sorted(k for k, v in overrides.items() if k not in allowed and _differs(cfg, k, v))
+    if frozen:
+        raise ConfigError(f"cannot change {', '.join(frozen)} when resuming (only {', '.join(sorted(allowed))})")
+    if run.last_round() is None:
+        raise RunDirError(f"{run.root}: no checkpoint to resume from")
+    cfg = cfg.with_overrides({**{k: v for k, v in overrides.items() if k in allowed}, "output.resume": True})
+    run.config_path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return cfg
+
+
+def _differs(cfg: RunConfig, key: str, value: object) -> bool:
+    return cfg.to_run_config().get(key) != value
+
+
+def hospital_summary(run: RunDir) -> dict[str, dict[str, object]]:
+    path = run.hospitals_dir / HOSPITALS_MANIFEST
+    return json.loads(path.read_text())["counts"] if path.is_file() else {}

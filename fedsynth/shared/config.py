@@ -1,0 +1,294 @@
+"""The one typed run configuration: defaults, YAML, CLI overrides and Flower run config."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "FederationConfig",
+    "ModelConfig",
+    "OutputConfig",
+    "RunConfig",
+    "SimulationConfig",
+    "TrainConfig",
+    "parse_overrides",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names every bad key."""
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        alias_generator=_kebab,
+        populate_by_name=True,
+        validate_assignment=True,
+        frozen=False,
+    )
+
+
+class DataConfig(_Section):
+    """What the generator produces. Filled from the slice set in simulation; set by
+    the coordinator in a deployment, where the server never sees data."""
+
+    image_size: Literal[32, 64, 128] = Field(64, description="slice side in pixels")
+    class_names: str = Field(
+        "", description="comma-separated class names, in label order"
+    )
+
+    @property
+    def classes(self) -> list[str]:
+        return [c for c in self.class_names.split(",") if c]
+
+
+class ModelConfig(_Section):
+    """Which GAN family and how large."""
+
+    name: Literal["cdcgan", "vanilla-gan"] = Field(
+        "cdcgan", description="model family (see `fedsynth models`)"
+    )
+    latent_dim: int = Field(64, ge=1, le=1024, description="noise vector length")
+    width: int = Field(32, ge=4, le=512, description="base channel count")
+    conditioning: Literal["projection", "ac", "none"] = Field(
+        "projection",
+        description="class conditioning of the discriminator: projection head, "
+        "auxiliary classifier, or none (unconditional)",
+    )
+
+
+class TrainConfig(_Section):
+    """The local GAN round each hospital runs."""
+
+    local_steps: int = Field(
+        50, ge=1, description="discriminator+generator steps per round per hospital"
+    )
+    batch_size: int = Field(64, ge=2, description="real slices per step")
+    lr_g: float = Field(2e-4, gt=0, description="generator learning rate (Adam)")
+    lr_d: float = Field(2e-4, gt=0, description="discriminator learning rate (Adam)")
+    beta1: float = Field(0.5, ge=0, lt=1)
+    beta2: float = Field(0.999, ge=0, lt=1)
+    loss: Literal["hinge", "bce"] = Field(
+        "hinge", description="adversarial loss: hinge or non-saturating BCE"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto picks CUDA when present, else CPU"
+    )
+    threads: int = Field(0, ge=0, description="torch CPU threads (0: torch default)")
+    seed: int = Field(0, ge=0, description="base seed; each hospital and round derive theirs")
+
+
+class FederationConfig(_Section):
+    """Rounds and aggregation on the server."""
+
+    rounds: int = Field(5, ge=1, description="federated rounds")
+    min_hospitals: int = Field(
+        1, ge=1, description="fewest hospitals whose updates make a round count"
+    )
+    fraction_train: float = Field(
+        1.0, gt=0, le=1, description="share of connected hospitals asked each round"
+    )
+    aggregate_discriminator: bool = Field(
+        False,
+        description="also average discriminators (by default each stays at its hospital)",
+    )
+    round_timeout: float = Field(3600.0, gt=0, description="seconds to wait for replies")
+
+
+class OutputConfig(_Section):
+    """Where the run directory is and what goes into it."""
+
+    run_dir: str = Field("runs/default", description="run directory")
+    grid_per_class: int = Field(8, ge=1, le=32, description="samples per class in round grids")
+    resume: bool = Field(False, description="continue from the last checkpoint in run-dir")
+
+
+class SimulationConfig(_Section):
+    """Only for `fedsynth simulate`: how the slice set is split into hospitals."""
+
+    hospitals: int = Field(3, ge=1, le=64, description="simulated hospitals")
+    partition: str = Field(
+        "iid", description="iid, dirichlet:ALPHA (non-IID by class) or by-site"
+    )
+    hospitals_dir: str = Field(
+        "", description="folder of per-hospital slice sets (written by simulate)"
+    )
+    client_cpus: int = Field(1, ge=1, description="CPU cores (and torch threads) per simulated hospital")
+    parallel_hospitals: int = Field(
+        0, ge=0, description="hospitals training at once (0: as many as the cores allow; "
+        "more than that shares the cores)",
+    )
+    client_gpus: float = Field(0.0, ge=0, description="GPU share per simulated hospital")
+
+    @field_validator("partition")
+    @classmethod
+    def _check_partition(cls, value: str) -> str:
+        if value in ("iid", "by-site"):
+            return value
+        if value.startswith("dirichlet:"):
+            try:
+                alpha = float(value.split(":", 1)[1])
+            except ValueError:
+                alpha = -1.0
+            if alpha > 0:
+                return value
+        raise ValueError("must be iid, by-site or dirichlet:ALPHA with ALPHA > 0")
+
+
+class RunConfig(_Section):
+    """Everything a federated run needs, with defaults that fit a 2-core CPU."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    simulation: SimulationConfig = Field(default_factory=SimulationConfig)
+
+    # --- construction -------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], *, source: str = "config") -> RunConfig:
+        """Validate a nested dict (kebab-case keys). Raises ConfigError naming every bad key."""
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as err:
+            raise ConfigError(_describe(err, source)) from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+        """Load a YAML file, apply dotted-key overrides, validate.
+
+        Raises
+        ------
+        ConfigError
+            The file is missing or not YAML, or a key is unknown or ill-typed.
+        """
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err})".replace("\n", " ")) from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+        for key, value in (overrides or {}).items():
+            _set_dotted(raw, key, value)
+        return cls.from_dict(raw, source=str(path))
+
+    @classmethod
+    def from_overrides(cls, overrides: dict[str, Any], *, source: str = "options") -> RunConfig:
+        """Defaults plus dotted-key overrides such as ``{"train.local-steps": 10}``."""
+        raw: dict[str, Any] = {}
+        for key, value in overrides.items():
+            _set_dotted(raw, key, value)
+        return cls.from_dict(raw, source=source)
+
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, Any]) -> RunConfig:
+        """Build from Flower's flat run config (``"train.local-steps": 50``).
+
+        Keys Flower passes but fedsynth does not know are errors, as elsewhere.
+        """
+        return cls.from_overrides(dict(run_config), source="run config")
+
+    # --- export ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Nested dict with kebab-case keys, as written to ``config.yaml``."""
+        return self.model_dump(by_alias=True, mode="json")
+
+    def to_run_config(self) -> dict[str, Any]:
+        """Flat dotted keys, the shape of Flower's run config."""
+        return _flatten(self.to_dict())
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> RunConfig:
+        """A copy with dotted-key overrides applied and validated."""
+        raw = self.to_dict()
+        for key, value in overrides.items():
+            _set_dotted(raw, key, value)
+        return RunConfig.from_dict(raw, source="options")
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Parse ``KEY=VALUE`` strings; VALUE is read as YAML (``10`` is an int, ``true`` a bool).
+
+    Raises
+    ------
+    ConfigError
+        An item has no ``=``.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.local-steps=100")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            out[key.strip()] = value
+    return out
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{key}: '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _flatten(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict):
+            flat.update(_flatten(value, dotted))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        alias = field.alias or name
+        dotted = f"{prefix}.{alias}" if prefix else alias
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys.extend(_known_keys(annotation, dotted))
+        else:
+            keys.append(dotted)
+    return keys
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    known = _known_keys(RunConfig)
+    lines = []
+    for item in err.errors():
+        key = ".".join(str(p) for p in item["loc"])
+        if item["type"] == "extra_forbidden":
+            hint = difflib.get_close_matches(key, known, n=1)
+            suffix = f" (did you mean {hint[0]}?)" if hint else ""
+            lines.append(f"{key}: unknown key{suffix}")
+        else:
+            lines.append(f"{key}: {item['msg']} (got {item.get('input')!r})")
+    noun = "problem" if len(lines) == 1 else "problems"
+    return f"{source}: {len(lines)} {noun}: " + "; ".join(lines)

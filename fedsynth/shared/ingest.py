@@ -1,0 +1,523 @@
+"""Raw scans to slice sets: image folders and NIfTI volumes with masks, with a data card."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .sliceset import HOLDOUT, TRAIN, SliceSet, assign_split_by_patient
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "WINDOW_PRESETS",
+    "DataCard",
+    "IngestError",
+    "axial_display",
+    "detect_source_kind",
+    "ingest_image_folder",
+    "ingest_nifti_folder",
+    "parse_window",
+    "resize_square",
+    "window_intensities",
+]
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# Window presets as (width, level) in HU; "mri" is a per-volume percentile window.
+WINDOW_PRESETS: dict[str, tuple[float, float] | None] = {
+    "ct-abdomen": (400.0, 40.0),
+    "ct-lung": (1500.0, -600.0),
+    "ct-brain": (80.0, 40.0),
+    "mri": None,
+}
+ProgressFn = Callable[[int, int], None]
+
+
+class IngestError(ValueError):
+    """Input that cannot become a slice set at all (nothing usable, bad options)."""
+
+
+@dataclass
+class DataCard:
+    """What went into a slice set and what was left out, for the people who use it."""
+
+    source: str
+    kind: str
+    output: str = ""
+    files_found: int = 0
+    files_read: int = 0
+    unreadable: list[dict[str, str]] = field(default_factory=list)
+    duplicates: dict[str, Any] = field(default_factory=dict)
+    images: int = 0
+    image_size: int = 0
+    images_per_class: dict[str, int] = field(default_factory=dict)
+    split: dict[str, dict[str, int]] = field(default_factory=dict)
+    split_rule: str = ""
+    patient_ids_known: bool = False
+    privacy_unit: str = "slice"
+    sites: dict[str, int] = field(default_factory=dict)
+    preprocessing: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def write(self, path: str | Path) -> Path:
+        """Write the card as JSON (atomically)."""
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        with os.fdopen(fd, "w") as handle:
+            json.dump(self.to_dict(), handle, indent=2)
+        os.replace(tmp, path)
+        return path
+
+    def fill_from(self, slices: SliceSet) -> None:
+        """Counts that follow from the finished slice set."""
+        self.images = len(slices)
+        self.image_size = slices.image_size
+        self.images_per_class = slices.class_counts()
+        self.patient_ids_known = slices.patient_ids_known
+        self.privacy_unit = slices.privacy_unit
+        for name in (TRAIN, HOLDOUT):
+            part = slices.only(name)
+            self.split[name] = {
+                "slices": len(part),
+                "patients": int(len(np.unique(part.patient_ids))),
+                **{f"class:{k}": v for k, v in part.class_counts().items()},
+            }
+        if slices.site is not None:
+            sites, counts = np.unique(slices.site, return_counts=True)
+            self.sites = {str(s): int(c) for s, c in zip(sites, counts, strict=True)}
+
+
+# --- shared image steps -----------------------------------------------------------------
+def resize_square(image: np.ndarray, size: int) -> np.ndarray:
+    """Pad a 2D uint8 image to a centred square (black border), then resize with
+    anti-aliasing (Lanczos) to ``size`` x ``size``. Aspect ratio is kept."""
+    h, w = image.shape
+    side = max(h, w)
+    if h != w:
+        canvas = np.zeros((side, side), dtype=image.dtype)
+        top, left = (side - h) // 2, (side - w) // 2
+        canvas[top : top + h, left : left + w] = image
+        image = canvas
+    if side == size:
+        return image.copy()
+    return np.asarray(
+        Image.fromarray(image).resize((size, size), Image.Resampling.LANCZOS), dtype=np.uint8
+    )
+
+
+def parse_window(spec: str) -> tuple[float, float] | None:
+    """A preset name or ``W,L``; returns (width, level), or None for the MRI percentile window.
+
+    Raises
+    ------
+    IngestError
+        Unknown preset or malformed ``W,L``.
+    """
+    if spec in WINDOW_PRESETS:
+        return WINDOW_PRESETS[spec]
+    match = re.fullmatch(r"\s*([0-9.]+)\s*,\s*(-?[0-9.]+)\s*", spec)
+    if not match or float(match.group(1)) <= 0:
+        presets = ", ".join(WINDOW_PRESETS)
+        raise IngestError(f"--window {spec!r}: use a preset ({presets}) or WIDTH,LEVEL")
+    return float(match.group(1)), float(match.group(2))
+
+
+def window_intensities(volume: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:
+    """Map intensities to uint8: a CT window (width, level) in HU, or, for None, the
+    volume's own 0.5-99.5 percentile range (MRI has no absolute scale)."""
+    volume = volume.astype(np.float32)
+    if window is None:
+        lo, hi = np.percentile(volume, [0.5, 99.5])
+    else:
+        width, level = window
+        lo, hi = level - width / 2, level + width / 2
+    if hi <= lo:
+        return np.zeros(volume.shape, dtype=np.uint8)
+    scaled = (np.clip(volume, lo, hi) - lo) / (hi - lo) * 255.0
+    return np.round(scaled).astype(np.uint8)
+
+
+def axial_display(slice_xy: np.ndarray) -> np.ndarray:
+    """An axial slice of a RAS volume (indexed x, y) in radiological display:
+    anterior at the top, the patient's right on the image's left."""
+    return slice_xy.T[::-1, ::-1]
+
+
+def detect_source_kind(root: Path) -> str:
+    """``nifti`` if the folder holds NIfTI files, ``image-folder`` if it holds images.
+
+    Raises
+    ------
+    IngestError
+        The folder is missing or holds neither.
+    """
+    if not root.is_dir():
+        raise IngestError(f"{root}: no such folder")
+    has_images = False
+    for path in root.rglob("*"):
+        name = path.name.lower()
+        if name.endswith(NIFTI_SUFFIXES):
+            return "nifti"
+        has_images = has_images or name.endswith(IMAGE_SUFFIXES)
+    if has_images:
+        return "image-folder"
+    raise IngestError(
+        f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) or NIfTI volumes (.nii, .nii.gz) found"
+    )
+
+
+# --- image folders ----------------------------------------------------------------------
+def _list_image_folder(root: Path) -> list[tuple[Path, str, str]]:
+    """(file, class, folder split) for ``<split>/<class>/*`` or ``<class>/*`` layouts."""
+    entries: list[tuple[Path, str, str]] = []
+    for path in sorted(root.rglob("*")):
+        if not path.is_file() or not path.name.lower().endswith(IMAGE_SUFFIXES):
+            continue
+        parts = path.relative_to(root).parts
+        if len(parts) == 2:
+            entries.append((path, parts[0], ""))
+        elif len(parts) == 3:
+            entries.append((path, parts[1], parts[0]))
+        else:
+            raise IngestError(
+                f"{path}: expected <class>/<image> or <split>/<class>/<image> under {root}"
+            )
+    return entries
+
+
+def _decode_gray(path: Path) -> np.ndarray:
+    """Decode any 8/16-bit or RGB image to 2D uint8 grayscale."""
+    with Image.open(path) as img:
+        img.load()
+        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            arr = np.asarray(img, dtype=np.float32)
+            lo, hi = float(arr.min()), float(arr.max())
+            scaled = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+            return np.round(scaled).astype(np.uint8)
+        return np.asarray(img.convert("L"), dtype=np.uint8)
+
+
+def _groups(keys: Sequence[str]) -> list[list[int]]:
+    members: dict[str, list[int]] = defaultdict(list)
+    for i, key in enumerate(keys):
+        members[key].append(i)
+    return [idx for idx in members.values() if len(idx) > 1]
+
+
+def ingest_image_folder(
+    root: str | Path,
+    *,
+    size: int,
+    holdout_fraction: float = 0.2,
+    keep_folder_split: bool = False,
+    seed: int = 0,
+    progress: ProgressFn | None = None,
+) -> tuple[SliceSet, DataCard]:
+    """Read ``<split>/<class>/*.jpg|png`` (or ``<class>/*``) into a de-duplicated slice set.
+
+    Images are decoded to grayscale, de-duplicated by decoded pixels (the first file in
+    path order is kept), padded to square and resized. With no patient ids in an image
+    folder each image is its own patient, and the card says so.
+
+    Parameters
+    ----------
+    root : the folder.
+    size : output side in pixels.
+    holdout_fraction : share of patients held out (stratified by class).
+    keep_folder_split : use the folder's own split (a folder named like test/testing/
+        holdout/val becomes holdout) instead of drawing one.
+    seed : seed of the split.
+    progress : called with (done, total) while decoding.
+
+    Raises
+    ------
+    IngestError
+        No readable image.
+    """
+    root = Path(root)
+    entries = _list_image_folder(root)
+    card = DataCard(source=str(root), kind="image-folder", files_found=len(entries))
+    if not entries:
+        raise IngestError(f"{root}: no image files found")
+    pixels: list[np.ndarray] = []
+    kept: list[tuple[Path, str, str]] = []
+    byte_keys: list[str] = []
+    pixel_keys: list[str] = []
+    for done, (path, cls, folder_split) in enumerate(entries, start=1):
+        try:
+            raw = path.read_bytes()
+            gray = _decode_gray(path)
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+            reason = str(err).split("\n")[0] or type(err).__name__
+            card.unreadable.append({"file": str(path), "reason": reason})
+            log.warning("%s: unreadable, skipped (%s)", path, reason)
+        else:
+            byte_keys.append(hashlib.blake2b(raw, digest_size=16).hexdigest())
+            digest = hashlib.blake2b(gray.tobytes(), digest_size=16)
+            digest.update(str(gray.shape).encode())
+            pixel_keys.append(digest.hexdigest())
+            pixels.append(gray)
+            kept.append((path, cls, folder_split))
+        if progress:
+            progress(done, len(entries))
+    card.files_read = len(kept)
+    if not kept:
+        raise IngestError(f"{root}: none of the {len(entries)} image files could be read")
+
+    def crossing(groups: list[list[int]]) -> int:
+        return sum(1 for g in groups if len({kept[i][2] for i in g}) > 1)
+
+    byte_groups, pixel_groups = _groups(byte_keys), _groups(pixel_keys)
+    drop: set[int] = set()
+    removed: list[dict[str, Any]] = []
+    conflicts = 0
+    for group in pixel_groups:
+        keep, rest = group[0], group[1:]
+        drop.update(rest)
+        labels = {kept[i][1] for i in group}
+        conflicts += len(labels) > 1
+        removed.append(
+            {"kept": str(kept[keep][0]), "removed": [str(kept[i][0]) for i in rest],
+             "classes": sorted(labels)}
+        )
+    card.duplicates = {
+        "rule": "identical decoded grayscale pixels; the first file in path order is kept",
+        "byte_identical_groups": len(byte_groups),
+        "byte_identical_groups_crossing_split": crossing(byte_groups),
+        "pixel_identical_groups": len(pixel_groups),
+        "pixel_identical_groups_crossing_split": crossing(pixel_groups),
+        "groups_with_conflicting_classes": conflicts,
+        "files_removed": len(drop),
+        "groups": removed,
+    }
+    keep_idx = [i for i in range(len(kept)) if i not in drop]
+    classes = sorted({kept[i][1] for i in keep_idx})
+    images = np.stack([resize_square(pixels[i], size) for i in keep_idx])
+    labels = np.array([classes.index(kept[i][1]) for i in keep_idx], dtype=np.int64)
+    sources = np.array([str(kept[i][0].relative_to(root)) for i in keep_idx])
+    patient_ids = np.array([f"img-{i:06d}" for i in range(len(keep_idx))])
+    if keep_folder_split:
+        split = np.array([_folder_split(kept[i][2]) for i in keep_idx])
+        card.split_rule = "the folder's own split (test/testing/holdout/val folders are holdout)"
+    else:
+        split = assign_split_by_patient(
+            patient_ids, labels, holdout_fraction=holdout_fraction, seed=seed
+        )
+        card.split_rule = (
+            f"{holdout_fraction:.0%} of patients held out, stratified by class, seed {seed}"
+        )
+    card.preprocessing = [
+        "decoded to 8-bit grayscale (RGB by ITU-R 601 luma; 16-bit rescaled min-max)",
+        f"padded to a centred square, resized to {size}x{size} (Lanczos, anti-aliased)",
+    ]
+    card.notes.append(
+        "No patient identifiers in an image folder: each image is treated as its own "
+        "patient, so slices of one patient may sit in both train and holdout, and the "
+        "privacy unit is the slice."
+    )
+    slices = SliceSet(
+        images=images,
+        labels=labels,
+        class_names=tuple(classes),
+        patient_ids=patient_ids,
+        split=split,
+        source=sources,
+        meta={
+            "kind": "image-folder",
+            "source_root": str(root),
+            "patient_ids_known": False,
+            "preprocessing": card.preprocessing,
+        },
+    )
+    card.fill_from(slices)
+    return slices, card
+
+
+def _folder_split(name: str) -> str:
+    return HOLDOUT if name.lower() in {"test", "testing", "holdout", "val", "validation"} else TRAIN
+
+
+# --- NIfTI volumes ----------------------------------------------------------------------
+_VOLUME_RE = re.compile(r"^volume-(?P<key>.+?)\.nii(\.gz)?$")
+
+
+def _pair_volumes(root: Path) -> tuple[list[tuple[Path, Path | None]], list[dict[str, str]]]:
+    """Pair ``volume-XXX.nii[.gz]`` with ``segmentation-XXX.nii[.gz]`` in the same folder
+    (the LiTS naming rule). Other NIfTI files that are not masks are taken as volumes
+    without masks."""
+    pairs: list[tuple[Path, Path | None]] = []
+    skipped: list[dict[str, str]] = []
+    files = sorted(p for p in root.rglob("*") if p.name.endswith(NIFTI_SUFFIXES))
+    masks = {p for p in files if p.name.startswith("segmentation-")}
+    for path in files:
+        if path in masks:
+            continue
+        match = _VOLUME_RE.match(path.name)
+        mask = None
+        if match:
+            for suffix in (".nii.gz", ".nii"):
+                candidate = path.with_name(f"segmentation-{match.group('key')}{suffix}")
+                if candidate in masks:
+                    mask = candidate
+        pairs.append((path, mask))
+    paired = {m for _, m in pairs if m is not None}
+    for orphan in sorted(masks - paired):
+        skipped.append({"file": str(orphan), "reason": "mask without a matching volume-*.nii file"})
+    return pairs, skipped
+
+
+def ingest_nifti_folder(
+    root: str | Path,
+    *,
+    size: int,
+    window: str = "ct-abdomen",
+    label_from_mask: Sequence[int] = (),
+    label_names: Sequence[str] = (),
+    min_voxels: int = 1,
+    keep_slices_with: Sequence[int] = (),
+    holdout_fraction: float = 0.2,
+    seed: int = 0,
+    progress: ProgressFn | None = None,
+) -> tuple[SliceSet, DataCard]:
+    """Slice NIfTI volumes (with LiTS-named masks) into a labelled slice set.
+
+    Each volume is reoriented to RAS (nibabel's closest canonical), cut into axial
+    slices, windowed, resized, and labelled from its mask: a slice is class 1 when at
+    least ``min_voxels`` of its mask voxels carry one of ``label_from_mask``. A volume
+    is a patient; its site is the sub-folder it sits in (if any). Unreadable volumes
+    and masks that do not fit their volume are named in the card and skipped.
+
+    Raises
+    ------
+    IngestError
+        Bad options, or no usable volume.
+    """
+    import nibabel as nib  # imported here: image folders do not need it
+
+    root = Path(root)
+    window_range = parse_window(window)
+    if label_from_mask:
+        names = list(label_names) or ["absent", "present"]
+        if len(names) != 2:
+            raise IngestError("--label-names: give two names, for absent and present, e.g. healthy,tumour")
+    else:
+        names = list(label_names[:1]) or ["slice"]
+    pairs, skipped = _pair_volumes(root)
+    card = DataCard(source=str(root), kind="nifti", files_found=len(pairs), unreadable=skipped)
+    images, labels, patients, sources, sites = [], [], [], [], []
+    needs_mask = bool(label_from_mask or keep_slices_with)
+    for done, (vol_path, mask_path) in enumerate(pairs, start=1):
+        rel = vol_path.relative_to(root)
+        try:
+            if needs_mask and mask_path is None:
+                raise IngestError("no segmentation-*.nii file beside it, and a mask is needed")
+            vol_img = nib.as_closest_canonical(nib.load(vol_path))
+            volume = np.asarray(vol_img.dataobj, dtype=np.float32)
+            if volume.ndim != 3:
+                raise IngestError(f"expected a 3D volume, got shape {volume.shape}")
+            if not np.isfinite(volume).all():
+                raise IngestError("volume contains NaN or infinite values")
+            mask = None
+            if mask_path is not None:
+                mask_img = nib.as_closest_canonical(nib.load(mask_path))
+                mask = np.asarray(mask_img.dataobj).astype(np.int32)
+                if mask.shape != volume.shape or not np.allclose(
+                    mask_img.affine, vol_img.affine, atol=1e-3
+                ):
+                    raise IngestError(
+                        f"mask {mask_path.name} does not match the volume "
+                        f"(shape {mask.shape} vs {volume.shape}, or a different affine)"
+                    )
+        except Exception as err:  # noqa: BLE001 - any unreadable volume is named and skipped
+            reason = str(err).split("\n")[0] or type(err).__name__
+            card.unreadable.append({"file": str(vol_path), "reason": reason})
+            log.warning("%s: skipped (%s)", vol_path, reason)
+            continue
+        card.files_read += 1
+        windowed = window_intensities(volume, window_range)
+        patient = str(rel).removesuffix(".gz").removesuffix(".nii")
+        site = rel.parts[0] if len(rel.parts) > 1 else ""
+        for k in range(volume.shape[2]):
+            if mask is not None and keep_slices_with and not np.isin(mask[:, :, k], keep_slices_with).any():
+                continue
+            label = 0
+            if label_from_mask and mask is not None:
+                label = int(np.isin(mask[:, :, k], label_from_mask).sum() >= min_voxels)
+            images.append(resize_square(axial_display(windowed[:, :, k]), size))
+            labels.append(label)
+            patients.append(patient)
+            sources.append(f"{rel}#z={k}")
+            sites.append(site)
+        if progress:
+            progress(done, len(pairs))
+    if not images:
+        raise IngestError(f"{root}: no usable slices in {len(pairs)} NIfTI volume(s)")
+    labels_arr = np.array(labels, dtype=np.int64)
+    patients_arr = np.array(patients)
+    split = assign_split_by_patient(
+        patients_arr, labels_arr, holdout_fraction=holdout_fraction, seed=seed
+    )
+    window_text = (
+        "per-volume 0.5-99.5 percentile window" if window_range is None
+        else f"window {window} (W{window_range[0]:g}/L{window_range[1]:g})"
+    )
+    card.preprocessing = [
+        "reoriented to RAS (closest canonical); axial slices in radiological display",
+        window_text,
+        f"padded to a centred square, resized to {size}x{size} (Lanczos, anti-aliased)",
+    ]
+    if label_from_mask:
+        card.preprocessing.append(
+            f"label '{names[1]}' when >= {min_voxels} mask voxel(s) carry label(s) "
+            f"{', '.join(map(str, label_from_mask))}, else '{names[0]}'"
+        )
+    if keep_slices_with:
+        card.preprocessing.append(
+            f"kept only slices whose mask contains label(s) {', '.join(map(str, keep_slices_with))}"
+        )
+    card.split_rule = (
+        f"{holdout_fraction:.0%} of patients (volumes) held out, stratified, seed {seed}"
+    )
+    has_sites = any(sites)
+    slices = SliceSet(
+        images=np.stack(images),
+        labels=labels_arr,
+        class_names=tuple(names),
+        patient_ids=patients_arr,
+        split=split,
+        source=np.array(sources),
+        site=np.array(sites) if has_sites else None,
+        meta={
+            "kind": "nifti",
+            "source_root": str(root),
+            "patient_ids_known": True,
+            "preprocessing": card.preprocessing,
+        },
+    )
+    card.fill_from(slices)
+    return slices, card
+
+
+def summarize_unreadable(card: DataCard, limit: int = 10) -> Iterable[str]:
+    """One line per unreadable file, at most ``limit`` of them."""
+    for item in card.unreadable[:limit]:
+        yield f"{item['file']}: {item['reason']}"
+    if len(card.unreadable) > limit:
+        yield f"... and {len(card.unreadable) - limit} more (see the card's JSON)"

@@ -1,0 +1,212 @@
+"""The run directory: where a federated run keeps its config, checkpoints, grids and metrics.
+
+Layout::
+
+    RUN/config.yaml                  the resolved configuration
+    RUN/manifest.json                versions, seeds, git revision, data hashes
+    RUN/status.json                  running / finished / failed (with the error)
+    RUN/rounds.jsonl                 one JSON line per finished round, per-hospital metrics
+    RUN/checkpoints/round-NNNN.safetensors   global generator after round NNNN (0 = initial)
+    RUN/samples/round-NNNN.png       fixed-noise sample grid, one row per class
+    RUN/curves.png                   losses per hospital over rounds
+    RUN/hospitals/                   (simulation only) each hospital's slice set and local state
+    RUN/logs/                        Flower and SuperLink logs
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .config import RunConfig
+
+__all__ = ["HOSPITALS_MANIFEST", "RunDir", "RunDirError", "collect_manifest"]
+
+HOSPITALS_MANIFEST = "hospitals.json"  # in RUN/hospitals/: hospital names in partition order
+
+_CHECKPOINT_RE = re.compile(r"^round-(\d{4,})\.safetensors$")
+
+
+class RunDirError(ValueError):
+    """A run directory that is missing or incomplete for what was asked."""
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+class RunDir:
+    """Paths and small file operations of one run directory."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).resolve()
+
+    # --- paths -------------------------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.json"
+
+    @property
+    def status_path(self) -> Path:
+        return self.root / "status.json"
+
+    @property
+    def rounds_path(self) -> Path:
+        return self.root / "rounds.jsonl"
+
+    @property
+    def curves_path(self) -> Path:
+        return self.root / "curves.png"
+
+    @property
+    def hospitals_dir(self) -> Path:
+        return self.root / "hospitals"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
+    def checkpoint(self, round_: int) -> Path:
+        return self.root / "checkpoints" / f"round-{round_:04d}.safetensors"
+
+    def grid(self, round_: int) -> Path:
+        return self.root / "samples" / f"round-{round_:04d}.png"
+
+    # --- state -------------------------------------------------------------------------
+    def checkpoint_rounds(self) -> list[int]:
+        folder = self.root / "checkpoints"
+        if not folder.is_dir():
+            return []
+        rounds = [int(m.group(1)) for p in folder.iterdir() if (m := _CHECKPOINT_RE.match(p.name))]
+        return sorted(rounds)
+
+    def last_round(self) -> int | None:
+        """The last round with a checkpoint (0 = initial weights), or None."""
+        rounds = self.checkpoint_rounds()
+        return rounds[-1] if rounds else None
+
+    def resolve_round(self, round_: int | None) -> int:
+        """``None`` means the last checkpointed round.
+
+        Raises
+        ------
+        RunDirError
+            No checkpoint, or not for that round.
+        """
+        rounds = self.checkpoint_rounds()
+        if not rounds:
+            raise RunDirError(f"{self.root}: no checkpoints (is this a fedsynth run directory?)")
+        if round_ is None:
+            return rounds[-1]
+        if round_ not in rounds:
+            raise RunDirError(
+                f"{self.root}: no checkpoint for round {round_} (have {rounds[0]}..{rounds[-1]})"
+            )
+        return round_
+
+    def append_round(self, record: dict[str, Any]) -> None:
+        """Append one round's record as a JSON line, flushed to disk."""
+        self.rounds_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.rounds_path, "a") as handle:
+            handle.write(json.dumps(record, sort_keys=True) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def read_rounds(self) -> list[dict[str, Any]]:
+        """All complete round records (a torn last line from a crash is ignored)."""
+        if not self.rounds_path.is_file():
+            return []
+        records = []
+        for line in self.rounds_path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return records
+
+    def truncate_rounds_after(self, round_: int) -> None:
+        """Drop records of rounds after ``round_`` (before resuming from it)."""
+        kept = [r for r in self.read_rounds() if r.get("round", 0) <= round_]
+        _write_atomic(self.rounds_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+
+    def set_status(self, state: str, **fields: Any) -> None:
+        _write_atomic(
+            self.status_path,
+            json.dumps({"state": state, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields}, indent=2),
+        )
+
+    def status(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.status_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def write_json(self, path: Path, payload: dict[str, Any]) -> None:
+        _write_atomic(path, json.dumps(payload, indent=2))
+
+    def load_config(self) -> RunConfig:
+        """The resolved config the run was started with.
+
+        Raises
+        ------
+        RunDirError
+            No config.yaml here.
+        """
+        if not self.config_path.is_file():
+            raise RunDirError(f"{self.root}: no config.yaml (is this a fedsynth run directory?)")
+        return RunConfig.from_yaml(self.config_path)
+
+
+def _git_revision() -> str | None:
+    package_dir = Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(package_dir), "rev-parse", "HEAD"],
+            capture_output=True, text=True, timeout=5, check=True,
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(package_dir), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=5, check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def collect_manifest(**extra: Any) -> dict[str, Any]:
+    """Versions, platform and git revision, plus whatever the caller adds (seeds, hashes)."""
+    versions = {}
+    for package in ("fedsynth", "flwr", "torch", "opacus", "numpy", "nibabel", "pydicom", "scikit-learn"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": versions,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "machine": {"cpus": os.cpu_count()},
+        "git_revision": _git_revision(),
+        "command": sys.argv,
+        **extra,
+    }

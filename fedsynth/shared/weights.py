@@ -1,0 +1,51 @@
+"""Which model tensors travel and are checkpointed, under which prefixed names."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["DISCRIMINATOR", "GENERATOR", "exchanged_state", "model_tensors", "split_model"]
+
+GENERATOR, DISCRIMINATOR = "generator", "discriminator"
+_SKIP_SUFFIX = "num_batches_tracked"  # an integer step counter, meaningless to average
+
+
+def exchanged_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights and buffers that travel: everything but BatchNorm's step counters."""
+    return {k: v for k, v in module.state_dict().items() if not k.endswith(_SKIP_SUFFIX)}
+
+
+def model_tensors(gen: torch.nn.Module, disc: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """One flat dict of prefixed tensors: the generator, and the discriminator if given."""
+    out = {f"{GENERATOR}.{k}": v.detach().cpu() for k, v in exchanged_state(gen).items()}
+    if disc is not None:
+        out.update({f"{DISCRIMINATOR}.{k}": v.detach().cpu() for k, v in exchanged_state(disc).items()})
+    return out
+
+
+def split_model(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Prefixed tensors (``generator.x``, ``discriminator.y``) to two state dicts.
+
+    Raises
+    ------
+    KeyError
+        A key with neither prefix.
+    """
+    gen, disc = {}, {}
+    for key, value in tensors.items():
+        prefix, _, name = key.partition(".")
+        if prefix == GENERATOR:
+            gen[name] = value
+        elif prefix == DISCRIMINATOR:
+            disc[name] = value
+        else:
+            raise KeyError(f"unexpected model key {key!r}")
+    return gen, disc
+
+
+def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load exchanged weights (no step counters) into a module; other keys must match."""
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith(_SKIP_SUFFIX)]
+    if missing or unexpected:
+        raise KeyError(f"weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
