@@ -1,0 +1,76 @@
+"""Shared fixtures: small slice sets built in memory, and the real data in ../shared/data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedsynth.shared.sliceset import SliceSet, assign_split_by_patient
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("FEDSYNTH_SHARED_DATA", REPO.parent / "shared" / "data"))
+BRAIN_MRI = SHARED_DATA / "brain-tumor-mri"
+CT_VOLUMES = SHARED_DATA / "ct-volumes"
+
+
+def require(path: Path) -> Path:
+    """Skip (saying why) when a folder of real data is not present on this machine."""
+    if not path.exists():
+        reason = f"real data not found at {path} (set FEDSYNTH_SHARED_DATA to the shared data folder)"
+        print(f"SKIP: {reason}")
+        pytest.skip(reason)
+    return path
+
+
+def make_slices(
+    n_patients: int = 12,
+    per_patient: int = 4,
+    size: int = 32,
+    classes: tuple[str, ...] = ("no_lesion", "lesion"),
+    sites: tuple[str, ...] | None = None,
+    seed: int = 0,
+) -> SliceSet:
+    """Blobs whose class decides brightness: class 1 has a bright disc, class 0 none."""
+    rng = np.random.default_rng(seed)
+    n = n_patients * per_patient
+    yy, xx = np.mgrid[:size, :size]
+    images = np.zeros((n, size, size), dtype=np.uint8)
+    labels = np.zeros(n, dtype=np.int64)
+    patients = np.repeat([f"p{i:03d}" for i in range(n_patients)], per_patient)
+    for i in range(n):
+        label = int(rng.integers(len(classes)))
+        body = ((yy - size / 2) ** 2 / (0.35 * size) ** 2 + (xx - size / 2) ** 2 / (0.42 * size) ** 2) < 1
+        img = body * 110.0 + rng.normal(0, 8, (size, size))
+        if label:
+            cy, cx = rng.uniform(0.35 * size, 0.65 * size, 2)
+            img[(yy - cy) ** 2 + (xx - cx) ** 2 < (0.08 * size) ** 2] = 230
+        images[i] = np.clip(img, 0, 255)
+        labels[i] = label
+    split = assign_split_by_patient(patients, labels, holdout_fraction=0.25, seed=seed)
+    site = None
+    if sites:
+        owner = {p: sites[k % len(sites)] for k, p in enumerate(sorted(set(patients)))}
+        site = np.array([owner[p] for p in patients])
+    return SliceSet(
+        images=images,
+        labels=labels,
+        class_names=classes,
+        patient_ids=patients,
+        split=split,
+        source=np.array([f"synthetic-test-{i}" for i in range(n)]),
+        site=site,
+        meta={"patient_ids_known": True},
+    )
+
+
+@pytest.fixture
+def slices() -> SliceSet:
+    return make_slices()
+
+
+@pytest.fixture
+def slices_path(tmp_path: Path, slices: SliceSet) -> Path:
+    return slices.save(tmp_path / "slices.npz")

@@ -1,0 +1,88 @@
+"""The server's aggregation: malformed updates are rejected by name, never averaged in."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import time
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
+
+from fedsynth.server.strategy import GeneratorFedAvg
+from fedsynth.server.validation import check_update
+from fedsynth.shared.records import ARRAYS, HOSPITAL, METRICS
+
+SHAPES = {"generator.w": (2, 3), "generator.b": (3,)}
+
+
+def _metadata(node: int) -> Metadata:
+    """A reply's metadata as the SuperLink would deliver it from ``node`` (built by hand:
+    these tests call the strategy directly, without a running Flower engine)."""
+    return Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="",
+                    group_id="1", created_at=time.time(), ttl=60.0, message_type="train")
+
+
+def _reply(node: int, name: str, arrays: dict[str, np.ndarray] | None, num_examples: object = 10) -> Message:
+    content = RecordDict({HOSPITAL: ConfigRecord({"name": name})})
+    if arrays is not None:
+        content[ARRAYS] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+    content[METRICS] = MetricRecord({"num-examples": num_examples, "d-loss": 0.5})
+    return Message(metadata=_metadata(node), content=content)
+
+
+def _weights(value: float, **changes: np.ndarray) -> dict[str, np.ndarray]:
+    arrays = {k: np.full(shape, value, dtype=np.float32) for k, shape in SHAPES.items()}
+    return {**arrays, **changes}
+
+
+def test_weighted_average_of_good_updates_only() -> None:
+    strategy = GeneratorFedAvg(expected_shapes=SHAPES)
+    bad_nan = _weights(100.0, **{"generator.w": np.full((2, 3), np.nan, dtype=np.float32)})
+    bad_shape = _weights(100.0, **{"generator.w": np.zeros((3, 2), dtype=np.float32)})
+    replies = [
+        _reply(1, "hospital-a", _weights(1.0), 10),
+        _reply(2, "hospital-b", _weights(3.0), 30),
+        _reply(3, "hospital-c", bad_nan),
+        _reply(4, "hospital-d", bad_shape),
+        _reply(5, "hospital-e", None),
+        Message(metadata=_metadata(6),
+                error=Error(code=0, reason="Traceback...\nSliceSetError: slices.npz: no such slice set file")),
+    ]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    for key in SHAPES:
+        assert np.allclose(arrays[key].numpy(), 2.5), "weighted by num-examples: (1*10 + 3*30) / 40"
+    report = strategy.last_report
+    assert set(report.hospitals) == {"hospital-a", "hospital-b"}
+    reasons = {r["hospital"]: r["reason"] for r in report.rejected}
+    assert "NaN" in reasons["hospital-c"]
+    assert "shape (3, 2)" in reasons["hospital-d"]
+    assert "no model weights" in reasons["hospital-e"]
+    assert report.failures == [{"node": 6, "reason": "SliceSetError: slices.npz: no such slice set file"}]
+
+
+def test_no_usable_update_gives_no_model() -> None:
+    strategy = GeneratorFedAvg(expected_shapes=SHAPES)
+    arrays, _ = strategy.aggregate_train(1, [_reply(1, "hospital-a", _weights(1.0), num_examples=0)])
+    assert arrays is None
+    assert "num-examples is 0" in strategy.last_report.rejected[0]["reason"]
+
+
+@pytest.mark.parametrize(
+    ("arrays", "num_examples", "problem"),
+    [
+        ({"generator.w": np.zeros((2, 3), np.float32)}, 1, "missing"),
+        ({**_weights(0.0), "generator.extra": np.zeros(1, np.float32)}, 1, "unexpected"),
+        (_weights(0.0, **{"generator.b": np.zeros(3, np.int64)}), 1, "dtype"),
+        (_weights(0.0, **{"generator.b": np.array([0, np.inf, 0], np.float32)}), 1, "infinite"),
+        (_weights(0.0), "many", "expected a number"),
+        (_weights(0.0), float("nan"), "positive"),
+    ],
+)
+def test_check_update_names_the_problem(arrays: dict[str, np.ndarray], num_examples: object, problem: str) -> None:
+    reason = check_update(arrays, SHAPES, num_examples)
+    assert reason is not None and problem in reason
+
+
+def test_check_update_accepts_a_good_update() -> None:
+    assert check_update(_weights(0.5), SHAPES, 12) is None

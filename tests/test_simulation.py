@@ -1,0 +1,150 @@
+"""End to end through Flower's real simulation engine (SuperLink + `flwr run`), as a user runs it.
+
+Each test federates tiny models for a few steps: these check the plumbing (run directory,
+checkpoints, grids, resume, failures, sampling), not image quality.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from fedsynth.cli import app
+from fedsynth.server.launcher import run_simulation_engine
+from fedsynth.server.simulate import prepare_simulation
+from fedsynth.shared.checkpoint import load_checkpoint
+from fedsynth.shared.config import RunConfig
+from fedsynth.shared.rundir import RunDir
+from fedsynth.shared.sliceset import SliceSet
+
+from .conftest import make_slices
+
+pytestmark = pytest.mark.slow
+runner = CliRunner()
+TINY = ["--set", "train.batch-size=8", "--set", "model.width=8", "--set", "output.grid-per-class=4"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`fedsynth simulate` for 2 rounds, then `--resume --rounds 3` to extend it."""
+    root = tmp_path_factory.mktemp("sim")
+    data = make_slices(n_patients=16, sites=("north", "south")).save(root / "slices.npz")
+    out = root / "run"
+    result = runner.invoke(app, ["simulate", "--data", str(data), "--hospitals", "2", "--partition", "dirichlet:0.5",
+                                 "--rounds", "2", "--local-steps", "3", "--out", str(out), *TINY])
+    assert result.exit_code == 0, result.output
+    assert "round 2/2" in result.output and "finished" in result.output
+    first_two = RunDir(out).read_rounds()
+    result = runner.invoke(app, ["simulate", "--out", str(out), "--resume", "--rounds", "3"])
+    assert result.exit_code == 0, result.output
+    assert "resuming" in result.output and "round 3/3" in result.output
+    assert RunDir(out).read_rounds()[:2] == first_two, "resuming must not rewrite finished rounds"
+    return out
+
+
+def test_run_directory_holds_what_the_readme_promises(finished_run: Path) -> None:
+    run = RunDir(finished_run)
+    assert run.status()["state"] == "finished"
+    assert run.checkpoint_rounds() == [0, 1, 2, 3]
+    for round_ in range(4):
+        grid = Image.open(run.grid(round_))
+        assert grid.size[0] > 64 and grid.size[1] > 64
+    assert (finished_run / "samples" / "real.png").is_file()
+    assert run.curves_path.is_file()
+    records = run.read_rounds()
+    assert [r["round"] for r in records] == [1, 2, 3]
+    for record in records:
+        assert set(record["hospitals"]) == {"hospital-a", "hospital-b"}
+        for metrics in record["hospitals"].values():
+            assert metrics["steps"] == 3 and np.isfinite(metrics["d-loss"])
+    cfg = run.load_config()
+    assert cfg.federation.rounds == 3 and cfg.data.image_size == 32
+    manifest = json.loads(run.manifest_path.read_text())
+    assert manifest["data"]["privacy_unit"] == "patient"
+
+
+def test_global_generator_changes_every_round(finished_run: Path) -> None:
+    run = RunDir(finished_run)
+    weights = [load_checkpoint(run.checkpoint(r))[0] for r in range(4)]
+    for before, after in zip(weights, weights[1:]):
+        assert set(before) == set(after)
+        assert any(not np.array_equal(before[k].numpy(), after[k].numpy()) for k in before)
+    # Only generator weights are federated by default: the hospitals' discriminators stay home.
+    assert all(k.startswith("generator.") for k in weights[-1])
+
+
+def test_sample_png_and_npz(finished_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "png"
+    result = runner.invoke(app, ["sample", "--run", str(finished_run), "--n", "6", "--label", "lesion",
+                                 "--out", str(out), "--format", "png"])
+    assert result.exit_code == 0, result.output
+    files = sorted(out.glob("synthetic-*.png"))
+    assert len(files) == 6 and all("lesion" in f.name for f in files)
+    assert Image.open(files[0]).size == (32, 32) and (out / "grid.png").is_file()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["synthetic"] is True and manifest["round"] == 3
+
+    result = runner.invoke(app, ["sample", "--run", str(finished_run), "--n", "10", "--round", "1",
+                                 "--out", str(tmp_path / "npz"), "--format", "npz"])
+    assert result.exit_code == 0, result.output
+    synthetic = SliceSet.load(tmp_path / "npz" / "synthetic.npz")
+    assert len(synthetic) == 10 and set(synthetic.split) == {"synthetic"}
+    assert synthetic.class_counts() == {"no_lesion": 5, "lesion": 5}
+    assert synthetic.meta["round"] == 1
+
+    # The same seed and round give the same images; another round gives others.
+    again = runner.invoke(app, ["sample", "--run", str(finished_run), "--n", "10", "--round", "1",
+                                "--out", str(tmp_path / "again"), "--format", "npz"])
+    assert again.exit_code == 0
+    assert np.array_equal(SliceSet.load(tmp_path / "again" / "synthetic.npz").images, synthetic.images)
+
+
+def test_sample_errors_name_the_problem(finished_run: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["sample", "--run", str(finished_run), "--label", "glioma", "--out", str(tmp_path)])
+    assert result.exit_code != 0 and "glioma" in result.output and "lesion" in result.output
+    result = runner.invoke(app, ["sample", "--run", str(finished_run), "--round", "9", "--out", str(tmp_path)])
+    assert result.exit_code != 0 and "9" in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, ["sample", "--run", str(tmp_path / "none"), "--out", str(tmp_path)])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+
+
+def test_a_hospital_that_fails_is_recorded_and_the_round_goes_on(tmp_path: Path) -> None:
+    data = make_slices(n_patients=18).save(tmp_path / "slices.npz")
+    run = RunDir(tmp_path / "run")
+    cfg = RunConfig.from_overrides({"simulation.hospitals": 3, "federation.rounds": 1, "train.local-steps": 2,
+                                    "train.batch-size": 8, "model.width": 8, "federation.min-hospitals": 2})
+    cfg = prepare_simulation(cfg, data, run)
+    (run.hospitals_dir / "hospital-c" / "slices.npz").write_bytes(b"damaged")
+    outcome = run_simulation_engine(cfg, run)
+    assert outcome.ok, outcome.status
+    record = run.read_rounds()[-1]
+    assert set(record["hospitals"]) == {"hospital-a", "hospital-b"}
+    assert len(record["failures"]) == 1
+    assert "hospital-c" in record["failures"][0]["reason"] and "damaged" not in record["failures"][0]["reason"]
+
+
+def test_too_few_hospitals_stops_the_run_with_a_reason_and_keeps_round_zero(tmp_path: Path) -> None:
+    data = make_slices(n_patients=12).save(tmp_path / "slices.npz")
+    run = RunDir(tmp_path / "run")
+    cfg = RunConfig.from_overrides({"simulation.hospitals": 2, "federation.rounds": 2, "train.local-steps": 2,
+                                    "train.batch-size": 8, "model.width": 8, "federation.min-hospitals": 2})
+    cfg = prepare_simulation(cfg, data, run)
+    (run.hospitals_dir / "hospital-b" / "slices.npz").unlink()
+    outcome = run_simulation_engine(cfg, run)
+    assert not outcome.ok
+    assert "min-hospitals is 2" in outcome.status["error"]
+    assert run.checkpoint_rounds() == [0]
+
+
+def test_bad_config_key_is_one_line_before_anything_starts(tmp_path: Path) -> None:
+    data = make_slices().save(tmp_path / "slices.npz")
+    result = runner.invoke(app, ["simulate", "--data", str(data), "--out", str(tmp_path / "run"),
+                                 "--set", "train.lr=0.1"])
+    assert result.exit_code != 0
+    assert "train.lr: unknown key" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run" / "checkpoints").exists()
