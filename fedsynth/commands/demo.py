@@ -36,9 +36,12 @@ def demo(
     set_: list[str] = typer.Option([], "--set", help="Override any config key, e.g. --set train.local-steps=50."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log fedsynth's progress messages."),
 ) -> None:
-    """Generate three phantom hospitals (CT-like NIfTI volumes with liver-lesion masks, each
-    with its own scanner), ingest them like real scans, and federate a conditional GAN
-    across them through Flower's simulation engine."""
+    """The whole loop in a few minutes: phantom hospitals, ingestion, federated training.
+
+    Generates three phantom hospitals (CT-like NIfTI volumes with liver-lesion masks,
+    each with its own scanner character), ingests them like real scans, and federates a
+    conditional GAN across them through Flower's simulation engine.
+    """
     setup_logging(verbose)
     started = time.monotonic()
     if out.exists() and any(out.iterdir()):

@@ -14,8 +14,11 @@ __all__ = ["config", "models"]
 
 def models(size: int = typer.Option(64, help="Image size for the parameter counts.")) -> None:
     """List the GAN families: name, sizes, conditioning, parameter counts."""
-    table = Table(title=f"model families (parameters at {size} px, default width)", title_justify="left")
-    for column in ("name", "sizes", "conditional", "generator", "discriminator", "description"):
+    if size not in (32, 64, 128):
+        raise typer.BadParameter(f"{size}: use 32, 64 or 128", param_hint="--size")
+    table = Table(title=f"model families (parameters at {size} px, default width), set with model.name",
+                  title_justify="left")
+    for column in ("name", "sizes", "conditional", "G params", "D params", "description"):
         table.add_column(column)
     cfg = RunConfig()
     for family in MODEL_FAMILIES.values():

@@ -1,0 +1,97 @@
+"""Local training throughput of the default model: images per second per hospital.
+
+Runs fedsynth's own training round (``client.train.train_round``) on real brain MRI
+slices when ../shared/data is present (else on phantom slices) at the given sizes and
+thread counts, repeats each setting, and writes the medians and spread to
+``benchmarks/results/train_throughput.{json,md}`` with the machine it ran on.
+
+    python benchmarks/train_throughput.py                 # 32 and 64 px, 1 and 2 threads
+    python benchmarks/train_throughput.py --sizes 64 --steps 40 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+
+from fedsynth import __version__
+from fedsynth.client.train import BatchSource, make_optimizers, train_round
+from fedsynth.shared.config import RunConfig
+from fedsynth.shared.ingest import ingest_image_folder, ingest_nifti_folder
+from fedsynth.shared.models import build_gan
+from fedsynth.shared.phantoms import LESION, LIVER, write_phantom_hospitals
+
+HERE = Path(__file__).resolve().parent
+BRAIN_MRI = HERE.parent.parent / "shared" / "data" / "brain-tumor-mri"
+
+
+def load_slices(size: int):  # type: ignore[no-untyped-def]
+    if BRAIN_MRI.exists():
+        slices, _ = ingest_image_folder(BRAIN_MRI, size=size)
+        return slices.only("train"), f"brain MRI ({BRAIN_MRI})"
+    with tempfile.TemporaryDirectory() as tmp:
+        write_phantom_hospitals(tmp, seed=0)
+        slices, _ = ingest_nifti_folder(tmp, size=size, label_from_mask=[LESION], keep_slices_with=[LIVER])
+    return slices.only("train"), "phantom CT"
+
+
+def measure(slices, size: int, threads: int, steps: int, batch: int, repeats: int) -> dict:  # type: ignore[no-untyped-def]
+    torch.set_num_threads(threads)
+    cfg = RunConfig.from_overrides({"data.image-size": size, "train.local-steps": steps, "train.batch-size": batch,
+                                    "train.device": "cpu"})
+    torch.manual_seed(0)
+    gen, disc = build_gan(cfg.model, image_size=size, num_classes=len(slices.class_names))
+    opt_g, opt_d = make_optimizers(gen, disc, cfg.train)
+    rng = torch.Generator().manual_seed(0)
+    batches = BatchSource(torch.from_numpy(slices.as_float()), torch.from_numpy(slices.labels),
+                          batch_size=batch, generator=rng)
+    warm = cfg.train.model_copy(update={"local_steps": 3})
+    train_round(gen, disc, opt_g, opt_d, batches, warm, generator=rng)
+    rates = [train_round(gen, disc, opt_g, opt_d, batches, cfg.train, generator=rng).images_per_second
+             for _ in range(repeats)]
+    return {"size": size, "threads": threads, "batch": batch, "steps": steps, "repeats": repeats,
+            "images_per_second_median": statistics.median(rates), "images_per_second_min": min(rates),
+            "images_per_second_max": max(rates)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    args = parser.parse_args()
+    rows, data = [], ""
+    for size in args.sizes:
+        slices, data = load_slices(size)
+        for threads in args.threads:
+            row = measure(slices, size, threads, args.steps, args.batch, args.repeats)
+            print(f"{size} px, {threads} thread(s): {row['images_per_second_median']:.0f} img/s "
+                  f"(min {row['images_per_second_min']:.0f}, max {row['images_per_second_max']:.0f})")
+            rows.append(row)
+    machine = {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+               "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+               "python": platform.python_version(), "torch": torch.__version__, "fedsynth": __version__}
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {"benchmark": "train_throughput", "device": "cpu", "data": data, "machine": machine, "rows": rows}
+    (args.out / "train_throughput.json").write_text(json.dumps(result, indent=2))
+    lines = [f"# Local training throughput (default cdcgan, width 32, batch {args.batch}, CPU)", "",
+             f"Machine: {machine['cpus']} CPUs, GPU {machine['gpu']}, torch {machine['torch']}. Data: {data}.", "",
+             "| size | threads | img/s (median) | min | max |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['size']} | {r['threads']} | {r['images_per_second_median']:.0f} | "
+              f"{r['images_per_second_min']:.0f} | {r['images_per_second_max']:.0f} |" for r in rows]
+    (args.out / "train_throughput.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out / 'train_throughput.json'} and .md")
+
+
+if __name__ == "__main__":
+    main()
