@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -19,6 +20,8 @@ from fedsynth.shared.sliceset import SliceSet
 from .conftest import BRAIN_MRI, require
 
 runner = CliRunner()
+# The demo's hospitals with fewer patients each, to keep the tests quick.
+SMALL_HOSPITALS = tuple(replace(p, patients=5) for p in DEFAULT_HOSPITALS)
 
 
 def _write_png(path: Path, pixels: np.ndarray, mode: str = "L") -> None:
@@ -95,12 +98,12 @@ def test_brain_mri_folder_matches_the_documented_duplicate_counts(tmp_path: Path
 
 
 def test_phantom_nifti_volumes_become_labelled_slices_per_site(tmp_path: Path) -> None:
-    write_phantom_hospitals(tmp_path / "ph", seed=0, size=64, slices=8)
+    write_phantom_hospitals(tmp_path / "ph", hospitals=SMALL_HOSPITALS, seed=0, size=64, slices=8)
     slices, card = ingest_nifti_folder(
         tmp_path / "ph", size=32, window="ct-abdomen", label_from_mask=[LESION], label_names=["no_lesion", "lesion"],
         min_voxels=1, keep_slices_with=[LIVER], holdout_fraction=0.2, seed=0,
     )
-    assert card.files_read == sum(p.patients for p in DEFAULT_HOSPITALS)
+    assert card.files_read == 15
     assert set(card.sites) == {p.name for p in DEFAULT_HOSPITALS}
     assert slices.privacy_unit == "patient" and slices.class_names == ("no_lesion", "lesion")
     assert 0 < slices.labels.mean() < 1
@@ -115,7 +118,7 @@ def test_phantom_nifti_volumes_become_labelled_slices_per_site(tmp_path: Path) -
 
 
 def test_a_mask_that_does_not_fit_its_volume_is_named_and_skipped(tmp_path: Path) -> None:
-    write_phantom_hospitals(tmp_path / "ph", seed=0, size=32, slices=4)
+    write_phantom_hospitals(tmp_path / "ph", hospitals=SMALL_HOSPITALS, seed=0, size=32, slices=4)
     seg = sorted((tmp_path / "ph/hospital-a").glob("segmentation-*.nii.gz"))[0]
     nib.save(nib.Nifti1Image(np.zeros((5, 5, 5), np.uint8), np.eye(4)), seg)
     corrupt = sorted((tmp_path / "ph/hospital-b").glob("volume-*.nii.gz"))[0]

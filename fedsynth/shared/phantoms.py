@@ -52,11 +52,11 @@ class ScannerProfile:
 
 
 DEFAULT_HOSPITALS: tuple[ScannerProfile, ...] = (
-    ScannerProfile("hospital-a", patients=14, noise_hu=10, contrast=1.0, fov=0.88, blur=0.6,
+    ScannerProfile("hospital-a", patients=42, noise_hu=10, contrast=1.0, fov=0.88, blur=0.6,
                    lesion_prevalence=0.6),
-    ScannerProfile("hospital-b", patients=10, noise_hu=24, contrast=0.8, fov=0.74, blur=1.0,
+    ScannerProfile("hospital-b", patients=30, noise_hu=24, contrast=0.8, fov=0.74, blur=1.0,
                    lesion_prevalence=0.3),
-    ScannerProfile("hospital-c", patients=12, noise_hu=15, contrast=1.15, fov=0.95, blur=0.5,
+    ScannerProfile("hospital-c", patients=36, noise_hu=15, contrast=1.15, fov=0.95, blur=0.5,
                    lesion_prevalence=0.85),
 )
 
