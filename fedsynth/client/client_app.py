@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -19,6 +22,8 @@ __all__ = ["app", "site_from_context"]
 # Node config keys a hospital sets on its SuperNode (per hospital, never run config).
 DATA_PATH, STATE_DIR, HOSPITAL_NAME = "data-path", "state-dir", "hospital-name"
 PARTITION_ID = "partition-id"
+# A simulated hospital's own settings (dp.* keys), written by `fedsynth simulate --hospital-set`.
+HOSPITAL_SETTINGS = "hospital.yaml"
 
 app = ClientApp()
 
@@ -41,12 +46,16 @@ def site_from_context(context: Context, cfg: RunConfig) -> HospitalSite:
         data_path = Path(str(node[DATA_PATH])).expanduser()
         state_root = Path(str(node.get(STATE_DIR, data_path.parent / "fedsynth-state")))
         name = str(node.get(HOSPITAL_NAME, data_path.stem))
-        return HospitalSite(name=name, data_path=data_path, state_dir=state_root / run_name)
+        overrides = {k: v for k, v in node.items() if k.startswith("dp.")}
+        return HospitalSite(name=name, data_path=data_path, state_dir=state_root / run_name, overrides=overrides)
     if PARTITION_ID in node and cfg.simulation.hospitals_dir:
         folder = Path(cfg.simulation.hospitals_dir)
         names = json.loads((folder / HOSPITALS_MANIFEST).read_text())["hospitals"]
         name = names[int(node[PARTITION_ID])]
-        return HospitalSite(name=name, data_path=folder / name / "slices.npz", state_dir=folder / name / "state")
+        settings = folder / name / HOSPITAL_SETTINGS
+        overrides: dict[str, Any] = yaml.safe_load(settings.read_text()) if settings.is_file() else {}
+        return HospitalSite(name=name, data_path=folder / name / "slices.npz", state_dir=folder / name / "state",
+                            overrides=overrides or {})
     raise ValueError(
         "this SuperNode has no 'data-path' in its node config "
         "(start it with --node-config \"data-path='/path/slices.npz'\")"
@@ -64,12 +73,24 @@ def train(msg: Message, context: Context) -> Message:
         site, cfg, server_round=server_round,
         global_generator=gen_state, global_discriminator=disc_state or None,
     )
+    hospital: dict[str, Any] = {"name": site.name}
+    metrics: dict[str, Any] = {}
+    if result.privacy is not None:
+        privacy = dict(result.privacy)
+        hospital["dp-unit"] = privacy.pop("dp-unit")
+        metrics.update(privacy)
+    if result.declined is not None or result.generator is None or result.stats is None:
+        # A hospital that declines sends no weights, only why (and what it has spent).
+        hospital["declined"] = result.declined or "declined"
+        return Message(content=RecordDict({METRICS: MetricRecord(metrics), HOSPITAL: ConfigRecord(hospital)}),
+                       reply_to=msg)
     tensors = {f"{GENERATOR}.{k}": v for k, v in result.generator.items()}
     if result.discriminator is not None:
         tensors.update({f"{DISCRIMINATOR}.{k}": v for k, v in result.discriminator.items()})
+    metrics.update(result.stats.as_metrics())
     content = RecordDict({
         ARRAYS: tensors_to_record(tensors),
-        METRICS: MetricRecord(result.stats.as_metrics()),
-        HOSPITAL: ConfigRecord({"name": site.name}),
+        METRICS: MetricRecord(metrics),
+        HOSPITAL: ConfigRecord(hospital),
     })
     return Message(content=content, reply_to=msg)

@@ -5,10 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
+from opacus import GradSampleModule
 
 from ..shared.checkpoint import load_checkpoint, load_torch_tensors, save_checkpoint, save_torch_atomic
 from ..shared.config import RunConfig
@@ -16,6 +19,7 @@ from ..shared.device import pick_device
 from ..shared.models import build_gan
 from ..shared.sliceset import TRAIN, SliceSet, SliceSetError
 from ..shared.weights import exchanged_state, load_weights
+from .dp import PatientSampler, PrivacyState, check_dp_discriminator, plan_privacy, train_round_dp
 from .train import BatchSource, RoundStats, make_optimizers, train_round
 
 __all__ = ["HospitalSite", "LocalRoundResult", "derive_seed", "run_local_round"]
@@ -30,13 +34,34 @@ class HospitalSite:
     name: str
     data_path: Path
     state_dir: Path
+    # This hospital's own settings (``dp.*`` keys), over the run config's.
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def config(self, cfg: RunConfig) -> RunConfig:
+        """The run config with this hospital's own ``dp.*`` settings applied.
+
+        Raises
+        ------
+        ConfigError
+            A hospital setting outside the ``dp`` section, or an invalid one.
+        """
+        if not self.overrides:
+            return cfg
+        foreign = sorted(k for k in self.overrides if not k.startswith("dp."))
+        if foreign:
+            from ..shared.config import ConfigError
+
+            raise ConfigError(f"{self.name}: a hospital may only set dp.* keys, not {', '.join(foreign)}")
+        return cfg.with_overrides(self.overrides)
 
 
 @dataclass(frozen=True)
 class LocalRoundResult:
-    generator: dict[str, torch.Tensor]
+    generator: dict[str, torch.Tensor] | None
     discriminator: dict[str, torch.Tensor] | None
-    stats: RoundStats
+    stats: RoundStats | None
+    privacy: dict[str, Any] | None = None  # what this hospital has spent (DP runs)
+    declined: str | None = None  # why the hospital did not train this round
 
 
 def derive_seed(*parts: object) -> int:
@@ -79,6 +104,7 @@ class _LocalState:
         self.disc_path = folder / "discriminator.safetensors"
         self.optim_path = folder / "optimizers.pt"
         self.info_path = folder / "local.json"
+        self.privacy_path = folder / "privacy.json"
 
     def exists(self) -> bool:
         return self.disc_path.is_file()
@@ -112,13 +138,22 @@ def run_local_round(
     """Train the received global generator on this hospital's slices for one round.
 
     The discriminator is the hospital's own (restored from its state folder), unless the
-    run aggregates discriminators, in which case the global one is used.
+    run aggregates discriminators, in which case the global one is used. With DP on
+    (``dp.target-epsilon`` or ``dp.noise-multiplier``) the discriminator trains with
+    DP-SGD, the round's steps are charged to the hospital's privacy history *before*
+    training starts, and a round that would exceed ``dp.target-epsilon`` is declined.
 
     Returns
     -------
-    The updated generator weights (and discriminator weights when aggregated) and the
-    round's statistics.
+    The updated generator weights (and discriminator weights when aggregated), the
+    round's statistics and, under DP, the privacy spent so far.
+
+    Raises
+    ------
+    PrivacyError
+        DP is on but the discriminator cannot be made private, or the budget cannot be met.
     """
+    cfg = site.config(cfg)
     slices = load_hospital_slices(site, cfg)
     train = slices.only(TRAIN)
     if cfg.train.threads:
@@ -127,24 +162,43 @@ def run_local_round(
     seed = derive_seed(cfg.train.seed, site.name, server_round)
     torch.manual_seed(derive_seed(cfg.train.seed, site.name, "init"))
     gen, disc = build_gan(cfg.model, image_size=cfg.data.image_size, num_classes=len(train.class_names))
+    state = _LocalState(site.state_dir)
+    privacy = plan = None
+    if cfg.dp.enabled:
+        check_dp_discriminator(disc)
+        privacy = PrivacyState.load(state.privacy_path)
+        plan = _privacy_plan(cfg, train, privacy)
+        step = (plan.noise_multiplier, plan.sample_rate, cfg.train.local_steps)
+        if plan.target_epsilon > 0:
+            after = privacy.epsilon(extra=step)
+            if after > plan.target_epsilon + 1e-9:
+                reason = (f"privacy budget: another round would spend epsilon {after:.3g} > "
+                          f"dp.target-epsilon {plan.target_epsilon:g} (spent {privacy.epsilon():.3g})")
+                log.warning("%s declines round %d: %s", site.name, server_round, reason)
+                return LocalRoundResult(None, None, None, privacy=_privacy_report(privacy, plan), declined=reason)
+        # Charge the round before training: a crash part-way must not under-report.
+        privacy.add(*step)
+        privacy.save(state.privacy_path)
     load_weights(gen, global_generator)
     gen.to(device)
     disc.to(device)
     opt_g, opt_d = make_optimizers(gen, disc, cfg.train)
-    state = _LocalState(site.state_dir)
     if state.exists():
         last = state.load(disc, opt_g, opt_d)
         log.info("%s: restored local state from round %d", site.name, last)
     if global_discriminator:
         load_weights(disc, global_discriminator)
     rng = torch.Generator().manual_seed(seed)
-    batches = BatchSource(
-        torch.from_numpy(train.as_float()).to(device),
-        torch.from_numpy(train.labels).to(device),
-        batch_size=cfg.train.batch_size,
-        generator=rng,
-    )
-    stats = train_round(gen, disc, opt_g, opt_d, batches, cfg.train, generator=rng)
+    images = torch.from_numpy(train.as_float()).to(device)
+    labels = torch.from_numpy(train.labels).to(device)
+    if plan is not None:
+        sampler = PatientSampler(_unit_ids(train), plan.sample_rate, rng)
+        private = GradSampleModule(disc, loss_reduction="sum")
+        stats = train_round_dp(gen, private, opt_g, opt_d, images, labels, sampler, plan, cfg.train,
+                               num_classes=len(train.class_names), generator=rng)
+    else:
+        batches = BatchSource(images, labels, batch_size=cfg.train.batch_size, generator=rng)
+        stats = train_round(gen, disc, opt_g, opt_d, batches, cfg.train, generator=rng)
     state.save(disc, opt_g, opt_d, server_round=server_round, hospital=site.name)
     log.info("%s round %d: d=%.3f g=%.3f %.0f img/s", site.name, server_round, stats.d_loss, stats.g_loss,
              stats.images_per_second)
@@ -153,4 +207,52 @@ def run_local_round(
         discriminator={k: v.cpu() for k, v in exchanged_state(disc).items()}
         if cfg.federation.aggregate_discriminator else None,
         stats=stats,
+        privacy=_privacy_report(privacy, plan) if privacy is not None and plan is not None else None,
     )
+
+
+def _unit_ids(train: SliceSet) -> np.ndarray:
+    """Privacy unit of each training slice: its patient, or itself where ids are unknown."""
+    if train.patient_ids_known:
+        return train.patient_ids.astype(str)
+    return np.arange(len(train)).astype(str)
+
+
+def _privacy_plan(cfg: RunConfig, train: SliceSet, privacy: PrivacyState):  # type: ignore[no-untyped-def]
+    """The hospital's DP plan: sigma chosen once (first round) for the planned rounds and
+    kept, so extending a run later cannot quietly lower the noise."""
+    units = len(np.unique(_unit_ids(train)))
+    plan = plan_privacy(cfg.dp, units=units, unit=train.privacy_unit, batch_size=cfg.train.batch_size,
+                        planned_steps=cfg.federation.rounds * cfg.train.local_steps)
+    if privacy.history:
+        sigma, q, _ = privacy.history[0]
+        from dataclasses import replace
+
+        plan = replace(plan, noise_multiplier=sigma, sample_rate=q, delta=privacy.delta)
+    else:
+        privacy.delta, privacy.unit, privacy.units = plan.delta, plan.unit, plan.units
+    return plan
+
+
+def _privacy_report(privacy: PrivacyState, plan) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    """What the hospital tells the server about its privacy spending."""
+    return {
+        "dp-epsilon": privacy.epsilon("rdp"),
+        "dp-epsilon-prv": _prv(privacy),
+        "dp-delta": privacy.delta,
+        "dp-noise-multiplier": plan.noise_multiplier,
+        "dp-sample-rate": plan.sample_rate,
+        "dp-steps": privacy.steps,
+        "dp-max-grad-norm": plan.max_grad_norm,
+        "dp-units": plan.units,
+        "dp-target-epsilon": plan.target_epsilon,
+        "dp-unit": plan.unit,
+    }
+
+
+def _prv(privacy: PrivacyState) -> float:
+    try:
+        return privacy.epsilon("prv")
+    except Exception as err:  # PRV's numerical domain is narrower than RDP's
+        log.warning("PRV accountant failed (%s); reporting RDP only", err)
+        return float("nan")

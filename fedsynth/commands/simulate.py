@@ -28,6 +28,7 @@ def simulate(
     local_steps: int = typer.Option(None, help="GAN steps per hospital per round [default: 50]."),
     config: Path = typer.Option(None, "--config", "-c", help="YAML config file (see `fedsynth config`)."),
     set_: list[str] = typer.Option([], "--set", help="Override any config key, e.g. --set model.width=64 (repeatable)."),
+    hospital_set: list[str] = typer.Option([], "--hospital-set", help="One hospital's own privacy setting, HOSPITAL:dp.KEY=VALUE, e.g. hospital-b:dp.target-epsilon=1 (repeatable)."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint (add --rounds to extend it)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log fedsynth's progress messages."),
 ) -> None:
@@ -45,19 +46,38 @@ def simulate(
         if value is not None:
             overrides[key] = value
     if resume:
-        if data is not None or config is not None:
-            raise CommandError("--resume continues with the run's saved data and config: drop --data/--config")
+        if data is not None or config is not None or hospital_set:
+            raise CommandError("--resume continues with the run's saved data and config: "
+                               "drop --data/--config/--hospital-set")
         cfg = resume_config(run, overrides)
         console.print(f"resuming {run.root} after round {run.last_round()} of {cfg.federation.rounds}")
     else:
         if data is None:
             raise CommandError("--data is required (a slice set from `fedsynth prepare`)")
         cfg = RunConfig.from_yaml(config, overrides) if config else RunConfig.from_overrides(overrides)
-        cfg = prepare_simulation(cfg, data, run)
+        cfg = prepare_simulation(cfg, data, run, hospital_settings=parse_hospital_settings(hospital_set))
         print_hospitals(run)
     outcome_ok = run_with_progress(cfg, run)
     if not outcome_ok:
         raise typer.Exit(1)
+
+
+def parse_hospital_settings(items: list[str]) -> dict[str, dict[str, object]]:
+    """``hospital-b:dp.target-epsilon=1`` items to {hospital: {key: value}}.
+
+    Raises
+    ------
+    CommandError
+        An item not of the form HOSPITAL:dp.KEY=VALUE.
+    """
+    settings: dict[str, dict[str, object]] = {}
+    for item in items:
+        name, sep, rest = item.partition(":")
+        if not sep or not rest.startswith("dp.") or "=" not in rest:
+            raise CommandError(f"--hospital-set {item!r}: expected HOSPITAL:dp.KEY=VALUE, "
+                               "e.g. hospital-b:dp.target-epsilon=1")
+        settings.setdefault(name.strip(), {}).update(parse_overrides([rest]))
+    return settings
 
 
 def print_hospitals(run: RunDir) -> None:
@@ -70,7 +90,7 @@ def print_hospitals(run: RunDir) -> None:
     console.print(table)
 
 
-def _round_line(record: dict, total: int) -> str:
+def _round_line(record: dict, total: int, privacy: list[dict] | None = None) -> str:
     parts = []
     for name, m in sorted(record.get("hospitals", {}).items()):
         parts.append(f"{name} d={m.get('d-loss', float('nan')):.2f} g={m.get('g-loss', float('nan')):.2f} "
@@ -79,6 +99,12 @@ def _round_line(record: dict, total: int) -> str:
         parts.append(f"[red]node {failure['node']} failed: {failure['reason']}[/]")
     for rejected in record.get("rejected", []):
         parts.append(f"[red]{rejected['hospital']} rejected: {rejected['reason']}[/]")
+    for declined in record.get("declined", []):
+        parts.append(f"[yellow]{declined['hospital']} declined: {declined['reason']}[/]")
+    if privacy:
+        spent = ", ".join(f"{p['hospital']} {p['epsilon_rdp']:.2f}" for p in privacy if p.get("epsilon_rdp") is not None)
+        unit = privacy[0].get("privacy_unit", "slice")
+        parts.append(f"epsilon per {unit} (RDP, delta as in privacy.jsonl): {spent}")
     return f"round {record['round']}/{total} ({record.get('seconds', 0):.1f} s): " + " | ".join(parts)
 
 
@@ -96,7 +122,8 @@ def run_with_progress(cfg: RunConfig, run: RunDir) -> bool:
             for record in run.read_rounds():
                 if record["round"] not in seen:
                     seen.add(record["round"])
-                    progress.console.print(_round_line(record, total), highlight=False)
+                    spent = [p for p in run.read_privacy() if p["round"] == record["round"]]
+                    progress.console.print(_round_line(record, total, spent), highlight=False)
             done = len(seen)
             label = "training" if run.status().get("state") == "running" else "starting Flower's simulation engine"
             progress.update(task, completed=done, description=f"{label}: round {min(done + 1, total)}/{total}")
@@ -119,8 +146,13 @@ def run_with_progress(cfg: RunConfig, run: RunDir) -> bool:
             console.print(f"rounds up to {last} are saved; continue with: fedsynth simulate --out {run.root} --resume")
         return False
     last = run.last_round()
-    console.print(f"[green]finished[/] {total} rounds in {elapsed:.0f} s. Run directory: {run.root}")
+    stopped = outcome.status.get("stopped_early")
+    if stopped:
+        console.print(f"[yellow]stopped early[/] after round {last}: {stopped}", highlight=False)
+    console.print(f"[green]finished[/] {last} of {total} rounds in {elapsed:.0f} s. Run directory: {run.root}")
     console.print(f"  checkpoints   {run.root / 'checkpoints'}  (round-0000 = initial weights)")
     console.print(f"  sample grids  {run.grid(last)}  (one per round; real.png for comparison)")
     console.print(f"  metrics       {run.rounds_path}, {run.curves_path}")
+    if run.privacy_path.is_file():
+        console.print(f"  privacy       {run.privacy_path}  (epsilon per hospital per round)")
     return True

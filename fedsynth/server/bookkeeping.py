@@ -17,7 +17,8 @@ from ..shared.rundir import RunDir
 from ..shared.sampling import generate, grid_labels, save_grid
 from ..shared.weights import load_weights, model_tensors, split_model
 
-__all__ = ["GRID_SEED_OFFSET", "build_global_models", "plot_curves", "record_round", "restore_round"]
+__all__ = ["GRID_SEED_OFFSET", "build_global_models", "plot_curves", "record_privacy", "record_round",
+           "restore_round"]
 
 log = logging.getLogger(__name__)
 GRID_SEED_OFFSET = 7919  # grids use seed + this, so they never share noise with training
@@ -82,6 +83,36 @@ def record_round(
         run.append_round(record)
         plot_curves(run)
     return record
+
+
+def record_privacy(run: RunDir, round_: int, report: Any) -> None:
+    """Append each hospital's privacy spending this round to the ledger (``privacy.jsonl``).
+
+    Written for every reply that carried DP figures, including hospitals that declined
+    the round for budget, before the round's checkpoint: spent privacy is recorded even
+    if the round itself is lost.
+    """
+    for hospital, spent in sorted(report.privacy.items()):
+        def num(key: str) -> float | int | None:
+            value = spent.get(key)
+            return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+        run.append_privacy({
+            "round": round_,
+            "hospital": hospital,
+            "trained": hospital in report.hospitals,
+            "declined": next((d["reason"] for d in report.declined if d["hospital"] == hospital), None),
+            "privacy_unit": spent.get("dp-unit"),
+            "units": num("dp-units"),
+            "noise_multiplier": num("dp-noise-multiplier"),
+            "sample_rate": num("dp-sample-rate"),
+            "max_grad_norm": num("dp-max-grad-norm"),
+            "steps": num("dp-steps"),
+            "delta": num("dp-delta"),
+            "epsilon_rdp": num("dp-epsilon"),
+            "epsilon_prv": num("dp-epsilon-prv"),
+            "target_epsilon": num("dp-target-epsilon") or None,
+        })
 
 
 def plot_curves(run: RunDir) -> None:

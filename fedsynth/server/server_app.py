@@ -12,7 +12,7 @@ from ..shared.config import RunConfig
 from ..shared.records import pack_model, unpack_model
 from ..shared.rundir import RunDir
 from ..shared.weights import load_weights
-from .bookkeeping import build_global_models, record_round, restore_round
+from .bookkeeping import build_global_models, record_privacy, record_round, restore_round
 from .strategy import GeneratorFedAvg, RoundReport
 
 __all__ = ["RoundFailed", "app", "federate"]
@@ -44,15 +44,20 @@ def federate(grid: Grid, cfg: RunConfig) -> RunDir:
     run = RunDir(cfg.output.run_dir)
     run.set_status("running", rounds=cfg.federation.rounds)
     try:
-        _federate(grid, cfg, run)
+        stopped = _federate(grid, cfg, run)
     except BaseException as err:
         run.set_status("failed", error=f"{type(err).__name__}: {err}")
         raise
-    run.set_status("finished", rounds=cfg.federation.rounds)
+    if stopped:
+        run.set_status("finished", rounds=run.last_round() or 0, planned_rounds=cfg.federation.rounds,
+                       stopped_early=stopped)
+    else:
+        run.set_status("finished", rounds=cfg.federation.rounds)
     return run
 
 
-def _federate(grid: Grid, cfg: RunConfig, run: RunDir) -> None:
+def _federate(grid: Grid, cfg: RunConfig, run: RunDir) -> str | None:
+    """The rounds; returns why the run stopped before its last round, if it did."""
     gen, disc = build_global_models(cfg)
     last = run.last_round()
     if cfg.output.resume and last is not None:
@@ -81,7 +86,12 @@ def _federate(grid: Grid, cfg: RunConfig, run: RunDir) -> None:
         replies = grid.send_and_receive(messages, timeout=cfg.federation.round_timeout)
         aggregated, _ = strategy.aggregate_train(round_, replies)
         report = strategy.last_report
+        record_privacy(run, round_, report)
         if aggregated is None or len(report.hospitals) < cfg.federation.min_hospitals:
+            if report.declined and not report.failures and not report.rejected:
+                names = ", ".join(d["hospital"] for d in report.declined)
+                return (f"round {round_}: too few hospitals with privacy budget left to train "
+                        f"({names} declined; federation.min-hospitals is {cfg.federation.min_hospitals})")
             raise RoundFailed(_describe_failure(report, cfg.federation.min_hospitals))
         arrays = aggregated
         gen_state, disc_state = unpack_model(arrays)
@@ -90,9 +100,14 @@ def _federate(grid: Grid, cfg: RunConfig, run: RunDir) -> None:
             load_weights(disc, disc_state)
         record_round(
             run, cfg, round_, gen, disc,
-            report={"hospitals": report.hospitals, "failures": report.failures, "rejected": report.rejected},
+            report={"hospitals": report.hospitals, "failures": report.failures, "rejected": report.rejected,
+                    "declined": report.declined},
             seconds=time.perf_counter() - began,
         )
+        if report.declined and cfg.dp.on_budget_exhausted == "stop":
+            names = ", ".join(d["hospital"] for d in report.declined)
+            return f"round {round_}: {names} declined for privacy budget and dp.on-budget-exhausted is 'stop'"
+    return None
 
 
 def _describe_failure(report: RoundReport, needed: int) -> str:

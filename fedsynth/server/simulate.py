@@ -21,9 +21,14 @@ __all__ = ["hospital_summary", "prepare_simulation", "resume_config", "write_rea
 log = logging.getLogger(__name__)
 
 
-def prepare_simulation(cfg: RunConfig, data_path: str | Path, run: RunDir) -> RunConfig:
+def prepare_simulation(
+    cfg: RunConfig, data_path: str | Path, run: RunDir, *, hospital_settings: dict[str, dict[str, object]] | None = None,
+) -> RunConfig:
     """Partition ``data_path`` into ``cfg.simulation.hospitals`` hospitals under
     ``RUN/hospitals/<name>/slices.npz`` and write the resolved config and manifest.
+
+    ``hospital_settings`` gives single hospitals their own ``dp.*`` settings (written to
+    ``RUN/hospitals/<name>/hospital.yaml``, read by that hospital's ClientApp only).
 
     Returns the resolved config (data shape, paths and threads filled in).
 
@@ -51,10 +56,18 @@ def prepare_simulation(cfg: RunConfig, data_path: str | Path, run: RunDir) -> Ru
     if cfg.train.threads == 0:
         overrides["train.threads"] = cfg.simulation.client_cpus
     cfg = cfg.with_overrides(overrides)
+    for name, settings in (hospital_settings or {}).items():
+        if name not in parts:
+            raise ConfigError(f"--hospital-set {name}: no such hospital (hospitals: {', '.join(parts)})")
+        if any(not key.startswith("dp.") for key in settings):
+            raise ConfigError(f"--hospital-set {name}: a hospital may only set dp.* keys")
+        cfg.with_overrides(settings)  # validate now, not in the middle of a round
     run.root.mkdir(parents=True, exist_ok=True)
     counts = {}
     for name, part in parts.items():
         part.save(run.hospitals_dir / name / "slices.npz")
+        if hospital_settings and name in hospital_settings:
+            (run.hospitals_dir / name / "hospital.yaml").write_text(yaml.safe_dump(hospital_settings[name]))
         counts[name] = {
             "train": int((part.split == TRAIN).sum()),
             "holdout": int((part.split != TRAIN).sum()),
@@ -62,7 +75,7 @@ def prepare_simulation(cfg: RunConfig, data_path: str | Path, run: RunDir) -> Ru
         }
     run.write_json(run.hospitals_dir / HOSPITALS_MANIFEST, {
         "hospitals": list(parts), "partition": cfg.simulation.partition, "source": str(Path(data_path).resolve()),
-        "counts": counts,
+        "counts": counts, "settings": hospital_settings or {},
     })
     run.config_path.write_text(cfg.to_yaml())
     run.write_json(run.manifest_path, collect_manifest(

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 
 from ..shared.records import ARRAYS, HOSPITAL, METRICS, arrays_to_numpy
@@ -26,6 +26,9 @@ class RoundReport:
     hospitals: dict[str, dict[str, Any]] = field(default_factory=dict)
     failures: list[dict[str, Any]] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)
+    declined: list[dict[str, Any]] = field(default_factory=list)
+    # Per hospital, what it reports having spent (DP runs): dp-* metrics and the unit.
+    privacy: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class GeneratorFedAvg(FedAvg):
@@ -53,8 +56,15 @@ class GeneratorFedAvg(FedAvg):
                 report.failures.append({"node": node, "reason": _first_line(msg.error.reason)})
                 continue
             content = msg.content
-            name = str(content[HOSPITAL]["name"]) if HOSPITAL in content.config_records else f"node-{node}"
+            info = content[HOSPITAL] if HOSPITAL in content.config_records else ConfigRecord()
+            name = str(info.get("name", f"node-{node}"))
             metrics = content[METRICS] if METRICS in content.metric_records else MetricRecord()
+            spent = {k: v for k, v in metrics.items() if k.startswith("dp-")}
+            if spent:
+                report.privacy[name] = {**spent, "dp-unit": str(info.get("dp-unit", "slice"))}
+            if "declined" in info:
+                report.declined.append({"hospital": name, "node": node, "reason": str(info["declined"])})
+                continue
             if ARRAYS not in content.array_records:
                 problem: str | None = "no model weights in the reply"
             else:
@@ -65,7 +75,7 @@ class GeneratorFedAvg(FedAvg):
                 log.warning("round %d: rejected the update of %s: %s", server_round, name, problem)
                 report.rejected.append({"hospital": name, "node": node, "reason": problem})
                 continue
-            report.hospitals[name] = dict(metrics)
+            report.hospitals[name] = {k: v for k, v in metrics.items() if not k.startswith("dp-")}
             accepted.append(msg)
         self.last_report = report
         if not accepted:

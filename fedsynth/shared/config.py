@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 __all__ = [
     "ConfigError",
+    "DPConfig",
     "DataConfig",
     "FederationConfig",
     "ModelConfig",
@@ -107,6 +108,35 @@ class FederationConfig(_Section):
     round_timeout: float = Field(3600.0, gt=0, description="seconds to wait for replies")
 
 
+class DPConfig(_Section):
+    """DP-SGD on each hospital's discriminator (the only network that sees real images).
+
+    Off unless ``target-epsilon`` or ``noise-multiplier`` is set. With a target, the
+    noise multiplier is chosen up front so that ``federation.rounds`` x
+    ``train.local-steps`` steps at this hospital spend at most the target (RDP
+    accountant), and a hospital declines any round that would exceed it.
+    """
+
+    target_epsilon: float = Field(
+        0.0, ge=0, description="privacy budget per hospital over the whole run (0: no budget)"
+    )
+    delta: float = Field(
+        0.0, ge=0, lt=1, description="delta (0: min(1e-5, 1/(10 N)), N = privacy units at the hospital)"
+    )
+    max_grad_norm: float = Field(1.0, gt=0, description="per-sample gradient clipping norm C")
+    noise_multiplier: float = Field(
+        0.0, ge=0, description="fixed noise multiplier sigma (0: chosen from target-epsilon)"
+    )
+    on_budget_exhausted: Literal["continue", "stop"] = Field(
+        "continue",
+        description="server policy when a hospital declines for budget: carry on with the others, or stop the run",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.target_epsilon > 0 or self.noise_multiplier > 0
+
+
 class OutputConfig(_Section):
     """Where the run directory is and what goes into it."""
 
@@ -154,6 +184,7 @@ class RunConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
+    dp: DPConfig = Field(default_factory=DPConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     simulation: SimulationConfig = Field(default_factory=SimulationConfig)
 

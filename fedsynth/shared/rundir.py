@@ -123,25 +123,25 @@ class RunDir:
             )
         return round_
 
+    @property
+    def privacy_path(self) -> Path:
+        """The privacy ledger: one line per hospital per round (append-only)."""
+        return self.root / "privacy.jsonl"
+
     def append_round(self, record: dict[str, Any]) -> None:
         """Append one round's record as a JSON line, flushed to disk."""
-        self.rounds_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.rounds_path, "a") as handle:
-            handle.write(json.dumps(record, sort_keys=True) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        _append_line(self.rounds_path, record)
+
+    def append_privacy(self, record: dict[str, Any]) -> None:
+        """Append one ledger line; the ledger is never rewritten, not even on resume."""
+        _append_line(self.privacy_path, record)
+
+    def read_privacy(self) -> list[dict[str, Any]]:
+        return _read_lines(self.privacy_path)
 
     def read_rounds(self) -> list[dict[str, Any]]:
         """All complete round records (a torn last line from a crash is ignored)."""
-        if not self.rounds_path.is_file():
-            return []
-        records = []
-        for line in self.rounds_path.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return records
+        return _read_lines(self.rounds_path)
 
     def truncate_rounds_after(self, round_: int) -> None:
         """Drop records of rounds after ``round_`` (before resuming from it)."""
@@ -174,6 +174,26 @@ class RunDir:
         if not self.config_path.is_file():
             raise RunDirError(f"{self.root}: no config.yaml (is this a fedsynth run directory?)")
         return RunConfig.from_yaml(self.config_path)
+
+
+def _append_line(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record, sort_keys=True) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _read_lines(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
 def _git_revision() -> str | None:
