@@ -16,6 +16,7 @@ from torch import nn
 
 from fedsynth.client.dp import (
     PatientSampler,
+    PerSampleClipper,
     PrivacyError,
     PrivacyState,
     check_dp_discriminator,
@@ -80,7 +81,7 @@ def _one_dp_step(sample_rate: float, clip: float) -> dict[str, torch.Tensor]:
     plan = plan.__class__(**{**plan.__dict__, "sample_rate": sample_rate})
     rng = torch.Generator().manual_seed(1)
     sampler = PatientSampler(slices.patient_ids, sample_rate, rng)
-    train_round_dp(gen, GradSampleModule(disc, loss_reduction="sum"), torch.optim.SGD(gen.parameters(), lr=0.0),
+    train_round_dp(gen, PerSampleClipper(disc, clip), torch.optim.SGD(gen.parameters(), lr=0.0),
                    torch.optim.SGD(disc.parameters(), lr=1.0), torch.from_numpy(slices.as_float()),
                    torch.from_numpy(slices.labels), sampler, plan, cfg.train, num_classes=2, generator=rng)
     return {k: disc.state_dict()[k] - before[k] for k in before}
@@ -130,3 +131,31 @@ def test_a_hospital_over_budget_declines_and_says_why(tmp_path: Path) -> None:
     second = run_local_round(site, cfg, server_round=2, global_generator=exchanged_state(gen))
     assert second.generator is None and "privacy budget" in (second.declined or "")
     assert second.privacy["dp-epsilon"] == pytest.approx(one_round)
+
+
+@pytest.mark.parametrize("conditioning", ["projection", "ac"])
+def test_clipped_sum_equals_opacus_per_sample_clipping(conditioning: str) -> None:
+    """PerSampleClipper's one-pass sum matches clipping Opacus's per-sample gradients."""
+    cfg = RunConfig.from_overrides({"model.conditioning": conditioning, "model.width": 8})
+    torch.manual_seed(0)
+    _, disc = build_gan(cfg.model, image_size=32, num_classes=3)
+    twin = copy.deepcopy(disc)
+    x, y = torch.randn(10, 1, 32, 32), torch.randint(3, (10,))
+
+    reference = GradSampleModule(disc, loss_reduction="sum")
+    out = reference(x, y)
+    (out.adv.squeeze(-1) ** 2 + (out.class_logits.logsumexp(1) if out.class_logits is not None else 0)).sum().backward()
+    flat = torch.cat([p.grad_sample.reshape(10, -1) for p in disc.parameters()], dim=1)
+    clip = flat.norm(dim=1).median().item()  # about half the samples are clipped
+    scale = (clip / (flat.norm(dim=1) + 1e-6)).clamp(max=1.0)
+    assert (scale < 1).any() and (scale == 1).any(), "the test needs clipped and unclipped samples"
+    expected = [torch.einsum("i,i...->...", scale, p.grad_sample) for p in disc.parameters()]
+
+    clipper = PerSampleClipper(twin, max_grad_norm=clip)
+    xi = x.clone().requires_grad_(True)
+    out = clipper(xi, y)
+    per_sample = out.adv.squeeze(-1) ** 2 + (out.class_logits.logsumexp(1) if out.class_logits is not None else 0)
+    clipper.backward_real(per_sample, xi)
+    got = clipper.clipped_sum()
+    for want, p in zip(expected, twin.parameters(), strict=True):
+        assert torch.allclose(got[p], want, rtol=1e-4, atol=1e-5 * want.abs().max().item())

@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from opacus import GradSampleModule
 
 from ..shared.checkpoint import load_checkpoint, load_torch_tensors, save_checkpoint, save_torch_atomic
 from ..shared.config import RunConfig
@@ -19,7 +18,7 @@ from ..shared.device import pick_device
 from ..shared.models import build_gan
 from ..shared.sliceset import TRAIN, SliceSet, SliceSetError
 from ..shared.weights import exchanged_state, load_weights
-from .dp import PatientSampler, PrivacyState, check_dp_discriminator, plan_privacy, train_round_dp
+from .dp import PatientSampler, PerSampleClipper, PrivacyState, check_dp_discriminator, plan_privacy, train_round_dp
 from .train import BatchSource, RoundStats, make_optimizers, train_round
 
 __all__ = ["HospitalSite", "LocalRoundResult", "derive_seed", "run_local_round"]
@@ -193,7 +192,7 @@ def run_local_round(
     labels = torch.from_numpy(train.labels).to(device)
     if plan is not None:
         sampler = PatientSampler(_unit_ids(train), plan.sample_rate, rng)
-        private = GradSampleModule(disc, loss_reduction="sum")
+        private = PerSampleClipper(disc, max_grad_norm=plan.max_grad_norm)
         stats = train_round_dp(gen, private, opt_g, opt_d, images, labels, sampler, plan, cfg.train,
                                num_classes=len(train.class_names), generator=rng)
     else:

@@ -91,21 +91,30 @@ def print_hospitals(run: RunDir) -> None:
 
 
 def _round_line(record: dict, total: int, privacy: list[dict] | None = None) -> str:
+    spent = {p["hospital"]: p for p in privacy or []}
+
+    def eps(name: str) -> str:
+        row = spent.get(name)
+        if not row or row.get("epsilon_rdp") is None:
+            return ""
+        target = f"/{row['target_epsilon']:g}" if row.get("target_epsilon") else ""
+        return f" ε={row['epsilon_rdp']:.2f}{target}"
+
     parts = []
     for name, m in sorted(record.get("hospitals", {}).items()):
         parts.append(f"{name} d={m.get('d-loss', float('nan')):.2f} g={m.get('g-loss', float('nan')):.2f} "
-                     f"{m.get('images-per-second', 0):.0f} img/s")
+                     f"{m.get('images-per-second', 0):.0f} img/s{eps(name)}")
     for failure in record.get("failures", []):
         parts.append(f"[red]node {failure['node']} failed: {failure['reason']}[/]")
     for rejected in record.get("rejected", []):
         parts.append(f"[red]{rejected['hospital']} rejected: {rejected['reason']}[/]")
     for declined in record.get("declined", []):
-        parts.append(f"[yellow]{declined['hospital']} declined: {declined['reason']}[/]")
-    if privacy:
-        spent = ", ".join(f"{p['hospital']} {p['epsilon_rdp']:.2f}" for p in privacy if p.get("epsilon_rdp") is not None)
-        unit = privacy[0].get("privacy_unit", "slice")
-        parts.append(f"epsilon per {unit} (RDP, delta as in privacy.jsonl): {spent}")
-    return f"round {record['round']}/{total} ({record.get('seconds', 0):.1f} s): " + " | ".join(parts)
+        parts.append(f"[yellow]{declined['hospital']}{eps(declined['hospital'])} declined: {declined['reason']}[/]")
+    line = f"round {record['round']}/{total} ({record.get('seconds', 0):.1f} s): " + " | ".join(parts)
+    if spent:
+        first = next(iter(spent.values()))
+        line += f"  [dim](ε per {first.get('privacy_unit') or 'slice'}, RDP accountant, δ={first.get('delta'):.0e})[/]"
+    return line
 
 
 def run_with_progress(cfg: RunConfig, run: RunDir) -> bool:

@@ -95,7 +95,8 @@ def record_privacy(run: RunDir, round_: int, report: Any) -> None:
     for hospital, spent in sorted(report.privacy.items()):
         def num(key: str) -> float | int | None:
             value = spent.get(key)
-            return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+            # NaN / inf: the accountant could not bound it (PRV at very large epsilon); JSON null.
+            return None if value is None or (isinstance(value, float) and not math.isfinite(value)) else value
 
         run.append_privacy({
             "round": round_,
