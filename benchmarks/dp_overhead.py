@@ -34,7 +34,8 @@ from fedsynth import __version__
 from fedsynth.client.dp import PatientSampler, PerSampleClipper, epsilon_for, plan_privacy, train_round_dp
 from fedsynth.client.train import BatchSource, make_optimizers, train_round
 from fedsynth.shared.config import RunConfig
-from fedsynth.shared.ingest import ingest_image_folder, ingest_nifti_folder
+from fedsynth.shared.ingest import ingest_image_folder
+from fedsynth.shared.volumes import MaskClasses, ingest_volumes
 from fedsynth.shared.models import build_gan
 from fedsynth.shared.phantoms import LESION, LIVER, write_phantom_hospitals
 
@@ -48,7 +49,8 @@ def load_slices(size: int):  # type: ignore[no-untyped-def]
         return slices.only("train"), f"brain MRI ({BRAIN_MRI})"
     with tempfile.TemporaryDirectory() as tmp:
         write_phantom_hospitals(tmp, seed=0)
-        slices, _ = ingest_nifti_folder(tmp, size=size, label_from_mask=[LESION], keep_slices_with=[LIVER])
+        slices, _ = ingest_volumes(tmp, size=size, classes=MaskClasses("no_lesion", (("lesion", (LESION,)),)),
+                                   keep_slices_with=[LIVER])
     return slices.only("train"), "phantom CT"
 
 

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from fedsynth.shared.phantoms import DEFAULT_HOSPITALS
 from fedsynth.shared.sliceset import SliceSet, assign_split_by_patient
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FEDSYNTH_SHARED_DATA", REPO.parent / "shared" / "data"))
 BRAIN_MRI = SHARED_DATA / "brain-tumor-mri"
 CT_VOLUMES = SHARED_DATA / "ct-volumes"
+# The demo's hospitals with fewer patients each, to keep the tests quick.
+SMALL_HOSPITALS = tuple(replace(p, patients=5) for p in DEFAULT_HOSPITALS)
 
 
 def require(path: Path) -> Path:

@@ -1,27 +1,22 @@
-"""Ingestion: image folders (de-duplicated by pixels), NIfTI volumes with masks, and the data card."""
+"""Ingestion of image folders (de-duplicated by pixels) and the data card. Volumes: test_volumes.py."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
 from fedsynth.cli import app
-from fedsynth.shared.ingest import IngestError, ingest_image_folder, ingest_nifti_folder
-from fedsynth.shared.phantoms import DEFAULT_HOSPITALS, LESION, LIVER, write_phantom_hospitals
+from fedsynth.shared.ingest import ingest_image_folder
 from fedsynth.shared.sliceset import SliceSet
 
 from .conftest import BRAIN_MRI, require
 
 runner = CliRunner()
-# The demo's hospitals with fewer patients each, to keep the tests quick.
-SMALL_HOSPITALS = tuple(replace(p, patients=5) for p in DEFAULT_HOSPITALS)
 
 
 def _write_png(path: Path, pixels: np.ndarray, mode: str = "L") -> None:
@@ -97,41 +92,3 @@ def test_brain_mri_folder_matches_the_documented_duplicate_counts(tmp_path: Path
     assert len(np.unique(slices.source)) == 2870
 
 
-def test_phantom_nifti_volumes_become_labelled_slices_per_site(tmp_path: Path) -> None:
-    write_phantom_hospitals(tmp_path / "ph", hospitals=SMALL_HOSPITALS, seed=0, size=64, slices=8)
-    slices, card = ingest_nifti_folder(
-        tmp_path / "ph", size=32, window="ct-abdomen", label_from_mask=[LESION], label_names=["no_lesion", "lesion"],
-        min_voxels=1, keep_slices_with=[LIVER], holdout_fraction=0.2, seed=0,
-    )
-    assert card.files_read == 15
-    assert set(card.sites) == {p.name for p in DEFAULT_HOSPITALS}
-    assert slices.privacy_unit == "patient" and slices.class_names == ("no_lesion", "lesion")
-    assert 0 < slices.labels.mean() < 1
-    # Labels follow the masks: re-derive every slice's label from its segmentation file.
-    masks: dict[str, np.ndarray] = {}
-    for source, label in zip(slices.source, slices.labels, strict=True):
-        volume_name, z = str(source).rsplit("#z=", 1)
-        if volume_name not in masks:
-            seg_path = tmp_path / "ph" / volume_name.replace("volume-", "segmentation-")
-            masks[volume_name] = np.asarray(nib.as_closest_canonical(nib.load(seg_path)).dataobj)
-        assert int((masks[volume_name][:, :, int(z)] == LESION).any()) == label, source
-
-
-def test_a_mask_that_does_not_fit_its_volume_is_named_and_skipped(tmp_path: Path) -> None:
-    write_phantom_hospitals(tmp_path / "ph", hospitals=SMALL_HOSPITALS, seed=0, size=32, slices=4)
-    seg = sorted((tmp_path / "ph/hospital-a").glob("segmentation-*.nii.gz"))[0]
-    nib.save(nib.Nifti1Image(np.zeros((5, 5, 5), np.uint8), np.eye(4)), seg)
-    corrupt = sorted((tmp_path / "ph/hospital-b").glob("volume-*.nii.gz"))[0]
-    corrupt.write_bytes(b"not gzip")
-    slices, card = ingest_nifti_folder(tmp_path / "ph", size=32, keep_slices_with=[LIVER], seed=0)
-    named = {Path(u["file"]).name for u in card.unreadable}
-    assert seg.name in named or seg.name.replace("segmentation", "volume") in named
-    assert corrupt.name in named
-    assert card.files_read == card.files_found - 2
-    assert len(slices) > 0
-
-
-def test_nifti_folder_without_volumes_is_an_error(tmp_path: Path) -> None:
-    (tmp_path / "x.nii.gz").write_bytes(b"")
-    with pytest.raises(IngestError):
-        ingest_nifti_folder(tmp_path, size=32)

@@ -104,6 +104,36 @@ def test_sample_png_and_npz(finished_run: Path, tmp_path: Path) -> None:
     assert np.array_equal(SliceSet.load(tmp_path / "again" / "synthetic.npz").images, synthetic.images)
 
 
+def test_sample_nifti_and_dicom_hold_the_same_images_marked_synthetic(finished_run: Path, tmp_path: Path) -> None:
+    import nibabel as nib
+    import pydicom
+
+    from fedsynth.shared.ingest import axial_display
+
+    args = ["sample", "--run", str(finished_run), "--n", "5", "--round", "2", "--seed", "3"]
+    assert runner.invoke(app, [*args, "--out", str(tmp_path / "npz"), "--format", "npz"]).exit_code == 0
+    want = SliceSet.load(tmp_path / "npz" / "synthetic.npz").images
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "nii"), "--format", "nifti"])
+    assert result.exit_code == 0, result.output
+    volume = nib.as_closest_canonical(nib.load(tmp_path / "nii" / "synthetic.nii.gz"))
+    assert "SYNTHETIC" in volume.header["descrip"].tobytes().decode()
+    data = np.asarray(volume.dataobj)
+    assert np.array_equal(np.stack([axial_display(data[:, :, k]) for k in range(5)]), want)
+    manifest = json.loads((tmp_path / "nii" / "manifest.json").read_text())
+    assert manifest["slice_labels"] == ["no_lesion", "lesion", "no_lesion", "lesion", "no_lesion"]
+
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "dcm"), "--format", "dicom"])
+    assert result.exit_code == 0, result.output
+    files = [pydicom.dcmread(f) for f in sorted((tmp_path / "dcm" / "dicom").iterdir())]
+    assert len(files) == 5 and len({ds.StudyInstanceUID for ds in files}) == 1
+    files.sort(key=lambda ds: int(ds.InstanceNumber))
+    assert all(ds.SeriesDescription.startswith("SYNTHETIC") and "SYNTHETIC" in ds.ImageType for ds in files)
+    assert all(ds.PatientID == "SYNTHETIC" for ds in files)
+    assert np.array_equal(np.stack([ds.pixel_array for ds in files]), want)
+    again = runner.invoke(app, [*args, "--out", str(tmp_path / "dcm"), "--format", "dicom"])
+    assert again.exit_code != 0 and "already holds files" in again.output
+
+
 def test_sample_errors_name_the_problem(finished_run: Path, tmp_path: Path) -> None:
     result = runner.invoke(app, ["sample", "--run", str(finished_run), "--label", "glioma", "--out", str(tmp_path)])
     assert result.exit_code != 0 and "glioma" in result.output and "lesion" in result.output

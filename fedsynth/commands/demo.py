@@ -10,7 +10,7 @@ import typer
 
 from ..server.simulate import prepare_simulation
 from ..shared.config import RunConfig, parse_overrides
-from ..shared.ingest import ingest_nifti_folder
+from ..shared.volumes import MaskClasses, ingest_volumes
 from ..shared.phantoms import DEFAULT_HOSPITALS, LESION, LIVER, write_phantom_hospitals
 from ..shared.rundir import RunDir
 from .common import CommandError, console, setup_logging, user_errors
@@ -56,9 +56,10 @@ def demo(
     console.print(f"  {len(volumes)} NIfTI volumes with masks in {phantoms}")
     console.rule("2. prepare: volumes to a slice set")
     slices_path = out / "phantoms.npz"
-    slices, card = ingest_nifti_folder(
-        phantoms, size=size, window="ct-abdomen", label_from_mask=[LESION], label_names=["no_lesion", "lesion"],
-        min_voxels=max(1, (size // 32) ** 2 * 4), keep_slices_with=[LIVER], holdout_fraction=0.2, seed=0,
+    lesion = MaskClasses("no_lesion", (("lesion", (LESION,)),), min_voxels=max(1, (size // 32) ** 2 * 4))
+    slices, card = ingest_volumes(
+        phantoms, size=size, window="ct-abdomen", classes=lesion, keep_slices_with=[LIVER], holdout_fraction=0.2,
+        seed=0,
     )
     slices.save(slices_path)
     card.output = str(slices_path)

@@ -1,4 +1,4 @@
-"""`fedsynth prepare`: raw scans (an image folder or NIfTI volumes) to a slice set and a data card."""
+"""`fedsynth prepare`: raw scans (an image folder, NIfTI volumes or DICOM series) to a slice set and a data card."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..shared.ingest import DataCard, detect_source_kind, ingest_image_folder, ingest_nifti_folder, summarize_unreadable
+from ..shared.ingest import DataCard, detect_source_kind, ingest_image_folder, summarize_unreadable
+from ..shared.volumes import ingest_volumes, parse_mask_classes
 from .common import CommandError, console, user_errors
 
 __all__ = ["prepare", "card_path_for"]
@@ -27,31 +28,52 @@ def _parse_ints(text: str, option: str) -> list[int]:
         raise CommandError(f"{option} {text!r}: expected label values such as 2 or 1,2") from None
 
 
+def _parse_pairs(items: list[str]) -> dict[str, str]:
+    pairs = {}
+    for item in items:
+        volume, sep, mask = item.partition("=")
+        if not sep or not volume.strip() or not mask.strip():
+            raise CommandError(f"--pair {item!r}: expected VOLUME=MASK, e.g. ct.nii.gz=ct-labels.nii.gz")
+        pairs[volume.strip()] = mask.strip()
+    return pairs
+
+
 @user_errors
 def prepare(
-    source: Path = typer.Argument(..., help="An image folder (<split>/<class>/*.jpg|png or <class>/*) or a folder of NIfTI volumes (volume-XXX.nii.gz with segmentation-XXX.nii.gz)."),
+    source: Path = typer.Argument(..., help="An image folder (<split>/<class>/*.jpg|png or <class>/*), or a folder of NIfTI volumes and/or DICOM series with masks (pairing rules below)."),
     out: Path = typer.Option(..., "--out", "-o", help="Slice set to write (.npz); the data card goes beside it as .card.json."),
     size: int = typer.Option(64, help="Output side in pixels (32, 64 or 128 for the built-in models)."),
     holdout: float = typer.Option(0.2, help="Share of patients held out for audits, stratified by class."),
     seed: int = typer.Option(0, help="Seed of the train/holdout draw."),
     keep_folder_split: bool = typer.Option(False, help="Image folders: use the folder's own split (Testing/test/holdout/val become holdout) instead of drawing one."),
-    window: str = typer.Option("ct-abdomen", help="NIfTI: intensity window, a preset (ct-abdomen, ct-lung, ct-brain, mri) or WIDTH,LEVEL in HU."),
-    label_from_mask: str = typer.Option("", help="NIfTI: mask value(s), e.g. 2 or 1,2; a slice with at least --min-voxels such voxels is labelled present."),
-    label_names: str = typer.Option("", help="NIfTI: class names for absent,present (default absent,present)."),
-    min_voxels: int = typer.Option(1, help="NIfTI: voxels of the label needed to call a slice present."),
-    keep_slices_with: str = typer.Option("", help="NIfTI: keep only slices whose mask contains these value(s), e.g. 1 for liver."),
+    window: str = typer.Option("ct-abdomen", help="Volumes: intensity window, a preset (ct-abdomen W400/L40, ct-lung W1500/L-600, ct-brain W80/L40, mri = per-volume 0.5-99.5 percentiles) or WIDTH,LEVEL in HU."),
+    label_from_mask: str = typer.Option("", help="Volumes: label slices from the mask. 5 or 2,3: one class, present when >= --min-voxels voxels carry the value(s); liver=5,kidney=2+3: named classes, first match wins."),
+    label_names: str = typer.Option("", help="Volumes: absent,present names for a single class (default absent,present); with named classes, one name for slices with none (default none)."),
+    min_voxels: int = typer.Option(1, help="Volumes: voxels of a label needed to give a slice its class."),
+    keep_slices_with: str = typer.Option("", help="Volumes: keep only slices whose mask contains these value(s), e.g. 5 for the liver."),
+    masks: Path = typer.Option(None, "--masks", help="Volumes: a folder of masks named like their volumes (case.nii.gz for case.nii.gz or case_0000.nii.gz; <folder>.nii.gz for a DICOM series in <folder>/)."),
+    pair: list[str] = typer.Option([], "--pair", help="Volumes: VOLUME=MASK, paths relative to SOURCE, for names no rule pairs, e.g. --pair example_ct_sm.nii.gz=example_seg.nii.gz or --pair series_folder=labels.nii.gz (repeatable)."),
     output_format: str = typer.Option("text", "--format", help="text (a table) or json (the card on stdout)."),
 ) -> None:
     """Turn raw scans into a slice set (.npz) with a patient-level train/holdout split.
 
-    Prints a data card: files read, unreadable files (named), duplicates removed,
-    images per class and train/holdout counts; the card is also written as JSON.
+    Prints a data card: files read, unreadable files (named, with the reason, and
+    skipped), duplicates removed, images per class and train/holdout counts; the card
+    is also written as JSON. Exits non-zero only when nothing usable was found.
+
+    Volumes (NIfTI, DICOM series grouped by SeriesInstanceUID and ordered by position)
+    are reoriented to RAS, cut into axial slices, windowed and resized. Masks pair by
+    name: --pair first, then files in --masks, then segmentation-XXX for volume-XXX (LiTS)
+    or XXX_seg / XXX_mask / XXX_label for XXX (for a DICOM series, names built from its
+    folder), then a DICOM SEG that references the series. NIfTI files with seg, mask or
+    label in their name are masks, never images.
     """
     if size < 8:
         raise CommandError(f"--size {size}: too small (use 32, 64 or 128)")
     if out.suffix != ".npz":
         raise CommandError(f"--out {out}: the slice set file must end in .npz")
     kind = detect_source_kind(source)
+    names = [n.strip() for n in label_names.split(",") if n.strip()]
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True, disable=output_format == "json") as progress:
         task = progress.add_task(f"reading {source}", total=None)
@@ -65,13 +87,11 @@ def prepare(
                 progress=report,
             )
         else:
-            slices, card = ingest_nifti_folder(
+            slices, card = ingest_volumes(
                 source, size=size, window=window,
-                label_from_mask=_parse_ints(label_from_mask, "--label-from-mask"),
-                label_names=[n.strip() for n in label_names.split(",") if n.strip()],
-                min_voxels=min_voxels,
+                classes=parse_mask_classes(label_from_mask, names, min_voxels),
                 keep_slices_with=_parse_ints(keep_slices_with, "--keep-slices-with"),
-                holdout_fraction=holdout, seed=seed, progress=report,
+                masks_dir=masks, pairs=_parse_pairs(pair), holdout_fraction=holdout, seed=seed, progress=report,
             )
     slices.save(out)
     card.output = str(out)
@@ -89,7 +109,7 @@ def print_card(card: DataCard, card_path: Path) -> None:
     table.add_column()
     table.add_row("source", f"{card.source} ({card.kind})")
     table.add_row("files read", f"{card.files_read} of {card.files_found}")
-    table.add_row("unreadable", str(len(card.unreadable)))
+    table.add_row("skipped", f"{len(card.unreadable)} (unreadable or unusable, named below)" if card.unreadable else "0")
     dup = card.duplicates
     if dup:
         table.add_row(
@@ -108,7 +128,7 @@ def print_card(card: DataCard, card_path: Path) -> None:
         table.add_row("sites", ", ".join(f"{k} {v}" for k, v in card.sites.items()))
     console.print(table)
     for line in summarize_unreadable(card):
-        console.print(f"  [yellow]unreadable[/] {line}", highlight=False)
+        console.print(f"  [yellow]skipped[/] {line}", highlight=False)
     for note in card.notes:
         console.print(f"  [dim]note: {note}[/]")
     console.print(f"card written to {card_path}")

@@ -1,4 +1,4 @@
-"""`fedsynth sample`: synthetic slices from a run's global generator, as PNG or a slice set."""
+"""`fedsynth sample`: synthetic slices from a run's global generator, as PNG, a slice set, NIfTI or DICOM."""
 
 from __future__ import annotations
 
@@ -56,14 +56,14 @@ def sample(
     label: str = typer.Option(None, help="Class to draw (a class name of the run); default: all classes in equal shares."),
     round_: str = typer.Option("last", "--round", help="Round whose global generator to use: a number or 'last'."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder."),
-    output_format: str = typer.Option("png", "--format", help="png (one file per slice plus grid.png) or npz (a slice set marked synthetic)."),
+    output_format: str = typer.Option("png", "--format", help="png (one file per slice plus grid.png), npz (a slice set marked synthetic), nifti (synthetic.nii.gz, one slice per axial position) or dicom (dicom/, a Secondary Capture series whose headers say SYNTHETIC)."),
     seed: int = typer.Option(0, help="Seed of the noise; the same seed gives the same images."),
 ) -> None:
     """Write synthetic slices from a run's global generator (the final round by default)."""
     if n < 1:
         raise CommandError("--n must be at least 1")
-    if output_format not in ("png", "npz"):
-        raise CommandError(f"--format {output_format!r}: use png or npz")
+    if output_format not in ("png", "npz", "nifti", "dicom"):
+        raise CommandError(f"--format {output_format!r}: use png, npz, nifti or dicom")
     if round_ != "last" and not round_.isdigit():
         raise CommandError(f"--round {round_!r}: a round number or 'last'")
     run = RunDir(run_dir)
@@ -91,6 +91,24 @@ def sample(
                          title=f"synthetic, round {used_round}" + (f", {label}" if label else ""),
                          scale=max(1, 128 // images.shape[1]))
         written = f"{n} PNG files and {grid}"
+    elif output_format == "nifti":
+        from ..shared.export import write_nifti_stack
+
+        path = write_nifti_stack(images, out / "synthetic.nii.gz",
+                                 description=f"fedsynth round {used_round} seed {seed}")
+        provenance["slice_labels"] = names
+        written = f"{path} ({n} axial slices; class of each slice in manifest.json)"
+    elif output_format == "dicom":
+        from ..shared.export import write_dicom_series
+
+        folder = out / "dicom"
+        if folder.exists() and any(folder.iterdir()):
+            raise CommandError(f"{folder} already holds files; choose another --out (nothing is overwritten)")
+        files = write_dicom_series(images, folder, labels=names, description=f"fedsynth round {used_round}",
+                                   generator_info={k: provenance[k] for k in ("run", "round", "checkpoint_sha256",
+                                                                               "seed")})
+        provenance["slice_labels"] = names
+        written = f"{len(files)} DICOM files in {folder} (one series, headers marked SYNTHETIC)"
     else:
         synthetic = SliceSet(
             images=images,

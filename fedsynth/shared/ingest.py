@@ -1,4 +1,5 @@
-"""Raw scans to slice sets: image folders and NIfTI volumes with masks, with a data card."""
+"""Raw scans to slice sets: image folders here, the shared image steps and the data card.
+Volumes (NIfTI, DICOM) are in ``volumes.py``."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ __all__ = [
     "axial_display",
     "detect_source_kind",
     "ingest_image_folder",
-    "ingest_nifti_folder",
+    "looks_like_dicom",
     "parse_window",
     "resize_square",
     "window_intensities",
@@ -161,7 +162,8 @@ def axial_display(slice_xy: np.ndarray) -> np.ndarray:
 
 
 def detect_source_kind(root: Path) -> str:
-    """``nifti`` if the folder holds NIfTI files, ``image-folder`` if it holds images.
+    """``volumes`` if the folder holds NIfTI files or DICOM, ``image-folder`` if it holds
+    images.
 
     Raises
     ------
@@ -173,14 +175,25 @@ def detect_source_kind(root: Path) -> str:
     has_images = False
     for path in root.rglob("*"):
         name = path.name.lower()
-        if name.endswith(NIFTI_SUFFIXES):
-            return "nifti"
+        if name.endswith(NIFTI_SUFFIXES) or name.endswith(".dcm"):
+            return "volumes"
+        if path.is_file() and not name.endswith(IMAGE_SUFFIXES) and looks_like_dicom(path):
+            return "volumes"
         has_images = has_images or name.endswith(IMAGE_SUFFIXES)
     if has_images:
         return "image-folder"
     raise IngestError(
-        f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) or NIfTI volumes (.nii, .nii.gz) found"
+        f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}), NIfTI volumes (.nii, .nii.gz) or DICOM files found"
     )
+
+
+def looks_like_dicom(path: Path) -> bool:
+    """The DICOM Part 10 preamble: 'DICM' at byte 128."""
+    try:
+        with path.open("rb") as handle:
+            return handle.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
 
 
 # --- image folders ----------------------------------------------------------------------
@@ -352,167 +365,6 @@ def ingest_image_folder(
 
 def _folder_split(name: str) -> str:
     return HOLDOUT if name.lower() in {"test", "testing", "holdout", "val", "validation"} else TRAIN
-
-
-# --- NIfTI volumes ----------------------------------------------------------------------
-_VOLUME_RE = re.compile(r"^volume-(?P<key>.+?)\.nii(\.gz)?$")
-
-
-def _pair_volumes(root: Path) -> tuple[list[tuple[Path, Path | None]], list[dict[str, str]]]:
-    """Pair ``volume-XXX.nii[.gz]`` with ``segmentation-XXX.nii[.gz]`` in the same folder
-    (the LiTS naming rule). Other NIfTI files that are not masks are taken as volumes
-    without masks."""
-    pairs: list[tuple[Path, Path | None]] = []
-    skipped: list[dict[str, str]] = []
-    files = sorted(p for p in root.rglob("*") if p.name.endswith(NIFTI_SUFFIXES))
-    masks = {p for p in files if p.name.startswith("segmentation-")}
-    for path in files:
-        if path in masks:
-            continue
-        match = _VOLUME_RE.match(path.name)
-        mask = None
-        if match:
-            for suffix in (".nii.gz", ".nii"):
-                candidate = path.with_name(f"segmentation-{match.group('key')}{suffix}")
-                if candidate in masks:
-                    mask = candidate
-        pairs.append((path, mask))
-    paired = {m for _, m in pairs if m is not None}
-    for orphan in sorted(masks - paired):
-        skipped.append({"file": str(orphan), "reason": "mask without a matching volume-*.nii file"})
-    return pairs, skipped
-
-
-def ingest_nifti_folder(
-    root: str | Path,
-    *,
-    size: int,
-    window: str = "ct-abdomen",
-    label_from_mask: Sequence[int] = (),
-    label_names: Sequence[str] = (),
-    min_voxels: int = 1,
-    keep_slices_with: Sequence[int] = (),
-    holdout_fraction: float = 0.2,
-    seed: int = 0,
-    progress: ProgressFn | None = None,
-) -> tuple[SliceSet, DataCard]:
-    """Slice NIfTI volumes (with LiTS-named masks) into a labelled slice set.
-
-    Each volume is reoriented to RAS (nibabel's closest canonical), cut into axial
-    slices, windowed, resized, and labelled from its mask: a slice is class 1 when at
-    least ``min_voxels`` of its mask voxels carry one of ``label_from_mask``. A volume
-    is a patient; its site is the sub-folder it sits in (if any). Unreadable volumes
-    and masks that do not fit their volume are named in the card and skipped.
-
-    Raises
-    ------
-    IngestError
-        Bad options, or no usable volume.
-    """
-    import nibabel as nib  # imported here: image folders do not need it
-
-    root = Path(root)
-    window_range = parse_window(window)
-    if label_from_mask:
-        names = list(label_names) or ["absent", "present"]
-        if len(names) != 2:
-            raise IngestError("--label-names: give two names, for absent and present, e.g. healthy,tumour")
-    else:
-        names = list(label_names[:1]) or ["slice"]
-    pairs, skipped = _pair_volumes(root)
-    card = DataCard(source=str(root), kind="nifti", files_found=len(pairs), unreadable=skipped)
-    images, labels, patients, sources, sites = [], [], [], [], []
-    needs_mask = bool(label_from_mask or keep_slices_with)
-    for done, (vol_path, mask_path) in enumerate(pairs, start=1):
-        rel = vol_path.relative_to(root)
-        try:
-            if needs_mask and mask_path is None:
-                raise IngestError("no segmentation-*.nii file beside it, and a mask is needed")
-            vol_img = nib.as_closest_canonical(nib.load(vol_path))
-            volume = np.asarray(vol_img.dataobj, dtype=np.float32)
-            if volume.ndim != 3:
-                raise IngestError(f"expected a 3D volume, got shape {volume.shape}")
-            if not np.isfinite(volume).all():
-                raise IngestError("volume contains NaN or infinite values")
-            mask = None
-            if mask_path is not None:
-                mask_img = nib.as_closest_canonical(nib.load(mask_path))
-                mask = np.asarray(mask_img.dataobj).astype(np.int32)
-                if mask.shape != volume.shape or not np.allclose(
-                    mask_img.affine, vol_img.affine, atol=1e-3
-                ):
-                    raise IngestError(
-                        f"mask {mask_path.name} does not match the volume "
-                        f"(shape {mask.shape} vs {volume.shape}, or a different affine)"
-                    )
-        except Exception as err:  # noqa: BLE001 - any unreadable volume is named and skipped
-            reason = str(err).split("\n")[0] or type(err).__name__
-            card.unreadable.append({"file": str(vol_path), "reason": reason})
-            log.warning("%s: skipped (%s)", vol_path, reason)
-            continue
-        card.files_read += 1
-        windowed = window_intensities(volume, window_range)
-        patient = str(rel).removesuffix(".gz").removesuffix(".nii")
-        site = rel.parts[0] if len(rel.parts) > 1 else ""
-        for k in range(volume.shape[2]):
-            if mask is not None and keep_slices_with and not np.isin(mask[:, :, k], keep_slices_with).any():
-                continue
-            label = 0
-            if label_from_mask and mask is not None:
-                label = int(np.isin(mask[:, :, k], label_from_mask).sum() >= min_voxels)
-            images.append(resize_square(axial_display(windowed[:, :, k]), size))
-            labels.append(label)
-            patients.append(patient)
-            sources.append(f"{rel}#z={k}")
-            sites.append(site)
-        if progress:
-            progress(done, len(pairs))
-    if not images:
-        raise IngestError(f"{root}: no usable slices in {len(pairs)} NIfTI volume(s)")
-    labels_arr = np.array(labels, dtype=np.int64)
-    patients_arr = np.array(patients)
-    split = assign_split_by_patient(
-        patients_arr, labels_arr, holdout_fraction=holdout_fraction, seed=seed
-    )
-    window_text = (
-        "per-volume 0.5-99.5 percentile window" if window_range is None
-        else f"window {window} (W{window_range[0]:g}/L{window_range[1]:g})"
-    )
-    card.preprocessing = [
-        "reoriented to RAS (closest canonical); axial slices in radiological display",
-        window_text,
-        f"padded to a centred square, resized to {size}x{size} (Lanczos, anti-aliased)",
-    ]
-    if label_from_mask:
-        card.preprocessing.append(
-            f"label '{names[1]}' when >= {min_voxels} mask voxel(s) carry label(s) "
-            f"{', '.join(map(str, label_from_mask))}, else '{names[0]}'"
-        )
-    if keep_slices_with:
-        card.preprocessing.append(
-            f"kept only slices whose mask contains label(s) {', '.join(map(str, keep_slices_with))}"
-        )
-    card.split_rule = (
-        f"{holdout_fraction:.0%} of patients (volumes) held out, stratified, seed {seed}"
-    )
-    has_sites = any(sites)
-    slices = SliceSet(
-        images=np.stack(images),
-        labels=labels_arr,
-        class_names=tuple(names),
-        patient_ids=patients_arr,
-        split=split,
-        source=np.array(sources),
-        site=np.array(sites) if has_sites else None,
-        meta={
-            "kind": "nifti",
-            "source_root": str(root),
-            "patient_ids_known": True,
-            "preprocessing": card.preprocessing,
-        },
-    )
-    card.fill_from(slices)
-    return slices, card
 
 
 def summarize_unreadable(card: DataCard, limit: int = 10) -> Iterable[str]:
