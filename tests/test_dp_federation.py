@@ -62,6 +62,10 @@ def test_a_hospital_out_of_budget_stops_and_the_run_completes_with_the_others(dp
     rounds = run.read_rounds()
     assert [r["round"] for r in rounds] == [1, 2, 3]
     assert set(rounds[0]["hospitals"]) == {"hospital-a", "hospital-b", "hospital-c"}
+    for metrics in rounds[0]["hospitals"].values():
+        # Nothing computed from real slices leaves a DP hospital un-noised.
+        assert "d-loss" not in metrics and "d-real" not in metrics and "g-loss" in metrics
+        assert metrics["images-seen"] == STEPS * 6  # expected batch x steps, not the sampled count
     for record in rounds[1:]:
         assert set(record["hospitals"]) == {"hospital-a", "hospital-c"}
         assert [d["hospital"] for d in record["declined"]] == ["hospital-b"]
@@ -103,3 +107,28 @@ def test_resumed_run_keeps_counting_from_the_spent_budget(dp_run: tuple[Path, st
     assert a[-1]["epsilon_rdp"] == pytest.approx(_independent_epsilon(a), rel=1e-9)
     b = [row for row in ledger if row["hospital"] == "hospital-b"]
     assert b[-1]["round"] == 4 and not b[-1]["trained"] and b[-1]["steps"] == STEPS
+
+
+def test_client_level_dp_is_accounted_per_round_and_resumes(tmp_path: Path) -> None:
+    data = make_slices(n_patients=18).save(tmp_path / "slices.npz")
+    out = tmp_path / "run"
+    args = ["--set", "federation.client-dp-noise-multiplier=2.0", "--set", "federation.client-dp-clip=0.5"]
+    result = runner.invoke(app, ["simulate", "--data", str(data), "--hospitals", "2", "--rounds", "2",
+                                 "--local-steps", "2", "--out", str(out), "--set", "train.batch-size=8",
+                                 "--set", "model.width=8", *args])
+    assert result.exit_code == 0, result.output
+    assert "client-level DP: ε=" in result.output
+    result = runner.invoke(app, ["simulate", "--out", str(out), "--resume", "--rounds", "3"])
+    assert result.exit_code == 0, result.output
+    ledger = RunDir(out).read_client_privacy()
+    assert [row["round"] for row in ledger] == [1, 2, 3]
+    for k, row in enumerate(ledger, start=1):
+        assert row["privacy_unit"] == "hospital" and row["hospitals"] == 2 and row["releases"] == k
+        assert row["noise_std"] == pytest.approx(2.0 * 0.5 / 2)
+        assert row["epsilon_rdp"] == pytest.approx(epsilon_for([(2.0, 1.0, 1)] * k, 1e-5))
+    # The released generator stays usable: its BatchNorm statistics were recomputed, finite.
+    from fedsynth.shared.checkpoint import load_checkpoint
+
+    tensors, _ = load_checkpoint(RunDir(out).checkpoint(3))
+    running = [v for k, v in tensors.items() if k.endswith("running_var")]
+    assert running and all(bool((v > 0).all()) for v in running)

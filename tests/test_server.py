@@ -86,3 +86,30 @@ def test_check_update_names_the_problem(arrays: dict[str, np.ndarray], num_examp
 
 def test_check_update_accepts_a_good_update() -> None:
     assert check_update(_weights(0.5), SHAPES, 12) is None
+
+
+def test_client_level_dp_clips_each_update_weights_equally_and_noises_the_average() -> None:
+    shapes = {"generator.w": (40, 50), "generator.bn.running_var": (50,)}
+    trainable = {"generator.w"}
+    current = {"generator.w": np.zeros((40, 50), np.float32), "generator.bn.running_var": np.ones(50, np.float32)}
+
+    def run(sigma: float) -> dict[str, np.ndarray]:
+        strategy = GeneratorFedAvg(expected_shapes=shapes, client_dp=(sigma, 1.0, trainable), seed=0)
+        strategy.current = current  # what configure_train keeps (it needs a live Grid)
+        big = {"generator.w": np.full((40, 50), 100.0, np.float32), "generator.bn.running_var": np.full(50, 9.0)}
+        small = {"generator.w": np.full((40, 50), 1e-4, np.float32), "generator.bn.running_var": np.full(50, 5.0)}
+        bad = {**small, "generator.w": np.full((40, 50), np.nan, np.float32)}
+        arrays, _ = strategy.aggregate_train(1, [_reply(1, "hospital-a", big, 10), _reply(2, "hospital-b", small, 90),
+                                                 _reply(3, "hospital-c", bad, 10)])
+        assert arrays is not None and strategy.last_report.client_dp["hospitals"] == 2
+        assert strategy.last_report.client_dp["clipped"] == 1
+        return {k: v.numpy() for k, v in arrays.items()}
+
+    quiet = run(1e-9)
+    # hospital-a's update (norm 100 * sqrt(2000)) is clipped to norm 1; equal weights, not 10:90.
+    clipped_a = 1.0 / np.sqrt(2000)
+    assert np.allclose(quiet["generator.w"], (clipped_a + 1e-4) / 2, rtol=1e-4)
+    # Buffers are not averaged (the server recomputes BatchNorm statistics itself).
+    assert np.array_equal(quiet["generator.bn.running_var"], current["generator.bn.running_var"])
+    noisy = run(1.0)
+    assert np.std(noisy["generator.w"] - quiet["generator.w"]) == pytest.approx(1.0 * 1.0 / 2, rel=0.05)

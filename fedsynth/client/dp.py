@@ -382,7 +382,7 @@ def _train_round_dp(
     disc.train()
     params = [p for p in disc.parameters() if p.requires_grad]
     C, sigma, expected = plan.max_grad_norm, plan.noise_multiplier, plan.expected_batch
-    d_losses, g_losses, d_real, d_fake, seen = [], [], [], [], 0
+    g_losses, d_fake = [], []
     start = time.perf_counter()
     for _ in range(cfg.local_steps):
         # --- fake term: public, ordinary gradient ---
@@ -410,9 +410,6 @@ def _train_round_dp(
             clipped = disc.clipped_sum()
             for n, p in zip(noisy, params, strict=True):
                 n += clipped[p]
-            d_losses.append(per_sample.detach().mean() + loss_fake.detach())
-            d_real.append(out_real.adv.detach().mean())
-            seen += len(idx)
         for p, fg, n in zip(params, fake_grads, noisy, strict=True):
             p.grad = fg + n / expected
         opt_d.step()
@@ -434,9 +431,12 @@ def _train_round_dp(
     def mean(values: list[torch.Tensor]) -> float:
         return float(torch.stack(values).mean().cpu()) if values else math.nan
 
+    # Anything computed from the real slices (their loss, D's output on them, how many
+    # were sampled) would leave the hospital without noise: withheld (NaN = not
+    # reported). The generator loss and D(fake) only read public noise and DP weights.
     stats = RoundStats(
-        steps=cfg.local_steps, num_examples=len(images), images_seen=seen,
-        d_loss=mean(d_losses), g_loss=mean(g_losses), d_real=mean(d_real), d_fake=mean(d_fake),
+        steps=cfg.local_steps, num_examples=len(images), images_seen=cfg.local_steps * expected,
+        d_loss=math.nan, g_loss=mean(g_losses), d_real=math.nan, d_fake=mean(d_fake),
         seconds=seconds, images_per_second=cfg.local_steps * expected / seconds if seconds > 0 else math.nan,
     )
     if not np.isfinite([stats.g_loss]).all():

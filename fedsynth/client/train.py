@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -34,8 +36,11 @@ class RoundStats:
     images_per_second: float
 
     def as_metrics(self) -> dict[str, float | int]:
-        """Kebab-case metric names, with ``num-examples`` for weighted averaging."""
-        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+        """Kebab-case metric names, with ``num-examples`` for weighted averaging. A NaN
+        value means "not reported" (DP rounds withhold what real images would reveal) and
+        is left out."""
+        return {k.replace("_", "-"): v for k, v in asdict(self).items()
+                if not (isinstance(v, float) and math.isnan(v))}
 
 
 class BatchSource:

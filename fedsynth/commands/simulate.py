@@ -102,7 +102,8 @@ def _round_line(record: dict, total: int, privacy: list[dict] | None = None) -> 
 
     parts = []
     for name, m in sorted(record.get("hospitals", {}).items()):
-        parts.append(f"{name} d={m.get('d-loss', float('nan')):.2f} g={m.get('g-loss', float('nan')):.2f} "
+        d = f"d={m['d-loss']:.2f} " if "d-loss" in m else ""  # withheld under DP
+        parts.append(f"{name} {d}g={m.get('g-loss', float('nan')):.2f} "
                      f"{m.get('images-per-second', 0):.0f} img/s{eps(name)}")
     for failure in record.get("failures", []):
         parts.append(f"[red]node {failure['node']} failed: {failure['reason']}[/]")
@@ -132,7 +133,13 @@ def run_with_progress(cfg: RunConfig, run: RunDir) -> bool:
                 if record["round"] not in seen:
                     seen.add(record["round"])
                     spent = [p for p in run.read_privacy() if p["round"] == record["round"]]
-                    progress.console.print(_round_line(record, total, spent), highlight=False)
+                    line = _round_line(record, total, spent)
+                    client = [c for c in run.read_client_privacy() if c["round"] == record["round"]]
+                    if client:
+                        c = client[-1]
+                        line += (f"  [dim]client-level DP: ε={c['epsilon_rdp']:.2f} per hospital (δ={c['delta']:.0e}), "
+                                 f"{c['clipped']} of {c['hospitals']} updates clipped[/]")
+                    progress.console.print(line, highlight=False)
             done = len(seen)
             label = "training" if run.status().get("state") == "running" else "starting Flower's simulation engine"
             progress.update(task, completed=done, description=f"{label}: round {min(done + 1, total)}/{total}")
@@ -164,4 +171,6 @@ def run_with_progress(cfg: RunConfig, run: RunDir) -> bool:
     console.print(f"  metrics       {run.rounds_path}, {run.curves_path}")
     if run.privacy_path.is_file():
         console.print(f"  privacy       {run.privacy_path}  (epsilon per hospital per round)")
+    if run.client_privacy_path.is_file():
+        console.print(f"  client DP     {run.client_privacy_path}  (client-level epsilon per round)")
     return True

@@ -116,6 +116,52 @@ def record_privacy(run: RunDir, round_: int, report: Any) -> None:
         })
 
 
+def recompute_batchnorm(gen: nn.Module, num_classes: int, *, seed: int, batches: int = 8, batch: int = 64) -> None:
+    """Recompute the generator's BatchNorm statistics from its own output on fresh noise
+    (a cumulative average over ``batches`` batches). Used under client-level DP, where
+    the hospitals' statistics are not averaged: this reads no hospital data."""
+    norms = [m for m in gen.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    rng = torch.Generator().manual_seed(seed)
+    was_training = gen.training
+    gen.train()
+    with torch.no_grad():
+        for _ in range(batches):
+            z = torch.randn(batch, gen.latent_dim, generator=rng)
+            gen(z, torch.randint(num_classes, (batch,), generator=rng))
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    gen.train(was_training)
+
+
+def record_client_privacy(run: RunDir, cfg: RunConfig, round_: int, report: Any) -> None:
+    """Append the round's client-level DP release to ``client_privacy.jsonl`` with the
+    epsilon spent so far (per hospital: whether a hospital took part at all).
+
+    Every round is one Gaussian mechanism with noise multiplier sigma on the clipped sum,
+    without sampling amplification (all hospitals are asked each round), accounted by
+    Opacus's RDP accountant over the rounds released so far, resumed runs included.
+    """
+    from ..client.dp import epsilon_for
+
+    fed = cfg.federation
+    released = [r for r in run.read_client_privacy() if r["round"] < round_]
+    history = [(r["noise_multiplier"], 1.0, 1) for r in released] + [(fed.client_dp_noise_multiplier, 1.0, 1)]
+    run.append_client_privacy({
+        "round": round_,
+        "privacy_unit": "hospital",
+        **report.client_dp,
+        "releases": len(history),
+        "delta": fed.client_dp_delta,
+        "epsilon_rdp": epsilon_for(history, fed.client_dp_delta),
+    })
+
+
 def plot_curves(run: RunDir) -> None:
     """``curves.png``: discriminator and generator loss per hospital over rounds."""
     import matplotlib

@@ -11,8 +11,15 @@ from flwr.serverapp import Grid, ServerApp
 from ..shared.config import RunConfig
 from ..shared.records import pack_model, unpack_model
 from ..shared.rundir import RunDir
-from ..shared.weights import load_weights
-from .bookkeeping import build_global_models, record_privacy, record_round, restore_round
+from ..shared.weights import DISCRIMINATOR, GENERATOR, load_weights
+from .bookkeeping import (
+    build_global_models,
+    recompute_batchnorm,
+    record_client_privacy,
+    record_privacy,
+    record_round,
+    restore_round,
+)
 from .strategy import GeneratorFedAvg, RoundReport
 
 __all__ = ["RoundFailed", "app", "federate"]
@@ -73,8 +80,16 @@ def _federate(grid: Grid, cfg: RunConfig, run: RunDir) -> str | None:
         record_round(run, cfg, 0, gen, disc, report={}, seconds=0.0)
         start = 1
     arrays = pack_model(gen, disc)
+    client_dp = None
+    if cfg.federation.client_dp_noise_multiplier > 0:
+        trainable = {f"{GENERATOR}.{k}" for k, _ in gen.named_parameters()}
+        if disc is not None:
+            trainable |= {f"{DISCRIMINATOR}.{k}" for k, _ in disc.named_parameters()}
+        client_dp = (cfg.federation.client_dp_noise_multiplier, cfg.federation.client_dp_clip, trainable)
     strategy = GeneratorFedAvg(
         expected_shapes={k: tuple(v.shape) for k, v in arrays.items()},
+        client_dp=client_dp,
+        seed=cfg.train.seed + 1000 * start,
         fraction_train=cfg.federation.fraction_train,
         fraction_evaluate=0.0,
         min_train_nodes=cfg.federation.min_hospitals,
@@ -98,6 +113,10 @@ def _federate(grid: Grid, cfg: RunConfig, run: RunDir) -> str | None:
         load_weights(gen, gen_state)
         if disc is not None:
             load_weights(disc, disc_state)
+        if client_dp is not None:
+            recompute_batchnorm(gen, len(cfg.data.classes), seed=cfg.train.seed + round_)
+            arrays = pack_model(gen, disc)
+            record_client_privacy(run, cfg, round_, report)
         record_round(
             run, cfg, round_, gen, disc,
             report={"hospitals": report.hospitals, "failures": report.failures, "rejected": report.rejected,

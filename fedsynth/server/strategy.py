@@ -7,7 +7,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from ..shared.records import ARRAYS, HOSPITAL, METRICS, arrays_to_numpy
@@ -29,6 +31,8 @@ class RoundReport:
     declined: list[dict[str, Any]] = field(default_factory=list)
     # Per hospital, what it reports having spent (DP runs): dp-* metrics and the unit.
     privacy: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Client-level DP on the server: hospitals averaged, how many were clipped, noise std.
+    client_dp: dict[str, Any] = field(default_factory=dict)
 
 
 class GeneratorFedAvg(FedAvg):
@@ -40,10 +44,27 @@ class GeneratorFedAvg(FedAvg):
     kept in ``last_report`` with the hospital's name and the reason.
     """
 
-    def __init__(self, *, expected_shapes: dict[str, tuple[int, ...]], **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        expected_shapes: dict[str, tuple[int, ...]],
+        client_dp: tuple[float, float, set[str]] | None = None,
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        """``client_dp``: (noise multiplier, clip, names of the trainable tensors), or None."""
         super().__init__(arrayrecord_key=ARRAYS, **kwargs)
         self.expected_shapes = expected_shapes
+        self.client_dp = client_dp
+        self.rng = np.random.default_rng(seed)
+        self.current: dict[str, np.ndarray] = {}
         self.last_report = RoundReport(round=0)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.current = arrays_to_numpy(arrays)
+        return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -80,7 +101,43 @@ class GeneratorFedAvg(FedAvg):
         self.last_report = report
         if not accepted:
             return None, None
+        if self.client_dp is not None:
+            return self._aggregate_client_dp(accepted, report), None
         return super().aggregate_train(server_round, accepted)
+
+    def _aggregate_client_dp(self, accepted: list[Message], report: RoundReport) -> ArrayRecord:
+        """DP-FedAvg (McMahan et al. 2018): each hospital's update of the trainable tensors
+        is clipped to L2 norm C, the clipped updates are averaged with equal weights (so
+        one hospital moves the sum by at most C), and Gaussian noise of std sigma*C / n is
+        added to the average. Buffers (BatchNorm statistics) are not averaged: the server
+        recomputes them from the noised generator (post-processing).
+
+        Not Flower's DifferentialPrivacyServerSideFixedClipping: that wrapper clips and
+        noises every array, BatchNorm buffers and integer counters included, and assumes
+        the wrapped FedAvg weights hospitals equally, while this one weights by examples.
+        """
+        sigma, clip, trainable = self.client_dp  # type: ignore[misc]
+        total = {k: np.zeros_like(self.current[k], dtype=np.float64) for k in trainable}
+        clipped = 0
+        for msg in accepted:
+            update = arrays_to_numpy(msg.content[ARRAYS])
+            delta = {k: update[k].astype(np.float64) - self.current[k] for k in trainable}
+            norm = float(np.sqrt(sum(float(np.sum(d * d)) for d in delta.values())))
+            scale = min(1.0, clip / (norm + 1e-12))
+            clipped += scale < 1.0
+            for k in trainable:
+                total[k] += delta[k] * scale
+        n = len(accepted)
+        std = sigma * clip / n
+        out = {}
+        for k, value in self.current.items():
+            if k in trainable:
+                noise = self.rng.normal(0.0, std, size=value.shape)
+                value = (value + total[k] / n + noise).astype(value.dtype)
+            out[k] = value
+        report.client_dp = {"hospitals": n, "clipped": int(clipped), "noise_std": std,
+                            "noise_multiplier": sigma, "clip": clip}
+        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in out.items()})
 
 
 def _first_line(text: str | None) -> str:

@@ -106,6 +106,13 @@ class FederationConfig(_Section):
         description="also average discriminators (by default each stays at its hospital)",
     )
     round_timeout: float = Field(3600.0, gt=0, description="seconds to wait for replies")
+    client_dp_noise_multiplier: float = Field(
+        0.0, ge=0,
+        description="client-level DP on the server (0: off): each hospital's update is clipped to "
+                    "client-dp-clip and the average noised; protects which hospitals took part, not patients",
+    )
+    client_dp_clip: float = Field(1.0, gt=0, description="client-level DP: L2 clip of one hospital's model update")
+    client_dp_delta: float = Field(1e-5, gt=0, lt=1, description="client-level DP: delta of the reported epsilon")
 
 
 class DPConfig(_Section):

@@ -128,6 +128,17 @@ class RunDir:
         """The privacy ledger: one line per hospital per round (append-only)."""
         return self.root / "privacy.jsonl"
 
+    @property
+    def client_privacy_path(self) -> Path:
+        """Client-level DP ledger: one line per released round (append-only)."""
+        return self.root / "client_privacy.jsonl"
+
+    def append_client_privacy(self, record: dict[str, Any]) -> None:
+        _append_line(self.client_privacy_path, record)
+
+    def read_client_privacy(self) -> list[dict[str, Any]]:
+        return _read_lines(self.client_privacy_path)
+
     def append_round(self, record: dict[str, Any]) -> None:
         """Append one round's record as a JSON line, flushed to disk."""
         _append_line(self.rounds_path, record)
