@@ -69,14 +69,15 @@ def test_batchnorm_discriminator_is_refused_before_training() -> None:
     check_dp_discriminator(good)
 
 
-def _one_dp_step(sample_rate: float, clip: float) -> dict[str, torch.Tensor]:
-    """The discriminator's weight change after one DP step, with SGD(lr=1) and no noise."""
+def _one_dp_step(sample_rate: float, clip: float, sigma: float = 1e-12) -> dict[str, torch.Tensor]:
+    """The discriminator's weight change after one DP step, with SGD(lr=1) and (by
+    default) no noise. The public noise is seeded the same way every call."""
     slices = make_slices(n_patients=16).only("train")
     cfg = RunConfig.from_overrides({"data.image-size": 32, "train.local-steps": 1, "train.batch-size": 8})
     torch.manual_seed(0)
     gen, disc = build_gan(cfg.model, image_size=32, num_classes=2)
     before = copy.deepcopy(disc.state_dict())
-    plan = plan_privacy(DPConfig(noise_multiplier=1e-12, max_grad_norm=clip), units=12, unit="patient",
+    plan = plan_privacy(DPConfig(noise_multiplier=sigma, max_grad_norm=clip), units=12, unit="patient",
                         batch_size=8, planned_steps=1)
     plan = plan.__class__(**{**plan.__dict__, "sample_rate": sample_rate})
     rng = torch.Generator().manual_seed(1)
@@ -159,3 +160,34 @@ def test_clipped_sum_equals_opacus_per_sample_clipping(conditioning: str) -> Non
     got = clipper.clipped_sum()
     for want, p in zip(expected, twin.parameters(), strict=True):
         assert torch.allclose(got[p], want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+
+
+def test_noise_has_std_sigma_c_over_the_expected_batch_and_is_not_reproducible() -> None:
+    """Two runs of the same step with the same seeds: the public part is identical, the DP
+    noise differs (it comes from the OS, not the run seed) with std sigma*C/B each."""
+    first = _one_dp_step(sample_rate=0.0, clip=0.5, sigma=2.0)
+    second = _one_dp_step(sample_rate=0.0, clip=0.5, sigma=2.0)
+    diff = torch.cat([(first[k] - second[k]).flatten() for k in first])
+    assert diff.abs().max() > 0, "the DP noise must not repeat when a round is re-run"
+    expected_std = 2**0.5 * 2.0 * 0.5 / 8  # two independent draws; expected batch 8
+    assert float(diff.std()) == pytest.approx(expected_std, rel=0.05)
+
+
+def test_a_new_run_on_the_same_data_spends_from_the_same_budget(tmp_path: Path) -> None:
+    """Deployment keeps one ledger per data set: run 2 plans sigma for what run 1 left."""
+    data = make_slices(n_patients=40).save(tmp_path / "h.npz")
+    cfg = RunConfig.from_overrides({"data.image-size": 32, "train.local-steps": 3, "train.batch-size": 4,
+                                    "model.width": 8, "federation.rounds": 2, "dp.target-epsilon": 4.0})
+    gen, _ = build_gan(cfg.model, image_size=32, num_classes=2)
+    ledger = tmp_path / "privacy" / "data.json"
+    run1 = HospitalSite("hospital-a", data, tmp_path / "run1", privacy_path=ledger)
+    first = run_local_round(run1, cfg, server_round=1, global_generator=exchanged_state(gen)).privacy
+    run2 = HospitalSite("hospital-a", data, tmp_path / "run2", privacy_path=ledger)
+    reports = [run_local_round(run2, cfg, server_round=r, global_generator=exchanged_state(gen)) for r in (1, 2)]
+    assert all(r.declined is None for r in reports)
+    last = reports[-1].privacy
+    assert last["dp-noise-multiplier"] > first["dp-noise-multiplier"], "less budget left: more noise"
+    assert last["dp-steps"] == 9 and first["dp-epsilon"] < last["dp-epsilon"] <= 4.0
+    state = PrivacyState.load(ledger)
+    assert set(state.plans) == {"run1", "run2"}
+    assert last["dp-epsilon"] == pytest.approx(state.epsilon())

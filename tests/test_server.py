@@ -94,7 +94,7 @@ def test_client_level_dp_clips_each_update_weights_equally_and_noises_the_averag
     current = {"generator.w": np.zeros((40, 50), np.float32), "generator.bn.running_var": np.ones(50, np.float32)}
 
     def run(sigma: float) -> dict[str, np.ndarray]:
-        strategy = GeneratorFedAvg(expected_shapes=shapes, client_dp=(sigma, 1.0, trainable), seed=0)
+        strategy = GeneratorFedAvg(expected_shapes=shapes, client_dp=(sigma, 1.0, trainable))
         strategy.current = current  # what configure_train keeps (it needs a live Grid)
         big = {"generator.w": np.full((40, 50), 100.0, np.float32), "generator.bn.running_var": np.full(50, 9.0)}
         small = {"generator.w": np.full((40, 50), 1e-4, np.float32), "generator.bn.running_var": np.full(50, 5.0)}

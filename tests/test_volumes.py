@@ -269,3 +269,19 @@ def test_broken_dicom_is_named_and_the_other_series_are_kept(tmp_path: Path) -> 
     reasons = " | ".join(f"{u['file']}: {u['reason']}" for u in card.unreadable)
     assert str(nopix[1]) in reasons and "no pixel data" in reasons
     assert str(odd[0]) in reasons and "transfer syntax" in reasons
+
+
+def test_nnunet_layout_channels_are_one_patient_and_label_folders_are_masks(tmp_path: Path) -> None:
+    vol = _asymmetric()
+    mask = (vol > 300).astype(np.uint8)
+    for case in ("case_001", "case_002"):
+        for channel in ("0000", "0001"):
+            nib.save(nib.Nifti1Image(vol, np.eye(4)), _mk(tmp_path / "ds" / "imagesTr") / f"{case}_{channel}.nii.gz")
+        nib.save(nib.Nifti1Image(mask, np.eye(4)), _mk(tmp_path / "ds" / "labelsTr") / f"{case}.nii.gz")
+    slices, card = ingest_volumes(tmp_path / "ds", size=16, classes=parse_mask_classes("1"), holdout_fraction=0.5)
+    assert card.files_read == 4 and not card.unreadable  # label maps were not taken as scans
+    assert sorted(set(slices.patient_ids)) == ["imagesTr/case_001", "imagesTr/case_002"]
+    assert slices.labels.tolist() == [int(mask[:, :, z].any()) for z in range(vol.shape[2])] * 4
+    # Both channels of a case are on the same side of the split.
+    for patient in set(slices.patient_ids):
+        assert len(set(slices.split[slices.patient_ids == patient])) == 1

@@ -11,6 +11,7 @@ import yaml
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from ..shared.checkpoint import file_sha256
 from ..shared.config import RunConfig
 from ..shared.rundir import HOSPITALS_MANIFEST
 from ..shared.records import ARRAYS, CONFIG, HOSPITAL, METRICS, record_to_tensors, tensors_to_record
@@ -47,7 +48,11 @@ def site_from_context(context: Context, cfg: RunConfig) -> HospitalSite:
         state_root = Path(str(node.get(STATE_DIR, data_path.parent / "fedsynth-state")))
         name = str(node.get(HOSPITAL_NAME, data_path.stem))
         overrides = {k: v for k, v in node.items() if k.startswith("dp.")}
-        return HospitalSite(name=name, data_path=data_path, state_dir=state_root / run_name, overrides=overrides)
+        # The privacy ledger belongs to the data, not to the run: every run on this slice
+        # set spends from the same budget.
+        ledger = state_root / "privacy" / f"{file_sha256(data_path)[:16]}.json" if data_path.is_file() else None
+        return HospitalSite(name=name, data_path=data_path, state_dir=state_root / run_name, overrides=overrides,
+                            privacy_path=ledger)
     if PARTITION_ID in node and cfg.simulation.hospitals_dir:
         folder = Path(cfg.simulation.hospitals_dir)
         names = json.loads((folder / HOSPITALS_MANIFEST).read_text())["hospitals"]

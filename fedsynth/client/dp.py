@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import tempfile
 import time
 import warnings
@@ -64,6 +65,7 @@ __all__ = [
     "default_delta",
     "epsilon_for",
     "plan_privacy",
+    "secure_generator",
     "train_round_dp",
 ]
 
@@ -163,6 +165,8 @@ class PrivacyState:
     delta: float = 0.0
     unit: str = "slice"
     units: int = 0
+    # Per run (its state folder's name): the [sigma, q] it was planned with.
+    plans: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def steps(self) -> int:
@@ -185,7 +189,7 @@ class PrivacyState:
             return cls()
         raw = json.loads(path.read_text())
         return cls(history=[tuple(h) for h in raw["history"]], delta=raw["delta"], unit=raw["unit"],
-                   units=raw["units"])
+                   units=raw["units"], plans=raw.get("plans", {}))
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -237,6 +241,13 @@ class PatientSampler:
         starts, counts = self.starts[chosen], self.counts[chosen]
         offset = (torch.rand(len(starts), generator=self.generator) * counts).long().clamp_max(counts - 1)
         return self.order[starts + offset]
+
+
+def secure_generator() -> torch.Generator:
+    """A torch generator seeded from the operating system's entropy, never stored: for
+    the DP noise and the Poisson sampling, which a seed derived from the run config
+    would let the server (or anyone with the config) reproduce and subtract."""
+    return torch.Generator().manual_seed(secrets.randbits(63))
 
 
 def _conv_norm_sample(layer: nn.Conv2d, activations: torch.Tensor, backprops: torch.Tensor) -> dict:
@@ -348,8 +359,15 @@ def train_round_dp(
     *,
     num_classes: int,
     generator: torch.Generator,
+    noise_generator: torch.Generator | None = None,
 ) -> RoundStats:
     """``cfg.local_steps`` GAN steps with DP-SGD on the discriminator's real term.
+
+    ``generator`` draws the public noise (latent codes, fake labels) and may be seeded
+    for reproducibility. The DP noise comes from ``noise_generator``, which must not be
+    predictable by anyone who sees the run config; by default a fresh one seeded from
+    the operating system. (The sampler's generator must be unpredictable too:
+    ``secure_generator()``.)
 
     Each discriminator step: the fake term's ordinary gradient (hooks off), plus the sum
     of the sampled real slices' per-sample gradients, each clipped to C, plus Gaussian
@@ -360,7 +378,8 @@ def train_round_dp(
         # Opacus's backward hooks fire on a loss whose inputs need no gradient: expected here.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         return _train_round_dp(gen, disc, opt_g, opt_d, images, labels, sampler, plan, cfg,
-                               num_classes=num_classes, generator=generator)
+                               num_classes=num_classes, generator=generator,
+                               noise_generator=noise_generator or secure_generator())
 
 
 def _train_round_dp(
@@ -376,6 +395,7 @@ def _train_round_dp(
     *,
     num_classes: int,
     generator: torch.Generator,
+    noise_generator: torch.Generator,
 ) -> RoundStats:
     device = images.device
     gen.train()
@@ -401,7 +421,7 @@ def _train_round_dp(
             p.grad = None
         # --- real term: per-sample clip, sum, noise ---
         idx = sampler.sample().to(device)
-        noisy = [torch.normal(0.0, sigma * C, size=p.shape, generator=generator).to(device) for p in params]
+        noisy = [torch.normal(0.0, sigma * C, size=p.shape, generator=noise_generator).to(device) for p in params]
         if len(idx):
             real, real_labels = images[idx].requires_grad_(True), labels[idx]
             out_real = disc(real, real_labels)
@@ -435,7 +455,7 @@ def _train_round_dp(
     # were sampled) would leave the hospital without noise: withheld (NaN = not
     # reported). The generator loss and D(fake) only read public noise and DP weights.
     stats = RoundStats(
-        steps=cfg.local_steps, num_examples=len(images), images_seen=cfg.local_steps * expected,
+        steps=cfg.local_steps, num_examples=len(images), images_seen=cfg.local_steps * cfg.batch_size,  # nominal
         d_loss=math.nan, g_loss=mean(g_losses), d_real=math.nan, d_fake=mean(d_fake),
         seconds=seconds, images_per_second=cfg.local_steps * expected / seconds if seconds > 0 else math.nan,
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,15 @@ from ..shared.device import pick_device
 from ..shared.models import build_gan
 from ..shared.sliceset import TRAIN, SliceSet, SliceSetError
 from ..shared.weights import exchanged_state, load_weights
-from .dp import PatientSampler, PerSampleClipper, PrivacyState, check_dp_discriminator, plan_privacy, train_round_dp
+from .dp import (
+    PatientSampler,
+    PerSampleClipper,
+    PrivacyState,
+    check_dp_discriminator,
+    plan_privacy,
+    secure_generator,
+    train_round_dp,
+)
 from .train import BatchSource, RoundStats, make_optimizers, train_round
 
 __all__ = ["HospitalSite", "LocalRoundResult", "derive_seed", "run_local_round"]
@@ -35,6 +43,14 @@ class HospitalSite:
     state_dir: Path
     # This hospital's own settings (``dp.*`` keys), over the run config's.
     overrides: dict[str, Any] = field(default_factory=dict)
+    # The privacy ledger of this hospital's data set. In a deployment it lives outside
+    # any one run (keyed by the data file's hash), so a new run cannot spend the same
+    # patients' budget afresh; by default it is the run's own state folder.
+    privacy_path: Path | None = None
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.privacy_path or self.state_dir / "privacy.json"
 
     def config(self, cfg: RunConfig) -> RunConfig:
         """The run config with this hospital's own ``dp.*`` settings applied.
@@ -103,7 +119,6 @@ class _LocalState:
         self.disc_path = folder / "discriminator.safetensors"
         self.optim_path = folder / "optimizers.pt"
         self.info_path = folder / "local.json"
-        self.privacy_path = folder / "privacy.json"
 
     def exists(self) -> bool:
         return self.disc_path.is_file()
@@ -165,8 +180,8 @@ def run_local_round(
     privacy = plan = None
     if cfg.dp.enabled:
         check_dp_discriminator(disc)
-        privacy = PrivacyState.load(state.privacy_path)
-        plan = _privacy_plan(cfg, train, privacy)
+        privacy = PrivacyState.load(site.ledger_path)
+        plan = _privacy_plan(cfg, train, privacy, run_key=site.state_dir.name)
         step = (plan.noise_multiplier, plan.sample_rate, cfg.train.local_steps)
         if plan.target_epsilon > 0:
             after = privacy.epsilon(extra=step)
@@ -177,7 +192,7 @@ def run_local_round(
                 return LocalRoundResult(None, None, None, privacy=_privacy_report(privacy, plan), declined=reason)
         # Charge the round before training: a crash part-way must not under-report.
         privacy.add(*step)
-        privacy.save(state.privacy_path)
+        privacy.save(site.ledger_path)
     load_weights(gen, global_generator)
     gen.to(device)
     disc.to(device)
@@ -191,10 +206,13 @@ def run_local_round(
     images = torch.from_numpy(train.as_float()).to(device)
     labels = torch.from_numpy(train.labels).to(device)
     if plan is not None:
-        sampler = PatientSampler(_unit_ids(train), plan.sample_rate, rng)
+        # Which patients are sampled and the noise must be unpredictable: not from the
+        # run seed (the server knows it), and different if a round is re-run.
+        secure = secure_generator()
+        sampler = PatientSampler(_unit_ids(train), plan.sample_rate, secure)
         private = PerSampleClipper(disc, max_grad_norm=plan.max_grad_norm)
         stats = train_round_dp(gen, private, opt_g, opt_d, images, labels, sampler, plan, cfg.train,
-                               num_classes=len(train.class_names), generator=rng)
+                               num_classes=len(train.class_names), generator=rng, noise_generator=secure)
     else:
         batches = BatchSource(images, labels, batch_size=cfg.train.batch_size, generator=rng)
         stats = train_round(gen, disc, opt_g, opt_d, batches, cfg.train, generator=rng)
@@ -217,20 +235,46 @@ def _unit_ids(train: SliceSet) -> np.ndarray:
     return np.arange(len(train)).astype(str)
 
 
-def _privacy_plan(cfg: RunConfig, train: SliceSet, privacy: PrivacyState):  # type: ignore[no-untyped-def]
-    """The hospital's DP plan: sigma chosen once (first round) for the planned rounds and
-    kept, so extending a run later cannot quietly lower the noise."""
+def _privacy_plan(cfg: RunConfig, train: SliceSet, privacy: PrivacyState, run_key: str):  # type: ignore[no-untyped-def]
+    """The hospital's DP plan for this run: sigma chosen once, at the run's first round,
+    and kept, so extending a run later cannot quietly lower the noise. With a target and
+    spending from earlier runs on the same data, sigma is chosen so that the earlier
+    spending plus this run's planned steps stay within the target."""
     units = len(np.unique(_unit_ids(train)))
+    planned = cfg.federation.rounds * cfg.train.local_steps
     plan = plan_privacy(cfg.dp, units=units, unit=train.privacy_unit, batch_size=cfg.train.batch_size,
-                        planned_steps=cfg.federation.rounds * cfg.train.local_steps)
-    if privacy.history:
-        sigma, q, _ = privacy.history[0]
-        from dataclasses import replace
-
-        plan = replace(plan, noise_multiplier=sigma, sample_rate=q, delta=privacy.delta)
-    else:
+                        planned_steps=planned) if not (privacy.history and cfg.dp.target_epsilon > 0) else None
+    if run_key in privacy.plans or (privacy.history and not privacy.plans):  # the latter: a ledger from 0.1.0
+        sigma, q = privacy.plans.get(run_key) or privacy.history[0][:2]
+        base = plan or plan_privacy(cfg.dp.model_copy(update={"noise_multiplier": sigma}), units=units,
+                                    unit=train.privacy_unit, batch_size=cfg.train.batch_size, planned_steps=planned)
+        return replace(base, noise_multiplier=sigma, sample_rate=q, delta=privacy.delta)
+    if plan is None:  # a target, and spending from earlier runs: plan for what is left
+        plan = plan_privacy(cfg.dp.model_copy(update={"noise_multiplier": 1.0}), units=units,
+                            unit=train.privacy_unit, batch_size=cfg.train.batch_size, planned_steps=planned)
+        plan = replace(plan, delta=privacy.delta, target_epsilon=cfg.dp.target_epsilon,
+                       noise_multiplier=sigma_for_remaining(privacy, plan.sample_rate, planned, cfg.dp.target_epsilon))
+    if not privacy.history:
         privacy.delta, privacy.unit, privacy.units = plan.delta, plan.unit, plan.units
+    privacy.plans[run_key] = [plan.noise_multiplier, plan.sample_rate]
     return plan
+
+
+def sigma_for_remaining(privacy: PrivacyState, q: float, steps: int, target: float) -> float:
+    """The smallest sigma (to 1%) whose ``steps`` more steps keep the ledger's epsilon
+    within ``target``; 1000 if none does (the hospital will then decline)."""
+    def fits(sigma: float) -> bool:
+        return privacy.epsilon(extra=(sigma, q, steps)) <= target
+
+    low, high = 0.3, 1000.0
+    if not fits(high):
+        return high
+    if fits(low):
+        return low
+    while high / low > 1.01:
+        mid = (low * high) ** 0.5
+        low, high = (low, mid) if fits(mid) else (mid, high)
+    return high
 
 
 def _privacy_report(privacy: PrivacyState, plan) -> dict[str, Any]:  # type: ignore[no-untyped-def]

@@ -94,6 +94,8 @@ def sample(
     elif output_format == "nifti":
         from ..shared.export import write_nifti_stack
 
+        if (out / "synthetic.nii.gz").exists():
+            raise CommandError(f"{out / 'synthetic.nii.gz'} already exists; choose another --out (nothing is overwritten)")
         path = write_nifti_stack(images, out / "synthetic.nii.gz",
                                  description=f"fedsynth round {used_round} seed {seed}")
         provenance["slice_labels"] = names

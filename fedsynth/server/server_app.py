@@ -89,7 +89,6 @@ def _federate(grid: Grid, cfg: RunConfig, run: RunDir) -> str | None:
     strategy = GeneratorFedAvg(
         expected_shapes={k: tuple(v.shape) for k, v in arrays.items()},
         client_dp=client_dp,
-        seed=cfg.train.seed + 1000 * start,
         fraction_train=cfg.federation.fraction_train,
         fraction_evaluate=0.0,
         min_train_nodes=cfg.federation.min_hospitals,

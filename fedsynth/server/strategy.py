@@ -49,14 +49,15 @@ class GeneratorFedAvg(FedAvg):
         *,
         expected_shapes: dict[str, tuple[int, ...]],
         client_dp: tuple[float, float, set[str]] | None = None,
-        seed: int = 0,
         **kwargs: Any,
     ) -> None:
         """``client_dp``: (noise multiplier, clip, names of the trainable tensors), or None."""
         super().__init__(arrayrecord_key=ARRAYS, **kwargs)
         self.expected_shapes = expected_shapes
         self.client_dp = client_dp
-        self.rng = np.random.default_rng(seed)
+        # Client-level DP noise from the operating system's entropy: a seed from the run
+        # config would let every hospital (they all have it) subtract the noise.
+        self.rng = np.random.default_rng()
         self.current: dict[str, np.ndarray] = {}
         self.last_report = RoundReport(round=0)
 

@@ -63,7 +63,7 @@ class DicomSeries:
     files : the image files, in path order (slices are ordered by position when loaded).
     modality : e.g. ``CT`` or ``MR``.
     description : SeriesDescription (may be empty).
-    patient_key : a hash of PatientID and StudyInstanceUID, usable as a privacy unit id;
+    patient_key : a hash of PatientID (else of StudyInstanceUID), usable as a privacy unit id;
         the raw PatientID is never kept. When both are empty it is a hash of ``uid`` and
         ``patient_known`` is False (each such series is then its own unit).
     patient_known : whether ``patient_key`` came from PatientID / StudyInstanceUID.
@@ -185,7 +185,10 @@ def find_dicom_series(root: Path) -> tuple[list[DicomSeries], list[dict[str, str
                 files=[p for p, _ in entries],
                 modality=str(first.get("Modality", "") or ""),
                 description=str(first.get("SeriesDescription", "") or ""),
-                patient_key="dcm-" + (_hash(patient, study) if known else _hash(uid)),
+                # One patient is one privacy unit across studies: key on PatientID when
+                # there is one (follow-up studies of a patient stay together), else on
+                # the study.
+                patient_key="dcm-" + (_hash(patient) if patient else _hash("study", study) if study else _hash(uid)),
                 patient_known=known,
                 rows=int(first.Rows),
                 columns=int(first.Columns),

@@ -17,8 +17,16 @@ Mask pairing (first rule that matches):
   from F, next to F (``segmentation-F.nii.gz``, ``F_seg.nii.gz``, ...).
 * For a DICOM series, a DICOM SEG in the folder that references it.
 
+* nnU-Net / Decathlon layout: ``labelsTr/case.nii.gz`` for ``imagesTr/case_0000.nii.gz``.
+
 ``--pair VOLUME=MASK`` names a pair outright, before any rule. A NIfTI file whose name
-has a seg/mask/label word in it is taken as a mask, never as an image.
+has a seg/mask/label word in it, or that sits under a ``labels*`` / ``segmentations`` /
+``masks`` folder, is taken as a mask, never as an image.
+
+A NIfTI file is one patient, except that the channels of one nnU-Net case
+(``case_0000``, ``case_0001``) are one patient; a DICOM series belongs to the patient in
+its PatientID (hashed). Follow-up scans of one patient in differently named NIfTI files
+count as different patients: name or group them so they do not.
 
 Files named like masks that pair with no volume are reported, never taken as images.
 """
@@ -160,6 +168,24 @@ def _looks_like_mask(stem: str) -> bool:
     return stem.startswith("segmentation-") or bool(_MASK_TOKENS & set(re.split(r"[-_.\s]+", stem.lower())))
 
 
+_MASK_FOLDERS = {"labels", "labelstr", "labelsts", "label", "segmentations", "segmentation", "segs", "seg",
+                 "masks", "mask", "labelmaps"}
+_CHANNEL = re.compile(r"_\d{4}$")  # nnU-Net channel suffix: case_001_0000 is channel 0 of case_001
+
+
+def _in_mask_folder(rel: Path) -> bool:
+    """A file under a folder named labels*/segmentations/masks/... is a mask."""
+    return any(part.lower() in _MASK_FOLDERS or part.lower().startswith("labels") for part in rel.parts[:-1])
+
+
+def _sibling_mask_folders(folder: Path) -> list[Path]:
+    """``imagesTr`` -> ``labelsTr`` (nnU-Net / Medical Segmentation Decathlon layout)."""
+    name = folder.name
+    if name.lower().startswith("images"):
+        return [folder.with_name("labels" + name[len("images"):])]
+    return []
+
+
 def _mask_candidates(stem: str) -> list[str]:
     """Mask file stems that pair with a volume stem."""
     names = []
@@ -220,8 +246,9 @@ def find_volumes(
     ``pairs`` maps a volume (file, or a DICOM series' folder, relative to ``root``) to
     its mask (relative to ``root`` or absolute), before any naming rule.
 
-    Returns the volumes and the problems found on the way (orphan masks, broken DICOM
-    files), each ``{"file", "reason"}``.
+    Returns the volumes, and what was found on the way: problems (orphan masks, broken
+    DICOM files) as ``{"file", "reason"}``, and remarks for the data card (a series with
+    no patient identity, several SEGs for one series) as ``{"note"}``.
     """
     explicit = {str(Path(k)): (root / v if not Path(v).is_absolute() else Path(v)) for k, v in (pairs or {}).items()}
     for volume, mask in explicit.items():
@@ -230,6 +257,7 @@ def find_volumes(
         if not mask.is_file():
             raise IngestError(f"--pair {volume}={mask}: no such mask file")
     problems: list[dict[str, str]] = []
+    problems_notes: list[str] = []
     volumes: list[_Volume] = []
     used_masks: set[Path] = set()
     nifti = sorted(p for p in root.rglob("*") if p.is_file() and p.name.endswith(NIFTI_SUFFIXES)
@@ -237,17 +265,20 @@ def find_volumes(
     explicit_masks = {m.resolve() for m in explicit.values()}
     for path in nifti:
         stem = _strip_nifti(path.name)
-        if _looks_like_mask(stem) or path.resolve() in explicit_masks:
-            continue
         rel = path.relative_to(root)
+        if _looks_like_mask(stem) or _in_mask_folder(rel) or path.resolve() in explicit_masks:
+            continue
         mask = explicit.get(str(rel))
+        case = _CHANNEL.sub("", stem)
         if mask is None and masks_dir is not None:
-            mask = _find_file(masks_dir, [stem, stem.removesuffix("_0000"), *_mask_candidates(stem)])
+            mask = _find_file(masks_dir, [stem, case, *_mask_candidates(stem)])
         mask = mask or _find_file(path.parent, _mask_candidates(stem))
+        for folder in _sibling_mask_folders(path.parent):
+            mask = mask or _find_file(folder, [case, stem])
         if mask is not None:
             used_masks.add(mask.resolve())
         volumes.append(_Volume(
-            name=str(rel), path=path, patient=_strip_nifti(str(rel)),
+            name=str(rel), path=path, patient=str(rel.parent / case),  # channels of one case: one patient
             site=rel.parts[0] if len(rel.parts) > 1 else "", load=_load_nifti(path), mask_path=mask,
         ))
     if _has_dicom(root):
@@ -255,13 +286,18 @@ def find_volumes(
 
         series_list, dicom_problems = find_dicom_series(root)
         problems += dicom_problems
+        per_folder: dict[Path, int] = {}
+        for series in series_list:
+            for parent in {f.parent for f in series.files}:
+                per_folder[parent] = per_folder.get(parent, 0) + 1
         for series in series_list:
             folders = {f.parent for f in series.files}
             folder = folders.pop() if len(folders) == 1 else root
+            shared_folder = per_folder.get(folder, 0) > 1  # a folder's mask cannot say which series it is for
             rel = folder.relative_to(root) if folder != root else Path(".")
             label = f"{rel}/ (DICOM series {series.description or series.uid})"
-            mask = explicit.get(str(rel))
-            if mask is None and folder != root:
+            mask = explicit.get(str(rel)) if not shared_folder else None
+            if mask is None and folder != root and not shared_folder:
                 if masks_dir is not None:
                     mask = _find_file(masks_dir, [folder.name, *_mask_candidates(folder.name)])
                 mask = mask or _find_file(folder.parent, _mask_candidates(folder.name))
@@ -271,6 +307,10 @@ def find_volumes(
             if mask is None and series.seg_files:
                 seg_path = series.seg_files[0]
                 load_mask = (lambda s=series, p=seg_path: load_dicom_seg(p, s)[0])
+            if not series.patient_known:
+                problems_notes.append(f"{label}: no PatientID or StudyInstanceUID; counted as its own patient")
+            if len(series.seg_files) > 1:
+                problems_notes.append(f"{label}: {len(series.seg_files)} DICOM SEG files; used {series.seg_files[0]}")
             volumes.append(_Volume(
                 name=label, path=folder, kind="dicom",
                 patient=series.patient_key if series.patient_known else f"{rel}:{series.uid}",
@@ -278,10 +318,11 @@ def find_volumes(
                 load=(lambda s=series: load_dicom_series(s)), mask_path=mask, load_mask=load_mask,
             ))
     for path in nifti:
-        if _looks_like_mask(_strip_nifti(path.name)) and path.resolve() not in used_masks:
+        is_mask = _looks_like_mask(_strip_nifti(path.name)) or _in_mask_folder(path.relative_to(root))
+        if is_mask and path.resolve() not in used_masks:
             problems.append({"file": str(path), "reason": "named like a mask but pairs with no volume "
                                                           "(see the pairing rules in `fedsynth prepare --help`)"})
-    return volumes, problems
+    return volumes, problems + [{"note": note} for note in problems_notes]
 
 
 # --- ingestion ---------------------------------------------------------------------------
@@ -341,10 +382,11 @@ def ingest_volumes(
     window_range = parse_window(window)
     names = list(classes.names) if classes else ["slice"]
     started = time.perf_counter()
-    volumes, problems = find_volumes(root, masks, pairs)
+    volumes, found = find_volumes(root, masks, pairs)
+    problems = [p for p in found if "file" in p]
     kinds = sorted({v.kind for v in volumes})
     card = DataCard(source=str(root), kind="+".join(kinds) or "volumes", files_found=len(volumes),
-                    unreadable=list(problems))
+                    unreadable=list(problems), notes=[p["note"] for p in found if "note" in p])
     if not volumes:
         raise IngestError(f"{root}: no NIfTI volumes or DICOM series found"
                           + (f" ({len(problems)} unreadable file(s), e.g. {problems[0]['file']}: "
@@ -362,7 +404,7 @@ def ingest_volumes(
                 raise IngestError(f"expected a 3D volume, got shape {data.shape}")
             if not np.isfinite(data).all():
                 raise IngestError("volume contains NaN or infinite values")
-            mask = _load_mask(volume, data.shape, affine)
+            mask = _load_mask(volume, data.shape, affine) if needs_mask else None
         except Exception as err:  # noqa: BLE001 - any unusable volume is named and skipped
             reason = str(err).strip().split("\n")[0] or type(err).__name__
             card.unreadable.append({"file": str(volume.path), "reason": reason})
