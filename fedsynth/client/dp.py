@@ -32,6 +32,8 @@ discriminator with ``PrivacyEngine.make_private``:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
@@ -39,6 +41,7 @@ import secrets
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -190,6 +193,19 @@ class PrivacyState:
         raw = json.loads(path.read_text())
         return cls(history=[tuple(h) for h in raw["history"]], delta=raw["delta"], unit=raw["unit"],
                    units=raw["units"], plans=raw.get("plans", {}))
+
+    @staticmethod
+    @contextlib.contextmanager
+    def lock(path: Path) -> Iterator[None]:
+        """Hold an exclusive lock on the ledger while reading, charging and writing it:
+        two runs training on the same data at once must not lose each other's charges."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_name(path.name + ".lock"), "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

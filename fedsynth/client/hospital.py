@@ -180,19 +180,19 @@ def run_local_round(
     privacy = plan = None
     if cfg.dp.enabled:
         check_dp_discriminator(disc)
-        privacy = PrivacyState.load(site.ledger_path)
-        plan = _privacy_plan(cfg, train, privacy, run_key=site.state_dir.name)
-        step = (plan.noise_multiplier, plan.sample_rate, cfg.train.local_steps)
-        if plan.target_epsilon > 0:
+        with PrivacyState.lock(site.ledger_path):
+            privacy = PrivacyState.load(site.ledger_path)
+            plan = _privacy_plan(cfg, train, privacy, run_key=site.state_dir.name)
+            step = (plan.noise_multiplier, plan.sample_rate, cfg.train.local_steps)
             after = privacy.epsilon(extra=step)
-            if after > plan.target_epsilon + 1e-9:
+            if plan.target_epsilon > 0 and after > plan.target_epsilon + 1e-9:
                 reason = (f"privacy budget: another round would spend epsilon {after:.3g} > "
                           f"dp.target-epsilon {plan.target_epsilon:g} (spent {privacy.epsilon():.3g})")
                 log.warning("%s declines round %d: %s", site.name, server_round, reason)
                 return LocalRoundResult(None, None, None, privacy=_privacy_report(privacy, plan), declined=reason)
-        # Charge the round before training: a crash part-way must not under-report.
-        privacy.add(*step)
-        privacy.save(site.ledger_path)
+            # Charge the round before training: a crash part-way must not under-report.
+            privacy.add(*step)
+            privacy.save(site.ledger_path)
     load_weights(gen, global_generator)
     gen.to(device)
     disc.to(device)
@@ -236,24 +236,35 @@ def _unit_ids(train: SliceSet) -> np.ndarray:
 
 
 def _privacy_plan(cfg: RunConfig, train: SliceSet, privacy: PrivacyState, run_key: str):  # type: ignore[no-untyped-def]
-    """The hospital's DP plan for this run: sigma chosen once, at the run's first round,
-    and kept, so extending a run later cannot quietly lower the noise. With a target and
-    spending from earlier runs on the same data, sigma is chosen so that the earlier
-    spending plus this run's planned steps stay within the target."""
+    """The hospital's DP plan for this run.
+
+    Sigma is chosen once, at the run's first round, and kept, so extending a run later
+    cannot quietly lower the noise. With a target and spending from earlier runs on the
+    same data, sigma is chosen so that the earlier spending plus this run's planned
+    steps stay within the target.
+    """
     units = len(np.unique(_unit_ids(train)))
     planned = cfg.federation.rounds * cfg.train.local_steps
-    plan = plan_privacy(cfg.dp, units=units, unit=train.privacy_unit, batch_size=cfg.train.batch_size,
-                        planned_steps=planned) if not (privacy.history and cfg.dp.target_epsilon > 0) else None
-    if run_key in privacy.plans or (privacy.history and not privacy.plans):  # the latter: a ledger from 0.1.0
-        sigma, q = privacy.plans.get(run_key) or privacy.history[0][:2]
-        base = plan or plan_privacy(cfg.dp.model_copy(update={"noise_multiplier": sigma}), units=units,
-                                    unit=train.privacy_unit, batch_size=cfg.train.batch_size, planned_steps=planned)
-        return replace(base, noise_multiplier=sigma, sample_rate=q, delta=privacy.delta)
-    if plan is None:  # a target, and spending from earlier runs: plan for what is left
-        plan = plan_privacy(cfg.dp.model_copy(update={"noise_multiplier": 1.0}), units=units,
-                            unit=train.privacy_unit, batch_size=cfg.train.batch_size, planned_steps=planned)
-        plan = replace(plan, delta=privacy.delta, target_epsilon=cfg.dp.target_epsilon,
-                       noise_multiplier=sigma_for_remaining(privacy, plan.sample_rate, planned, cfg.dp.target_epsilon))
+
+    def plan_with(sigma: float | None):  # type: ignore[no-untyped-def]
+        dp = cfg.dp if sigma is None else cfg.dp.model_copy(update={"noise_multiplier": sigma})
+        return plan_privacy(dp, units=units, unit=train.privacy_unit, batch_size=cfg.train.batch_size,
+                            planned_steps=planned)
+
+    kept = privacy.plans.get(run_key)
+    if kept is None and privacy.history and not privacy.plans:  # a ledger written by fedsynth 0.1.0
+        kept = list(privacy.history[0][:2])
+    if kept is not None:
+        sigma, q = kept
+        return replace(plan_with(sigma), sample_rate=q, delta=privacy.delta)
+    if privacy.history and cfg.dp.target_epsilon > 0 and cfg.dp.noise_multiplier == 0:
+        plan = plan_with(1.0)  # for q; sigma follows from what earlier runs left
+        sigma = sigma_for_remaining(privacy, plan.sample_rate, planned, cfg.dp.target_epsilon)
+        plan = replace(plan, noise_multiplier=sigma, delta=privacy.delta)
+    else:
+        plan = plan_with(None)
+        if privacy.history:
+            plan = replace(plan, delta=privacy.delta)
     if not privacy.history:
         privacy.delta, privacy.unit, privacy.units = plan.delta, plan.unit, plan.units
     privacy.plans[run_key] = [plan.noise_multiplier, plan.sample_rate]
