@@ -191,3 +191,14 @@ def test_a_new_run_on_the_same_data_spends_from_the_same_budget(tmp_path: Path) 
     state = PrivacyState.load(ledger)
     assert set(state.plans) == {"run1", "run2"}
     assert last["dp-epsilon"] == pytest.approx(state.epsilon())
+
+
+def test_a_budget_no_noise_can_meet_is_declined_with_the_reason(tmp_path: Path) -> None:
+    data = make_slices(n_patients=8).save(tmp_path / "h.npz")
+    cfg = RunConfig.from_overrides({"data.image-size": 32, "train.local-steps": 50, "train.batch-size": 64,
+                                    "model.width": 8, "dp.target-epsilon": 0.01})
+    gen, _ = build_gan(cfg.model, image_size=32, num_classes=2)
+    result = run_local_round(HospitalSite("hospital-b", data, tmp_path / "state"), cfg, server_round=1,
+                             global_generator=exchanged_state(gen))
+    assert result.generator is None and "cannot be met" in (result.declined or "")
+    assert not (tmp_path / "state" / "privacy.json").exists(), "nothing was spent"

@@ -113,3 +113,12 @@ def test_client_level_dp_clips_each_update_weights_equally_and_noises_the_averag
     assert np.array_equal(quiet["generator.bn.running_var"], current["generator.bn.running_var"])
     noisy = run(1.0)
     assert np.std(noisy["generator.w"] - quiet["generator.w"]) == pytest.approx(1.0 * 1.0 / 2, rel=0.05)
+
+
+def test_flower_wrapped_client_errors_are_reduced_to_the_hospitals_message() -> None:
+    strategy = GeneratorFedAvg(expected_shapes=SHAPES)
+    reason = ("Traceback (most recent call last):\n  ...\nException ClientAppException occurred. Message: "
+              "hospital-b: SliceSetError: slices.npz: no such slice set file'>")
+    strategy.aggregate_train(1, [_reply(1, "hospital-a", _weights(1.0)),
+                                 Message(metadata=_metadata(2), error=Error(code=0, reason=reason))])
+    assert strategy.last_report.failures[0]["reason"] == "hospital-b: SliceSetError: slices.npz: no such slice set file"

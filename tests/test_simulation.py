@@ -88,6 +88,10 @@ def test_sample_png_and_npz(finished_run: Path, tmp_path: Path) -> None:
     assert Image.open(files[0]).size == (32, 32) and (out / "grid.png").is_file()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["synthetic"] is True and manifest["round"] == 3
+    # A second sample into the same folder would mix two samples under one manifest: refused.
+    again = runner.invoke(app, ["sample", "--run", str(finished_run), "--n", "2", "--out", str(out)])
+    assert again.exit_code != 0 and "already holds a sample" in again.output
+    assert len(list(out.glob("synthetic-*.png"))) == 6
 
     result = runner.invoke(app, ["sample", "--run", str(finished_run), "--n", "10", "--round", "1",
                                  "--out", str(tmp_path / "npz"), "--format", "npz"])
@@ -131,7 +135,7 @@ def test_sample_nifti_and_dicom_hold_the_same_images_marked_synthetic(finished_r
     assert all(ds.PatientID == "SYNTHETIC" for ds in files)
     assert np.array_equal(np.stack([ds.pixel_array for ds in files]), want)
     again = runner.invoke(app, [*args, "--out", str(tmp_path / "dcm"), "--format", "dicom"])
-    assert again.exit_code != 0 and "already holds files" in again.output
+    assert again.exit_code != 0 and "already holds a sample" in again.output
 
 
 def test_sample_errors_name_the_problem(finished_run: Path, tmp_path: Path) -> None:

@@ -74,10 +74,14 @@ def train(msg: Message, context: Context) -> Message:
     site = site_from_context(context, cfg)
     server_round = int(msg.content[CONFIG]["server-round"])
     gen_state, disc_state = split_model(record_to_tensors(msg.content[ARRAYS]))
-    result = run_local_round(
-        site, cfg, server_round=server_round,
-        global_generator=gen_state, global_discriminator=disc_state or None,
-    )
+    try:
+        result = run_local_round(
+            site, cfg, server_round=server_round,
+            global_generator=gen_state, global_discriminator=disc_state or None,
+        )
+    except Exception as err:
+        # Flower reports a ClientApp's exception by node id only: name the hospital.
+        raise RuntimeError(f"{site.name}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
     hospital: dict[str, Any] = {"name": site.name}
     metrics: dict[str, Any] = {}
     if result.privacy is not None:

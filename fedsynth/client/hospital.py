@@ -21,6 +21,7 @@ from ..shared.weights import exchanged_state, load_weights
 from .dp import (
     PatientSampler,
     PerSampleClipper,
+    PrivacyError,
     PrivacyState,
     check_dp_discriminator,
     plan_privacy,
@@ -182,7 +183,11 @@ def run_local_round(
         check_dp_discriminator(disc)
         with PrivacyState.lock(site.ledger_path):
             privacy = PrivacyState.load(site.ledger_path)
-            plan = _privacy_plan(cfg, train, privacy, run_key=site.state_dir.name)
+            try:
+                plan = _privacy_plan(cfg, train, privacy, run_key=site.state_dir.name)
+            except PrivacyError as err:  # a budget no noise can meet: decline, saying why
+                log.warning("%s declines round %d: %s", site.name, server_round, err)
+                return LocalRoundResult(None, None, None, privacy=None, declined=f"privacy budget: {err}")
             step = (plan.noise_multiplier, plan.sample_rate, cfg.train.local_steps)
             after = privacy.epsilon(extra=step)
             if plan.target_epsilon > 0 and after > plan.target_epsilon + 1e-9:

@@ -121,7 +121,7 @@ def print_card(card: DataCard, card_path: Path) -> None:
     table.add_row("images", f"{card.images} at {card.image_size}x{card.image_size}")
     table.add_row("per class", ", ".join(f"{k} {v}" for k, v in card.images_per_class.items()))
     for name, counts in card.split.items():
-        table.add_row(name, f"{counts['slices']} slices, {counts['patients']} patients")
+        table.add_row(name, f"{counts['slices']} slices, {counts['patients']} patient{'s' if counts['patients'] != 1 else ''}")
     table.add_row("split rule", card.split_rule)
     table.add_row("privacy unit", card.privacy_unit + ("" if card.patient_ids_known else " (no patient ids)"))
     if card.sites:

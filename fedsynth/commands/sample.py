@@ -66,6 +66,8 @@ def sample(
         raise CommandError(f"--format {output_format!r}: use png, npz, nifti or dicom")
     if round_ != "last" and not round_.isdigit():
         raise CommandError(f"--round {round_!r}: a round number or 'last'")
+    if (out / "manifest.json").exists():
+        raise CommandError(f"{out} already holds a sample (manifest.json); choose another --out (nothing is overwritten)")
     run = RunDir(run_dir)
     images, labels, classes, used_round, conditional = sample_images(
         run, n=n, label=label, round_=None if round_ == "last" else int(round_), seed=seed,

@@ -168,6 +168,7 @@ def plot_curves(run: RunDir) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rounds = run.read_rounds()
     series: dict[str, dict[str, list[tuple[int, float]]]] = {}
@@ -185,6 +186,7 @@ def plot_curves(run: RunDir) -> None:
             xs, ys = zip(*points, strict=True)
             ax.plot(xs, ys, marker="o", label=name)
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)

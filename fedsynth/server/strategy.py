@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -144,4 +145,7 @@ class GeneratorFedAvg(FedAvg):
 def _first_line(text: str | None) -> str:
     """Flower puts a whole traceback in the error reason; keep the exception line."""
     lines = [line for line in (text or "").strip().splitlines() if line.strip()]
-    return lines[-1].strip() if lines else "unknown error"
+    line = lines[-1].strip() if lines else "unknown error"
+    # "Exception ClientAppException occurred. Message: <the ClientApp's error>'>"
+    match = re.search(r"Message: (.*?)'?>?$", line)
+    return match.group(1).strip() if match else line
