@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from .commands.audit import audit
 from .commands.demo import demo
 from .commands.info import config, models
 from .commands.prepare import prepare
@@ -20,6 +21,7 @@ app = typer.Typer(
 app.command(help=prepare.__doc__)(prepare)
 app.command(help=simulate.__doc__)(simulate)
 app.command(help=sample.__doc__)(sample)
+app.command(help=audit.__doc__)(audit)
 app.command(help=demo.__doc__)(demo)
 app.command(help=models.__doc__)(models)
 app.command(help=config.__doc__)(config)

@@ -1,2 +1,2 @@
 """Audit of trained generators: fidelity, downstream utility, memorization and membership
-inference, each against a real-data baseline (built in the audit issue; empty for now)."""
+inference, each judged against fresh real data (`fedsynth audit`; see pipeline.run_audit)."""

@@ -46,6 +46,7 @@ def prepare(
     holdout: float = typer.Option(0.2, help="Share of patients held out for audits, stratified by class."),
     seed: int = typer.Option(0, help="Seed of the train/holdout draw."),
     keep_folder_split: bool = typer.Option(False, help="Image folders: use the folder's own split (Testing/test/holdout/val become holdout) instead of drawing one."),
+    near_duplicates: float = typer.Option(0.01, "--near-duplicates", help="Image folders: images whose 32x32 thumbnails differ by less than this RMS share of the intensity range are one image (re-encoded or resized copies); 0 keeps them."),
     window: str = typer.Option("ct-abdomen", help="Volumes: intensity window, a preset (ct-abdomen W400/L40, ct-lung W1500/L-600, ct-brain W80/L40, mri = per-volume 0.5-99.5 percentiles) or WIDTH,LEVEL in HU."),
     label_from_mask: str = typer.Option("", help="Volumes: label slices from the mask. 5 or 2,3: one class, present when >= --min-voxels voxels carry the value(s); liver=5,kidney=2+3: named classes, first match wins."),
     label_names: str = typer.Option("", help="Volumes: absent,present names for a single class (default absent,present); with named classes, one name for slices with none (default none)."),
@@ -85,7 +86,7 @@ def prepare(
         if kind == "image-folder":
             slices, card = ingest_image_folder(
                 source, size=size, holdout_fraction=holdout, keep_folder_split=keep_folder_split, seed=seed,
-                progress=report,
+                near_duplicate_rms=near_duplicates, progress=report,
             )
         else:
             slices, card = ingest_volumes(
@@ -119,6 +120,12 @@ def print_card(card: DataCard, card_path: Path) -> None:
             f"the folder split); {dup['pixel_identical_groups']} pixel-identical groups "
             f"({dup['pixel_identical_groups_crossing_split']} crossing); {dup['files_removed']} files removed",
         )
+        if "near_duplicate_groups" in dup:
+            table.add_row(
+                "near-duplicates",
+                f"{dup['near_duplicate_groups']} groups ({dup['near_duplicate_groups_crossing_split']} crossing the folder "
+                f"split); {dup['near_duplicate_files_removed']} more files removed ({dup['near_duplicate_rule']})",
+            )
     table.add_row("images", f"{card.images} at {card.image_size}x{card.image_size}")
     table.add_row("per class", ", ".join(f"{k} {v}" for k, v in card.images_per_class.items()))
     for name, counts in card.split.items():

@@ -18,9 +18,11 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .neighbours import nearest
 from .sliceset import HOLDOUT, TRAIN, SliceSet, assign_split_by_patient
 
 __all__ = [
+    "NEAR_DUPLICATE_RMS",
     "IMAGE_SUFFIXES",
     "WINDOW_PRESETS",
     "DataCard",
@@ -37,6 +39,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+# Images whose 32x32 thumbnails differ by less than this RMS (share of the range) are one image.
+NEAR_DUPLICATE_RMS = 0.01
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # Window presets as (width, level) in HU; "mri" is a per-volume percentile window.
 WINDOW_PRESETS: dict[str, tuple[float, float] | None] = {
@@ -241,13 +245,17 @@ def ingest_image_folder(
     holdout_fraction: float = 0.2,
     keep_folder_split: bool = False,
     seed: int = 0,
+    near_duplicate_rms: float = NEAR_DUPLICATE_RMS,
+    deduplicate: bool = True,
     progress: ProgressFn | None = None,
 ) -> tuple[SliceSet, DataCard]:
     """Read ``<split>/<class>/*.jpg|png`` (or ``<class>/*``) into a de-duplicated slice set.
 
     Images are decoded to grayscale, de-duplicated by decoded pixels (the first file in
-    path order is kept), padded to square and resized. With no patient ids in an image
-    folder each image is its own patient, and the card says so.
+    path order is kept), then near-duplicates (re-encoded or resized copies) are removed,
+    padded to square and resized. With no patient ids in an image folder each image is
+    its own patient, and the card says so. A duplicate left on both sides of the split
+    would make an honest generator look like it copies in the audit.
 
     Parameters
     ----------
@@ -257,6 +265,10 @@ def ingest_image_folder(
     keep_folder_split : use the folder's own split (a folder named like test/testing/
         holdout/val becomes holdout) instead of drawing one.
     seed : seed of the split.
+    near_duplicate_rms : two images whose 32x32 thumbnails differ by less than this RMS
+        (a share of the intensity range) are one image; 0 keeps near-duplicates.
+    deduplicate : False keeps every duplicate (they are still counted on the card); only
+        for showing what duplicates do to an audit.
     progress : called with (done, total) while decoding.
 
     Raises
@@ -320,7 +332,12 @@ def ingest_image_folder(
         "files_removed": len(drop),
         "groups": removed,
     }
+    if not deduplicate:
+        drop.clear()
+        card.duplicates["files_removed"] = 0
     keep_idx = [i for i in range(len(kept)) if i not in drop]
+    if near_duplicate_rms > 0 and deduplicate:
+        keep_idx = _drop_near_duplicates(keep_idx, pixels, kept, near_duplicate_rms, card)
     classes = sorted({kept[i][1] for i in keep_idx})
     images = np.stack([resize_square(pixels[i], size) for i in keep_idx])
     labels = np.array([classes.index(kept[i][1]) for i in keep_idx], dtype=np.int64)
@@ -361,6 +378,57 @@ def ingest_image_folder(
     )
     card.fill_from(slices)
     return slices, card
+
+
+def _thumbnail(image: np.ndarray) -> np.ndarray:
+    return resize_square(image, 32).astype(np.float32).reshape(-1) / 255.0
+
+
+def _drop_near_duplicates(
+    keep_idx: list[int], pixels: list[np.ndarray], kept: list[tuple[Path, str, str]], rms: float, card: DataCard,
+) -> list[int]:
+    """Remove images whose thumbnail lies within ``rms`` of an earlier kept image's.
+
+    Pairs are found by an exact nearest-neighbour search over the thumbnails; the groups
+    they form (linked pairs) keep their first file in path order.
+    """
+    if len(keep_idx) < 2:
+        return keep_idx
+    thumbs = np.stack([_thumbnail(pixels[i]) for i in keep_idx])
+    dist, index = nearest(thumbs, thumbs, k=min(5, len(keep_idx) - 1), exclude_self=True)
+    limit = rms * np.sqrt(thumbs.shape[1])
+    parent = list(range(len(keep_idx)))
+
+    def root(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for a, (row_d, row_i) in enumerate(zip(dist, index, strict=True)):
+        for d, b in zip(row_d, row_i, strict=True):
+            if d < limit:
+                ra, rb = root(a), root(int(b))
+                parent[max(ra, rb)] = min(ra, rb)
+    groups: dict[int, list[int]] = defaultdict(list)
+    for a in range(len(keep_idx)):
+        groups[root(a)].append(a)
+    near = [g for g in groups.values() if len(g) > 1]
+    removed = {member for g in near for member in g[1:]}
+    card.duplicates["near_duplicate_rule"] = (
+        f"32x32 thumbnails differing by less than {rms:.1%} RMS of the intensity range; the first file is kept"
+    )
+    card.duplicates["near_duplicate_groups"] = len(near)
+    card.duplicates["near_duplicate_groups_crossing_split"] = sum(
+        1 for g in near if len({kept[keep_idx[m]][2] for m in g}) > 1
+    )
+    card.duplicates["near_duplicate_files_removed"] = len(removed)
+    card.duplicates["near_duplicates"] = [
+        {"kept": str(kept[keep_idx[g[0]]][0]), "removed": [str(kept[keep_idx[m]][0]) for m in g[1:]]} for g in near
+    ]
+    if removed:
+        log.info("removed %d near-duplicate images in %d groups", len(removed), len(near))
+    return [i for a, i in enumerate(keep_idx) if a not in removed]
 
 
 def _folder_split(name: str) -> str:

@@ -1,0 +1,181 @@
+"""Membership inference: can an attacker tell a training patient from a fresh one?
+
+Members are training patients, non-members holdout patients, equal in number. Each
+attack gives every patient a score (higher = "was in training"); a patient's score is
+the mean over its slices. Attacks:
+
+- ``distance`` (black-box, GAN-Leaks, Chen et al. 2020): minus the distance from the
+  patient's slice to the nearest synthetic image.
+- ``density`` (black-box, Monte-Carlo, Hilprecht et al. 2019): the number of synthetic
+  images within a radius of the slice (the radius: the median nearest-synthetic
+  distance over all records).
+- ``discriminator`` (white-box): the hospital's discriminator's real/fake logit, when
+  its weights are available (only at the hospital).
+
+Reported: ROC AUC (0.5 = chance), TPR at 1% FPR (1% = chance), and the empirical ε
+lower bound: a threshold chosen on one half of the records, then
+log((TPR_low - δ) / FPR_high) with 95% Clopper-Pearson bounds measured on the other half
+(Jagielski et al., 2020); any DP guarantee must be at least this large.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.stats import beta
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from ..shared.neighbours import nearest, pairwise_within
+from .memorization import shift_images
+
+__all__ = ["Records", "attack_metrics", "density_scores", "discriminator_scores", "distance_scores", "empirical_epsilon",
+           "select_records"]
+
+log = logging.getLogger(__name__)
+
+Transform = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass
+class Records:
+    """The attack's records: images, which patient each belongs to, and membership."""
+
+    images: np.ndarray
+    labels: np.ndarray  # class label per image
+    patient: np.ndarray  # patient index per image (0..P-1)
+    member: np.ndarray  # (P,) bool per patient
+
+    @property
+    def patients(self) -> int:
+        return int(len(self.member))
+
+
+def select_records(
+    train_images: np.ndarray, train_labels: np.ndarray, train_patients: np.ndarray,
+    holdout_images: np.ndarray, holdout_labels: np.ndarray, holdout_patients: np.ndarray, *, max_patients: int = 2000, seed: int = 0,
+) -> Records:
+    """Equal numbers of member (train) and non-member (holdout) patients, at most
+    ``max_patients`` of each, drawn at random; all slices of a drawn patient."""
+    rng = np.random.default_rng(seed)
+    train_ids, holdout_ids = np.unique(train_patients), np.unique(holdout_patients)
+    n = min(len(train_ids), len(holdout_ids), max_patients)
+    if n < 2:
+        raise ValueError(f"membership inference needs 2 patients on each side (train {len(train_ids)}, "
+                         f"holdout {len(holdout_ids)})")
+    members = rng.choice(train_ids, n, replace=False)
+    non_members = rng.choice(holdout_ids, n, replace=False)
+    images, labels, patient = [], [], []
+    for offset, (ids, all_images, all_labels, all_patients) in enumerate(
+            ((members, train_images, train_labels, train_patients),
+             (non_members, holdout_images, holdout_labels, holdout_patients))):
+        for p, pid in enumerate(ids, start=offset * n):
+            rows = np.flatnonzero(all_patients == pid)
+            images.append(all_images[rows])
+            labels.append(all_labels[rows])
+            patient += [p] * len(rows)
+    member = np.zeros(2 * n, dtype=bool)
+    member[:n] = True
+    return Records(np.concatenate(images), np.concatenate(labels), np.asarray(patient), member)
+
+
+def _per_patient(records: Records, per_image: np.ndarray) -> np.ndarray:
+    sums = np.bincount(records.patient, weights=per_image, minlength=records.patients)
+    counts = np.bincount(records.patient, minlength=records.patients)
+    return sums / np.maximum(counts, 1)
+
+
+def _aligned_distance(transform: Transform, images: np.ndarray, reference: np.ndarray, align: int) -> np.ndarray:
+    best = None
+    for dy in range(-align, align + 1):
+        for dx in range(-align, align + 1):
+            d, _ = nearest(transform(shift_images(images, dy, dx)), reference)
+            best = d[:, 0] if best is None else np.minimum(best, d[:, 0])
+    assert best is not None
+    return best
+
+
+def distance_scores(records: Records, transform: Transform, synthetic_features: np.ndarray, *, align: int = 0) -> np.ndarray:
+    """GAN-Leaks: minus the (aligned) distance to the nearest synthetic image, per patient."""
+    return _per_patient(records, -_aligned_distance(transform, records.images, synthetic_features, align))
+
+
+def density_scores(records: Records, transform: Transform, synthetic_features: np.ndarray) -> np.ndarray:
+    """Monte-Carlo density: synthetic images within the median nearest-synthetic distance."""
+    features = transform(records.images)
+    nearest_d, _ = nearest(features, synthetic_features)
+    radius = float(np.median(nearest_d[:, 0]))
+    return _per_patient(records, pairwise_within(features, synthetic_features, radius).astype(float))
+
+
+def discriminator_scores(disc: torch.nn.Module, records: Records) -> np.ndarray:
+    """White-box: the discriminator's real/fake logit for each slice (with its class when
+    the discriminator is conditional), averaged per patient."""
+    disc.eval()
+    logits = []
+    with torch.no_grad():
+        for start in range(0, len(records.images), 256):
+            x = torch.from_numpy(records.images[start : start + 256].astype(np.float32) / 127.5 - 1.0)[:, None]
+            y = torch.from_numpy(records.labels[start : start + 256].astype(np.int64))
+            out = disc(x, y)
+            logits.append((out.adv if hasattr(out, "adv") else out).reshape(-1).float().numpy())
+    return _per_patient(records, np.concatenate(logits))
+
+
+def attack_metrics(scores: np.ndarray, member: np.ndarray, *, delta: float = 1e-5, seed: int = 0) -> dict[str, Any]:
+    """AUC, TPR at 1% FPR, the ROC curve (for the plot) and the empirical ε lower bound."""
+    auc = float(roc_auc_score(member, scores))
+    fpr, tpr, _ = roc_curve(member, scores)
+    tpr_at_1 = float(np.interp(0.01, fpr, tpr))
+    keep = np.unique(np.concatenate([np.linspace(0, len(fpr) - 1, min(len(fpr), 400)).astype(int)]))
+    return {
+        "auc": auc,
+        "tpr_at_1pct_fpr": tpr_at_1,
+        "members": int(member.sum()),
+        "non_members": int((~member).sum()),
+        "epsilon_lower_bound": empirical_epsilon(scores, member, delta=delta, seed=seed),
+        "roc": {"fpr": fpr[keep].round(5).tolist(), "tpr": tpr[keep].round(5).tolist()},
+    }
+
+
+def empirical_epsilon(scores: np.ndarray, member: np.ndarray, *, delta: float = 1e-5, seed: int = 0,
+                      confidence: float = 0.95) -> float:
+    """A sound-at-``confidence`` lower bound on ε from a threshold attack.
+
+    The threshold (and its direction: "member if score ≥ t") is chosen on a random half of
+    the records, maximising the point estimate; the bound uses the other half only:
+    ε ≥ log((TPR_low - δ) / FPR_high), with Clopper-Pearson bounds on both rates.
+    0 when the attack does no better than chance.
+    """
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(scores))
+    pick, test = order[: len(order) // 2], order[len(order) // 2 :]
+    alpha = (1 - confidence) / 2
+
+    def rates(idx: np.ndarray, t: float) -> tuple[int, int, int, int]:
+        m, s = member[idx], scores[idx]
+        return int((s[m] >= t).sum()), int(m.sum()), int((s[~m] >= t).sum()), int((~m).sum())
+
+    def point(idx: np.ndarray, t: float) -> float:
+        tp, p, fp, n = rates(idx, t)
+        tpr, fpr = tp / max(p, 1), fp / max(n, 1)
+        return float(np.log((tpr + 1e-12) / (fpr + 1e-12))) if tpr > fpr else 0.0
+
+    candidates = np.unique(scores[pick])
+    if len(candidates) > 400:
+        candidates = np.quantile(scores[pick], np.linspace(0, 1, 400))
+    best_t = max(candidates, key=lambda t: point(pick, t), default=None)
+    if best_t is None:
+        return 0.0
+    tp, p, fp, n = rates(test, best_t)
+    if p == 0 or n == 0:
+        return 0.0
+    tpr_low = beta.ppf(alpha, tp, p - tp + 1) if tp > 0 else 0.0
+    fpr_high = beta.ppf(1 - alpha, fp + 1, n - fp) if fp < n else 1.0
+    if tpr_low - delta <= 0 or fpr_high <= 0:
+        return 0.0
+    return float(max(0.0, np.log((tpr_low - delta) / fpr_high)))

@@ -1,0 +1,242 @@
+"""Memorization ("fingerprint") metrics: is a synthetic image closer to a training patient
+than fresh real data would be?
+
+Every metric compares synthetic -> train distances with holdout -> train distances (the
+hospital's patients never trained on): fresh real data is the reference an honest
+generator should match. Distances are nearest-neighbour Euclidean distances in one
+feature space; in pixel space they are *aligned*: the minimum over shifts of up to
+``align`` pixels, so a copy moved by a pixel is still a copy.
+
+- DCR (distance to closest record): median and 5th percentile, synthetic vs holdout.
+- Closer-to-train share: the share of synthetic images whose nearest train image is
+  closer than their nearest holdout image, against the same share for holdout images
+  (1.0 for a generator that copies).
+- C_T (Meehan, Chaudhuri & Dasgupta, 2020): the Mann-Whitney z-score of synthetic vs
+  holdout distances to train, averaged over cells of train space; well below 0 is copying.
+- Authenticity (Alaa et al., 2022): the share of synthetic images farther from their
+  nearest training image than that image is from its own nearest training neighbour.
+- Near-copies: synthetic images closer to train than the 1st percentile of holdout -> train.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy.stats import binomtest
+from sklearn.cluster import KMeans
+
+from ..shared.neighbours import nearest
+
+__all__ = [
+    "Distances",
+    "aligned_nearest",
+    "authenticity",
+    "closer_to_train_share",
+    "data_copying_ct",
+    "dcr_summary",
+    "measure_distances",
+    "near_copies",
+    "shift_images",
+]
+
+log = logging.getLogger(__name__)
+
+Transform = Callable[[np.ndarray], np.ndarray]
+
+
+def shift_images(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """Move images by (dy, dx) pixels, filling the uncovered border with edge pixels."""
+    if dy == 0 and dx == 0:
+        return images
+    size_y, size_x = images.shape[1:]
+    pad = max(abs(dy), abs(dx))
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad)), mode="edge")
+    return padded[:, pad - dy : pad - dy + size_y, pad - dx : pad - dx + size_x]
+
+
+def aligned_nearest(
+    transform: Transform, queries: np.ndarray, reference: np.ndarray, *, align: int = 0,
+    exclude_self: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest reference row for each query image, the minimum over query shifts of up to
+    ``align`` pixels in each direction ((2*align+1)^2 searches).
+
+    Parameters
+    ----------
+    transform : images (uint8, (N, H, W)) to features.
+    queries : query images.
+    reference : reference features (already transformed).
+
+    Returns
+    -------
+    (N,) distances and (N,) indices into ``reference``.
+    """
+    best_d: np.ndarray | None = None
+    best_i: np.ndarray | None = None
+    for dy in range(-align, align + 1):
+        for dx in range(-align, align + 1):
+            d, i = nearest(transform(shift_images(queries, dy, dx)), reference, exclude_self=exclude_self)
+            if best_d is None or best_i is None:
+                best_d, best_i = d[:, 0].copy(), i[:, 0].copy()
+            else:
+                better = d[:, 0] < best_d
+                best_d[better], best_i[better] = d[better, 0], i[better, 0]
+    assert best_d is not None and best_i is not None
+    return best_d, best_i
+
+
+@dataclass
+class Distances:
+    """Nearest-neighbour distances in one feature space (arrays, kept out of audit.json)."""
+
+    space: str
+    synthetic_to_train: np.ndarray
+    synthetic_to_train_index: np.ndarray
+    synthetic_to_holdout: np.ndarray
+    synthetic_to_holdout_index: np.ndarray
+    holdout_to_train: np.ndarray
+    holdout_to_train_index: np.ndarray
+    holdout_to_holdout: np.ndarray  # each holdout image to its nearest other holdout image
+    train_to_train: np.ndarray  # each training image to its nearest other training image
+    train_features: np.ndarray
+    holdout_features: np.ndarray
+    synthetic_features: np.ndarray
+
+
+def measure_distances(
+    space: str, transform: Transform, *, synthetic: np.ndarray, train: np.ndarray, holdout: np.ndarray,
+    align: int = 0,
+) -> Distances:
+    """All the nearest-neighbour distances the memorization metrics and galleries need.
+
+    Parameters
+    ----------
+    space : the feature space's name.
+    transform : images to features.
+    synthetic, train, holdout : uint8 images (N, H, W).
+    align : pixel shifts searched (pixel space only; 0 elsewhere).
+    """
+    train_f, holdout_f, synthetic_f = transform(train), transform(holdout), transform(synthetic)
+    st_d, st_i = aligned_nearest(transform, synthetic, train_f, align=align)
+    sh_d, sh_i = aligned_nearest(transform, synthetic, holdout_f, align=align)
+    ht_d, ht_i = aligned_nearest(transform, holdout, train_f, align=align)
+    hh_d, _ = aligned_nearest(transform, holdout, holdout_f, align=align, exclude_self=True)
+    tt_d, _ = aligned_nearest(transform, train, train_f, align=align, exclude_self=True)
+    return Distances(space, st_d, st_i, sh_d, sh_i, ht_d, ht_i, hh_d, tt_d,
+                     train_f, holdout_f, synthetic_f)
+
+
+def _quantiles(values: np.ndarray) -> dict[str, float]:
+    return {"median": float(np.median(values)), "p05": float(np.quantile(values, 0.05)),
+            "p01": float(np.quantile(values, 0.01)), "mean": float(values.mean())}
+
+
+def dcr_summary(d: Distances) -> dict[str, Any]:
+    """Distance to closest training record, synthetic vs holdout, and the ratio of medians
+    (below 1: synthetic images sit closer to training patients than fresh patients do)."""
+    ref_median = float(np.median(d.holdout_to_train))
+    return {
+        "synthetic": _quantiles(d.synthetic_to_train),
+        "holdout": _quantiles(d.holdout_to_train),
+        "median_ratio": float(np.median(d.synthetic_to_train) / ref_median) if ref_median > 0 else float("nan"),
+        "p05_ratio": _safe_ratio(np.quantile(d.synthetic_to_train, 0.05), np.quantile(d.holdout_to_train, 0.05)),
+    }
+
+
+def _safe_ratio(a: float, b: float) -> float:
+    return float(a / b) if b > 0 else float("nan")
+
+
+def closer_to_train_share(d: Distances) -> dict[str, Any]:
+    """Share of synthetic images nearer to a training image than to any holdout image
+    (ties counted half), with a one-sided binomial test against the real-data reference.
+
+    The reference is measured, not assumed: the same share for each holdout image against
+    the training set and the rest of the holdout. It depends on the two sets' sizes (a
+    larger train set is nearer more often), which is why it is measured on the same sets.
+    """
+    def share(to_train: np.ndarray, to_holdout: np.ndarray) -> np.ndarray:
+        closer = (to_train < to_holdout).astype(float)
+        closer[to_train == to_holdout] = 0.5
+        return closer
+
+    synthetic = share(d.synthetic_to_train, d.synthetic_to_holdout)
+    reference = float(share(d.holdout_to_train, d.holdout_to_holdout).mean())
+    hits = int(round(synthetic.sum()))
+    p_value = float(binomtest(hits, len(synthetic), min(max(reference, 1e-9), 1 - 1e-9), alternative="greater").pvalue)
+    return {"share": float(synthetic.mean()), "reference": reference, "p_value": p_value, "n": int(len(synthetic))}
+
+
+def data_copying_ct(d: Distances, *, cells: int | None = None, min_per_cell: int = 10, seed: int = 0) -> dict[str, Any]:
+    """Meehan et al.'s C_T: cells from k-means on train features; in each cell, the
+    Mann-Whitney z-score of synthetic vs holdout distances to train (negative: synthetic
+    closer); C_T is their average weighted by the holdout's share of each cell. Cells with
+    fewer than ``min_per_cell`` holdout or synthetic images are left out (their share of
+    the holdout is reported).
+    """
+    n_holdout = len(d.holdout_features)
+    if cells is None:
+        cells = int(np.clip(n_holdout // 40, 1, 20))
+    kmeans = KMeans(n_clusters=cells, n_init=3, random_state=seed).fit(d.train_features)
+    h_cell = kmeans.predict(d.holdout_features)
+    s_cell = kmeans.predict(d.synthetic_features)
+    z_scores, weights, kept = [], [], 0
+    for cell in range(cells):
+        h = d.holdout_to_train[h_cell == cell]
+        s = d.synthetic_to_train[s_cell == cell]
+        if len(h) < min_per_cell or len(s) < min_per_cell:
+            continue
+        kept += len(h)
+        # U counts (synthetic, holdout) pairs where the synthetic image is farther from train
+        ranks = _ranks(np.concatenate([s, h]))
+        u = ranks[: len(s)].sum() - len(s) * (len(s) + 1) / 2
+        mean, sd = len(s) * len(h) / 2, np.sqrt(len(s) * len(h) * (len(s) + len(h) + 1) / 12)
+        z_scores.append(float((u - mean) / sd))
+        weights.append(len(h) / n_holdout)
+    if not z_scores:
+        return {"c_t": float("nan"), "cells": cells, "cells_used": 0, "holdout_share_used": 0.0,
+                "reason": f"no cell held {min_per_cell} holdout and {min_per_cell} synthetic images"}
+    c_t = float(np.average(z_scores, weights=weights))
+    return {"c_t": c_t, "cells": cells, "cells_used": len(z_scores), "holdout_share_used": kept / n_holdout,
+            "cell_z": z_scores}
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    from scipy.stats import rankdata
+
+    return rankdata(values)
+
+
+def authenticity(d: Distances, *, queries: str = "synthetic") -> float:
+    """Alaa et al.'s authenticity: share of query images farther from their nearest
+    training image than that training image is from its own nearest training neighbour.
+    ``queries`` = "holdout" gives the real-data reference."""
+    if queries == "holdout":
+        dist, idx = d.holdout_to_train, d.holdout_to_train_index
+    else:
+        dist, idx = d.synthetic_to_train, d.synthetic_to_train_index
+    return float((dist > d.train_to_train[idx]).mean())
+
+
+def near_copies(d: Distances, *, percentile: float = 1.0, exact: float = 1e-6) -> dict[str, Any]:
+    """Synthetic images closer to train than ``percentile``% of holdout images are, and
+    every exact copy (distance <= ``exact``) whatever the holdout does: the flagged
+    indices (closest first), their share, and the threshold distance.
+
+    ``holdout_exact_share`` > 0 means the real data itself holds images duplicated across
+    train and holdout; the threshold is then 0 and the reference is not to be trusted.
+    """
+    # "lower": the threshold is a holdout distance, so at most `percentile`% of holdout images fall below it
+    threshold = float(np.percentile(d.holdout_to_train, percentile, method="lower"))
+    flagged = np.flatnonzero((d.synthetic_to_train < threshold) | (d.synthetic_to_train <= exact))
+    flagged = flagged[np.argsort(d.synthetic_to_train[flagged], kind="stable")]
+    return {"share": float(len(flagged) / len(d.synthetic_to_train)), "count": int(len(flagged)),
+            "threshold": threshold, "percentile": percentile,
+            "exact_copies": int((d.synthetic_to_train <= exact).sum()),
+            "holdout_share": float(((d.holdout_to_train < threshold) | (d.holdout_to_train <= exact)).mean()),
+            "holdout_exact_share": float((d.holdout_to_train <= exact).mean()),
+            "indices": flagged.tolist()}

@@ -1,0 +1,531 @@
+"""The audit, end to end: feature spaces, fidelity, utility, memorization, membership
+inference and the privacy ledger, judged against fresh real data, written to a folder.
+
+Inputs are arrays (the CLI gathers them from a run and a slice set), so the calibration
+tests can hand in copies of the training images, or the holdout, as "synthetic".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..shared.sampling import save_grid
+from . import fidelity, membership, memorization
+from .features import AutoencoderSpace, InceptionSpace, PixelSpace, find_inception_weights
+from .verdicts import AMBER, GREEN, RED, THRESHOLDS, judge, worst
+
+__all__ = ["AUDIT_FILE", "AuditInputs", "AuditOptions", "Discriminator", "fit_feature_spaces", "run_audit"]
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+AUDIT_FILE = "audit.json"
+FIGURES = "figures"
+
+
+@dataclass
+class AuditInputs:
+    """What the audit measures: the real split and the synthetic images.
+
+    ``train_*`` are the images the generator was trained on (members), ``holdout_*`` the
+    same hospitals' patients never trained on (fresh real data, the reference).
+    ``synthetic_labels`` is None for an unconditional generator.
+    """
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    train_patients: np.ndarray
+    holdout_images: np.ndarray
+    holdout_labels: np.ndarray
+    holdout_patients: np.ndarray
+    synthetic_images: np.ndarray
+    synthetic_labels: np.ndarray | None
+    class_names: tuple[str, ...]
+    privacy_unit: str = "slice"
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """Raises ValueError naming the set that is unusable."""
+        for name in ("train", "holdout", "synthetic"):
+            images = getattr(self, f"{name}_images")
+            if images.ndim != 3 or images.dtype != np.uint8:
+                raise ValueError(f"{name} images: expected uint8 (N, H, W), got {images.dtype} {images.shape}")
+            if len(images) < 10:
+                raise ValueError(f"{name} images: {len(images)} are too few to audit (need at least 10)")
+        sizes = {self.train_images.shape[1:], self.holdout_images.shape[1:], self.synthetic_images.shape[1:]}
+        if len(sizes) > 1:
+            raise ValueError(f"image sizes differ between train, holdout and synthetic: {sorted(sizes)}")
+
+
+@dataclass
+class Discriminator:
+    """A hospital's discriminator with the hospital's own members and non-members, for
+    the white-box attack (available only where the hospital's state is)."""
+
+    hospital: str
+    model: torch.nn.Module
+    records: membership.Records
+
+
+@dataclass
+class AuditOptions:
+    seed: int = 0
+    pixel_components: int = 64
+    align: int = 1
+    encoder_steps: int = 500
+    inception_weights: str | None = None
+    inception_max_images: int = 1000
+    utility: bool = True
+    utility_seeds: int = 5
+    utility_steps: int | None = None
+    utility_model: str = "cnn"
+    mia_max_patients: int = 2000
+    gallery_rows: int = 12
+    threads: int | None = None
+
+
+def run_audit(
+    inputs: AuditInputs, out: str | Path, options: AuditOptions | None = None, *,
+    privacy_ledger: list[dict[str, Any]] | None = None, client_privacy: list[dict[str, Any]] | None = None,
+    discriminators: list[Discriminator] | None = None, progress: Progress | None = None,
+    spaces_fitted: tuple[PixelSpace, AutoencoderSpace] | None = None,
+) -> dict[str, Any]:
+    """Measure everything, judge it, and write ``audit.json`` and the figures to ``out``.
+
+    ``spaces_fitted`` reuses feature spaces from :func:`fit_feature_spaces` on the same
+    real slices (several audits of one hospital's data need to train the encoder once).
+
+    Returns
+    -------
+    The audit as written to audit.json.
+
+    Raises
+    ------
+    ValueError
+        Unusable inputs (named); FeatureError: Inception weights that do not load.
+    """
+    options = options or AuditOptions()
+    inputs.validate()
+    out = Path(out)
+    (out / FIGURES).mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    timings: dict[str, float] = {}
+    previous_threads = torch.get_num_threads()
+    if options.threads:
+        torch.set_num_threads(options.threads)
+
+    def step(name: str, done: int = 0, total: int = 1) -> None:
+        if progress:
+            progress(name, done, total)
+
+    try:
+        t = time.monotonic()
+        pixels, encoder = spaces_fitted or fit_feature_spaces(inputs, options, progress)
+        timings["feature_spaces"] = time.monotonic() - t
+        spaces: list[tuple[str, Callable[[np.ndarray], np.ndarray], int]] = [
+            ("pixels", pixels.transform, options.align), ("encoder", encoder.transform, 0)]
+
+        t = time.monotonic()
+        step("memorization: nearest neighbours")
+        distances = {name: memorization.measure_distances(
+            name, transform, synthetic=inputs.synthetic_images, train=inputs.train_images,
+            holdout=inputs.holdout_images, align=align) for name, transform, align in spaces}
+        memo = {name: _memorization(d) for name, d in distances.items()}
+        timings["memorization"] = time.monotonic() - t
+
+        t = time.monotonic()
+        step("fidelity")
+        fid = _fidelity(inputs, distances, encoder, options, step)
+        timings["fidelity"] = time.monotonic() - t
+
+        t = time.monotonic()
+        step("membership inference")
+        mia = _membership(inputs, spaces, distances, options, discriminators or [])
+        timings["membership"] = time.monotonic() - t
+
+        t = time.monotonic()
+        util = _utility(inputs, options, out, step)
+        timings["utility"] = time.monotonic() - t
+
+        dp = _privacy(privacy_ledger or [], client_privacy or [])
+        checks = _checks(memo, mia, fid, util, dp)
+        figures = _figures(inputs, distances, mia, out, options)
+        if "conditions" in util:
+            from .utility import plot_gain_vs_ratio
+
+            figures["utility_gain"] = str(plot_gain_vs_ratio(util, out / FIGURES / "utility_gain.png").relative_to(out))
+    finally:
+        torch.set_num_threads(previous_threads)
+
+    timings["total"] = time.monotonic() - started
+    audit = {
+        "format": "fedsynth-audit/1",
+        "summary": {name: check["verdict"] for name, check in checks.items()},
+        "checks": checks,
+        "inputs": {
+            "train_images": int(len(inputs.train_images)), "train_patients": int(len(np.unique(inputs.train_patients))),
+            "holdout_images": int(len(inputs.holdout_images)),
+            "holdout_patients": int(len(np.unique(inputs.holdout_patients))),
+            "synthetic_images": int(len(inputs.synthetic_images)), "image_size": int(inputs.train_images.shape[1]),
+            "class_names": list(inputs.class_names), "conditional": inputs.synthetic_labels is not None,
+            "privacy_unit": inputs.privacy_unit, **inputs.provenance,
+        },
+        "feature_spaces": {"pixels": {**pixels.describe(), "aligned_shift_pixels": options.align},
+                           "encoder": encoder.describe(), "inception": fid.pop("inception_space")},
+        "fidelity": fid,
+        "memorization": memo,
+        "membership_inference": mia,
+        "utility": util,
+        "privacy": dp,
+        "thresholds": THRESHOLDS,
+        "figures": figures,
+        "options": asdict(options),
+        "seconds": timings,
+    }
+    _write_json_atomic(out / AUDIT_FILE, audit)
+    return audit
+
+
+def fit_feature_spaces(
+    inputs: AuditInputs, options: AuditOptions, progress: Progress | None = None,
+) -> tuple[PixelSpace, AutoencoderSpace]:
+    """The pixel space (PCA) and the audit's own encoder, both fit on the real slices
+    (train and holdout alike, so members and non-members are embedded the same way)."""
+    real = np.concatenate([inputs.train_images, inputs.holdout_images])
+    if progress:
+        progress("pixel space (PCA)", 0, 1)
+    pixels = PixelSpace(components=options.pixel_components, seed=options.seed).fit(real)
+    label = "encoder: training on the real slices"
+    encoder = AutoencoderSpace(steps=options.encoder_steps, seed=options.seed, threads=options.threads).fit(
+        real, progress=(lambda d, n: progress(label, d, n)) if progress else None)
+    return pixels, encoder
+
+
+# --- measurements ---------------------------------------------------------------------------------
+
+
+def _memorization(d: memorization.Distances) -> dict[str, Any]:
+    near = memorization.near_copies(d)
+    return {
+        "dcr": memorization.dcr_summary(d),
+        "closer_to_train": memorization.closer_to_train_share(d),
+        "c_t": memorization.data_copying_ct(d),
+        "authenticity": {"synthetic": memorization.authenticity(d),
+                         "holdout": memorization.authenticity(d, queries="holdout")},
+        "near_copies": {k: v for k, v in near.items() if k != "indices"} | {"first_indices": near["indices"][:50]},
+    }
+
+
+def _fidelity(inputs: AuditInputs, distances: dict[str, memorization.Distances], encoder: AutoencoderSpace,
+              options: AuditOptions, step: Callable[..., None]) -> dict[str, Any]:
+    rng = np.random.default_rng(options.seed)
+    enc = distances["encoder"]
+    n_ref = len(enc.holdout_features)
+    # the same number of synthetic images as holdout images, so both Fréchet distances carry the same bias
+    same_n = rng.choice(len(enc.synthetic_features), size=min(n_ref, len(enc.synthetic_features)), replace=False)
+    result: dict[str, Any] = {"encoder": {
+        "frechet_distance": {"synthetic": fidelity.frechet_distance(enc.train_features, enc.synthetic_features[same_n]),
+                             "holdout": fidelity.frechet_distance(enc.train_features, enc.holdout_features)},
+        "kid": {"synthetic": fidelity.kernel_inception_distance(enc.train_features, enc.synthetic_features, seed=options.seed),
+                "holdout": fidelity.kernel_inception_distance(enc.train_features, enc.holdout_features, seed=options.seed)},
+        "prdc": {"synthetic": fidelity.precision_recall_density_coverage(enc.train_features, enc.synthetic_features[same_n]),
+                 "holdout": fidelity.precision_recall_density_coverage(enc.train_features, enc.holdout_features)},
+    }}
+    weights, how = find_inception_weights(options.inception_weights)
+    if weights is None:
+        result["inception_space"] = {"computed": False, "reason": how}
+    else:
+        step("fidelity: Inception-v3 features (slow on CPU)")
+        space = InceptionSpace(weights, device="cuda" if torch.cuda.is_available() else "cpu")
+        cap = options.inception_max_images
+        pick = lambda images: images[rng.choice(len(images), min(cap, len(images)), replace=False)]  # noqa: E731
+        train_f, hold_f = space.transform(pick(inputs.train_images)), space.transform(pick(inputs.holdout_images))
+        syn_f = space.transform(pick(inputs.synthetic_images)[: len(hold_f)])
+        result["inception"] = {
+            "fid": {"synthetic": fidelity.frechet_distance(train_f, syn_f), "holdout": fidelity.frechet_distance(train_f, hold_f)},
+            "images": {"train": len(train_f), "holdout": len(hold_f), "synthetic": len(syn_f)},
+        }
+        result["inception_space"] = {"computed": True, "reason": how, **space.describe()}
+    labels_known = inputs.synthetic_labels is not None
+    result["ssim_psnr_class_matched"] = {
+        "synthetic": _drop_values(fidelity.class_matched_ssim_psnr(
+            inputs.synthetic_images, inputs.synthetic_labels if labels_known else None,
+            inputs.train_images, inputs.train_labels if labels_known else None, seed=options.seed)),
+        "holdout": _drop_values(fidelity.class_matched_ssim_psnr(
+            inputs.holdout_images, inputs.holdout_labels if labels_known else None,
+            inputs.train_images, inputs.train_labels if labels_known else None, seed=options.seed)),
+        "protocol": "each image against one random training image of the same class (MedScanGAN, seed paper 003)",
+    }
+    pix = distances["pixels"]
+    result["nearest_neighbour_ssim"] = {
+        "synthetic": _drop_values(fidelity.nearest_neighbour_ssim(inputs.synthetic_images, inputs.train_images,
+                                                                  pix.synthetic_to_train_index)),
+        "holdout": _drop_values(fidelity.nearest_neighbour_ssim(inputs.holdout_images, inputs.train_images,
+                                                                pix.holdout_to_train_index)),
+        "note": "SSIM with the nearest training image: a privacy signal (copies score near 1), not a quality score",
+    }
+    result["ms_ssim_diversity"] = {
+        "synthetic": fidelity.ms_ssim_diversity(inputs.synthetic_images, seed=options.seed),
+        "real": fidelity.ms_ssim_diversity(np.concatenate([inputs.train_images, inputs.holdout_images]), seed=options.seed),
+        "note": "mean MS-SSIM between random pairs within a set: higher than the real value means less diverse",
+    }
+    result["intensity_histogram"] = {
+        "synthetic": fidelity.intensity_histogram_distance(inputs.train_images, inputs.synthetic_images),
+        "holdout": fidelity.intensity_histogram_distance(inputs.train_images, inputs.holdout_images),
+    }
+    return result
+
+
+def _drop_values(summary: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in summary.items() if k != "values"}
+
+
+def _membership(inputs: AuditInputs, spaces: list[tuple[str, Callable[[np.ndarray], np.ndarray], int]],
+                distances: dict[str, memorization.Distances], options: AuditOptions,
+                discriminators: list[Discriminator]) -> dict[str, Any]:
+    records = membership.select_records(inputs.train_images, inputs.train_labels, inputs.train_patients,
+                                        inputs.holdout_images, inputs.holdout_labels, inputs.holdout_patients,
+                                        max_patients=options.mia_max_patients, seed=options.seed)
+    attacks: dict[str, Any] = {}
+    for name, transform, align in spaces:
+        synthetic_f = distances[name].synthetic_features
+        attacks[f"distance/{name}"] = membership.attack_metrics(
+            membership.distance_scores(records, transform, synthetic_f, align=align), records.member, seed=options.seed)
+        attacks[f"density/{name}"] = membership.attack_metrics(
+            membership.density_scores(records, transform, synthetic_f), records.member, seed=options.seed)
+    for disc in discriminators:
+        attacks[f"discriminator/{disc.hospital}"] = membership.attack_metrics(
+            membership.discriminator_scores(disc.model, disc.records), disc.records.member, seed=options.seed)
+    return {"attacks": attacks, "members": int(records.member.sum()), "non_members": int((~records.member).sum()),
+            "unit": inputs.privacy_unit}
+
+
+def _utility(inputs: AuditInputs, options: AuditOptions, out: Path, step: Callable[..., None]) -> dict[str, Any]:
+    if not options.utility:
+        return {"skipped": "not asked for (--no-utility)"}
+    if inputs.synthetic_labels is None:
+        return {"skipped": "the generator is unconditional: synthetic images carry no class label to train a classifier on"}
+    if len(np.unique(inputs.holdout_labels)) < 2:
+        return {"skipped": "the holdout holds a single class: a classifier cannot be tested on it"}
+    from .utility import utility_study
+
+    return utility_study(
+        inputs.train_images, inputs.train_labels, inputs.holdout_images, inputs.holdout_labels,
+        inputs.synthetic_images, inputs.synthetic_labels, class_names=inputs.class_names,
+        holdout_groups=inputs.holdout_patients, seeds=options.utility_seeds, steps=options.utility_steps,
+        model=options.utility_model, seed=options.seed, threads=options.threads,
+        progress=lambda d, n: step("utility: training classifiers", d, n),
+    )
+
+
+def _privacy(ledger: list[dict[str, Any]], client: list[dict[str, Any]]) -> dict[str, Any]:
+    latest: dict[str, dict[str, Any]] = {}
+    for row in ledger:
+        latest[row["hospital"]] = row
+    hospitals = {name: {k: row.get(k) for k in ("round", "epsilon_rdp", "epsilon_prv", "delta", "noise_multiplier",
+                                                "max_grad_norm", "sample_rate", "steps", "units", "privacy_unit",
+                                                "target_epsilon")}
+                 for name, row in sorted(latest.items())}
+    return {"dp_sgd": bool(hospitals), "hospitals": hospitals,
+            "client_level": client[-1] if client else None}
+
+
+# --- judging --------------------------------------------------------------------------------------
+
+
+def _figure(value: float | None, reference: float | None, figure: str, verdict: str, meaning: str,
+            space: str | None = None) -> dict[str, Any]:
+    row = {"value": value, "reference": reference, "threshold": THRESHOLDS[figure]["rule"], "verdict": verdict,
+           "meaning": meaning, "figure": figure}
+    if space:
+        row["space"] = space
+    return row
+
+
+def _checks(memo: dict[str, Any], mia: dict[str, Any], fid: dict[str, Any], util: dict[str, Any],
+            dp: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    copying: list[dict[str, Any]] = []
+    for space, m in memo.items():
+        near = m["near_copies"]
+        copying.append(_figure(near["share"], near["holdout_share"], "near_copy_share",
+                               judge("near_copy_share", near["share"]),
+                               f"{near['count']} synthetic images are nearer a training image than 99% of fresh "
+                               "patients' images are", space))
+        ratio = m["dcr"]["median_ratio"]
+        copying.append(_figure(ratio, 1.0, "dcr_median_ratio", judge("dcr_median_ratio", ratio),
+                               "how far synthetic images sit from training images, relative to fresh real images", space))
+        share = m["closer_to_train"]
+        excess = share["share"] - share["reference"]
+        light = (RED if excess > THRESHOLDS["closer_to_train_excess"]["red"] and share["p_value"] < 1e-3 else
+                 AMBER if excess > THRESHOLDS["closer_to_train_excess"]["amber"] and share["p_value"] < 1e-2 else GREEN)
+        copying.append(_figure(share["share"], share["reference"], "closer_to_train_excess", light,
+                               "share of synthetic images closer to the training set than to fresh patients", space))
+        c_t = m["c_t"]["c_t"]
+        copying.append(_figure(c_t, 0.0, "c_t", judge("c_t", c_t),
+                               "data-copying test: strongly negative means synthetic images hug training images", space))
+        auth = m["authenticity"]
+        gap = auth["synthetic"] - auth["holdout"]
+        copying.append(_figure(auth["synthetic"], auth["holdout"], "authenticity_gap", judge("authenticity_gap", gap),
+                               "share of synthetic images that are not closer to a training image than its own "
+                               "neighbours are", space))
+    attacks: list[dict[str, Any]] = []
+    for name, attack in mia["attacks"].items():
+        light = worst([judge("mia_auc", attack["auc"]), judge("mia_tpr_at_1pct_fpr", attack["tpr_at_1pct_fpr"])])
+        attacks.append(_figure(attack["auc"], 0.5, "mia_auc", light,
+                               f"attack '{name}': AUC {attack['auc']:.2f}, {attack['tpr_at_1pct_fpr']:.1%} of training "
+                               f"{mia['unit']}s found at 1% false alarms", name.split("/")[1]))
+    enc = fid["encoder"]
+    fd_ratio = _ratio(enc["frechet_distance"]["synthetic"], enc["frechet_distance"]["holdout"])
+    cov = _ratio(enc["prdc"]["synthetic"]["coverage"], enc["prdc"]["holdout"]["coverage"])
+    prec = _ratio(enc["prdc"]["synthetic"]["precision"], enc["prdc"]["holdout"]["precision"])
+    fidelity_rows = [
+        _figure(fd_ratio, 1.0, "fd_ratio", judge("fd_ratio", fd_ratio),
+                "how far the synthetic image distribution is from the real one, relative to fresh real data", "encoder"),
+        _figure(cov, 1.0, "coverage_ratio", judge("coverage_ratio", cov),
+                "how much of the variety of real images the synthetic images cover", "encoder"),
+        _figure(prec, 1.0, "precision_ratio", judge("precision_ratio", prec),
+                "how many synthetic images look like some real image", "encoder"),
+    ]
+    if "gains" in util and "real+synthetic-balanced" in util["gains"]:
+        gain = util["gains"]["real+synthetic-balanced"]["over_control"]["balanced_accuracy"]
+        light = GREEN if gain["ci_low"] > 0 else RED if gain["ci_high"] < 0 else AMBER
+        utility_rows = [_figure(gain["mean"], 0.0, "utility_gain", light,
+                                f"balanced accuracy changes by {gain['mean']:+.3f} (95% CI {gain['ci_low']:+.3f} to "
+                                f"{gain['ci_high']:+.3f}) when synthetic images are added, beyond what re-drawing "
+                                "real images gives")]
+        utility_verdict = light
+    else:
+        utility_rows = []
+        utility_verdict = AMBER
+    eps_rows = []
+    for name, row in dp["hospitals"].items():
+        eps = row.get("epsilon_rdp")
+        eps_rows.append(_figure(eps, None, "epsilon", judge("epsilon", eps),
+                                f"{name}: formal guarantee ε = {eps:.3g} per {row.get('privacy_unit') or 'slice'} "
+                                f"at δ = {row.get('delta'):.0e}" if eps is not None else f"{name}: ε unknown", name))
+    dp_verdict = worst([r["verdict"] for r in eps_rows]) if eps_rows else RED
+    return {
+        "formal_privacy": {"verdict": dp_verdict, "figures": eps_rows,
+                           "note": None if eps_rows else "the run did not use DP-SGD: there is no formal guarantee"},
+        "copying": {"verdict": worst([r["verdict"] for r in copying]), "figures": copying,
+                    "note": _duplicate_warning(memo)},
+        "membership_inference": {"verdict": worst([r["verdict"] for r in attacks]), "figures": attacks},
+        "fidelity": {"verdict": worst([r["verdict"] for r in fidelity_rows]), "figures": fidelity_rows},
+        "utility": {"verdict": utility_verdict, "figures": utility_rows,
+                    "note": util.get("skipped") if isinstance(util.get("skipped"), str) else None},
+    }
+
+
+def _duplicate_warning(memo: dict[str, Any]) -> str | None:
+    share = max(m["near_copies"]["holdout_exact_share"] for m in memo.values())
+    if share == 0:
+        return None
+    return (f"{share:.1%} of holdout images are exact copies of training images: the real data holds duplicates "
+            "across train and holdout, so the fresh-data reference is contaminated. De-duplicate the data "
+            "(`fedsynth prepare` does) and audit again.")
+
+
+def _ratio(a: float, b: float) -> float:
+    return float(a / b) if b else float("inf") if a else 1.0
+
+
+# --- figures --------------------------------------------------------------------------------------
+
+
+def _figures(inputs: AuditInputs, distances: dict[str, memorization.Distances], mia: dict[str, Any], out: Path,
+             options: AuditOptions) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = out / FIGURES
+    written: dict[str, str] = {}
+    fig, axes = plt.subplots(1, len(distances), figsize=(6 * len(distances), 4))
+    for ax, (space, d) in zip(np.atleast_1d(axes), distances.items(), strict=True):
+        top = float(np.quantile(np.concatenate([d.synthetic_to_train, d.holdout_to_train]), 0.99)) or 1.0
+        bins = np.linspace(0, top, 50)
+        ax.hist(d.synthetic_to_train, bins, alpha=0.5, density=True, label="synthetic → nearest train")
+        ax.hist(d.synthetic_to_holdout, bins, alpha=0.5, density=True, label="synthetic → nearest holdout")
+        ax.hist(d.holdout_to_train, bins, histtype="step", lw=2, color="k", density=True,
+                label="holdout → nearest train (fresh real data)")
+        ax.axvline(float(np.percentile(d.holdout_to_train, 1, method="lower")), color="red", ls="--", label="near-copy threshold")
+        ax.set_title(f"distance to closest record ({space})")
+        ax.set_xlabel("distance")
+        ax.set_ylabel("density")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(folder / "dcr_histograms.png", dpi=110)
+    plt.close(fig)
+    written["dcr_histograms"] = f"{FIGURES}/dcr_histograms.png"
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for name, attack in mia["attacks"].items():
+        fpr, tpr = np.maximum(attack["roc"]["fpr"], 1e-4), np.maximum(attack["roc"]["tpr"], 1e-4)
+        ax.plot(fpr, tpr, label=f"{name} (AUC {attack['auc']:.2f})")
+    grid = np.logspace(-4, 0, 50)
+    ax.plot(grid, grid, "k--", lw=1, label="chance")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(1e-3, 1)
+    ax.set_ylim(1e-3, 1)
+    ax.set_xlabel("false positive rate (fresh patients called members)")
+    ax.set_ylabel("true positive rate (training patients found)")
+    ax.set_title("membership inference ROC (log axes)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(folder / "mia_roc.png", dpi=110)
+    plt.close(fig)
+    written["mia_roc"] = f"{FIGURES}/mia_roc.png"
+
+    pix = distances["pixels"]
+    order = np.argsort(pix.synthetic_to_train)[: options.gallery_rows]
+    tiles = []
+    for i in order:
+        tiles += [inputs.synthetic_images[i], inputs.train_images[pix.synthetic_to_train_index[i]],
+                  inputs.holdout_images[pix.synthetic_to_holdout_index[i]]]
+    scale = max(1, 96 // inputs.train_images.shape[1])
+    save_grid(np.stack(tiles), folder / "closest_pairs.png", columns=3, scale=scale,
+              title="closest synthetic images | nearest training image | nearest holdout image")
+    written["closest_pairs"] = f"{FIGURES}/closest_pairs.png"
+
+    rng = np.random.default_rng(options.seed)
+    n = min(32, len(inputs.synthetic_images), len(inputs.train_images))
+    syn = inputs.synthetic_images[rng.choice(len(inputs.synthetic_images), n, replace=False)]
+    real = inputs.train_images[rng.choice(len(inputs.train_images), n, replace=False)]
+    save_grid(syn, folder / "synthetic_random.png", columns=8, scale=scale, title="synthetic, drawn at random")
+    save_grid(real, folder / "real_random.png", columns=8, scale=scale, title="real training images, drawn at random")
+    written["synthetic_random"] = f"{FIGURES}/synthetic_random.png"
+    written["real_random"] = f"{FIGURES}/real_random.png"
+    return written
+
+
+def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(payload, handle, indent=2, default=_json_default)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+

@@ -1,0 +1,84 @@
+"""Traffic lights: the thresholds that turn each audit figure into green, amber or red.
+
+Every threshold lives here, with the reason for it, and is written into audit.json next
+to the figure it judged. Privacy checks are judged against fresh real data (the holdout):
+a generator is asked to be no closer to its training patients than new patients are.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["GREEN", "AMBER", "RED", "THRESHOLDS", "judge", "worst"]
+
+GREEN, AMBER, RED = "green", "amber", "red"
+_ORDER = {GREEN: 0, AMBER: 1, RED: 2}
+
+# figure -> (direction, amber limit, red limit, why). "below": smaller is safer.
+THRESHOLDS: dict[str, dict[str, Any]] = {
+    "near_copy_share": {
+        "rule": "share of synthetic images closer to a training image than 99% of holdout images are: "
+                "green <= 2%, amber <= 5%, red above (fresh real data gives about 1%)",
+        "amber": 0.02, "red": 0.05, "safer": "lower"},
+    "dcr_median_ratio": {
+        "rule": "median synthetic->train distance / median holdout->train distance: green >= 0.9, "
+                "amber >= 0.75, red below (fresh real data gives 1)",
+        "amber": 0.9, "red": 0.75, "safer": "higher"},
+    "closer_to_train_excess": {
+        "rule": "share closer to train than to holdout, minus the same share for holdout images: "
+                "red when > 0.10 and p < 0.001, amber when > 0.03 and p < 0.01, else green",
+        "amber": 0.03, "red": 0.10, "safer": "lower"},
+    "c_t": {
+        "rule": "Meehan et al.'s data-copying z-score: green >= -2, amber >= -3, red below "
+                "(fresh real data gives about 0; copying drives it far below 0)",
+        "amber": -2.0, "red": -3.0, "safer": "higher"},
+    "authenticity_gap": {
+        "rule": "authenticity of synthetic images minus that of holdout images: green >= -0.05, "
+                "amber >= -0.15, red below",
+        "amber": -0.05, "red": -0.15, "safer": "higher"},
+    "mia_auc": {
+        "rule": "membership-inference ROC AUC: green <= 0.55, amber <= 0.60, red above (0.5 = chance)",
+        "amber": 0.55, "red": 0.60, "safer": "lower"},
+    "mia_tpr_at_1pct_fpr": {
+        "rule": "true-positive rate at 1% false positives: green <= 5%, amber <= 10%, red above (1% = chance)",
+        "amber": 0.05, "red": 0.10, "safer": "lower"},
+    "fd_ratio": {
+        "rule": "Fréchet distance (train, synthetic) / (train, holdout) in the encoder space: green <= 3, "
+                "amber <= 10, red above",
+        "amber": 3.0, "red": 10.0, "safer": "lower"},
+    "coverage_ratio": {
+        "rule": "coverage of the real data by synthetic images / coverage by holdout images: green >= 0.7, "
+                "amber >= 0.4, red below (low: modes of the real data are missing)",
+        "amber": 0.7, "red": 0.4, "safer": "higher"},
+    "precision_ratio": {
+        "rule": "precision of synthetic images / precision of holdout images: green >= 0.7, amber >= 0.4, "
+                "red below (low: many synthetic images fall outside the real data)",
+        "amber": 0.7, "red": 0.4, "safer": "higher"},
+    "utility_gain": {
+        "rule": "balanced-accuracy gain of real + class-balanced synthetic over real + the same number of "
+                "re-drawn real images (the honest control), 95% CI: green when the CI is above 0, "
+                "red when it is below 0, amber when it contains 0",
+        "safer": "higher"},
+    "epsilon": {
+        "rule": "formal ε per privacy unit at the run's δ: green <= 1, amber <= 10, red above or no DP",
+        "amber": 1.0, "red": 10.0, "safer": "lower"},
+}
+
+
+def judge(figure: str, value: float | None, *, significant: bool = True) -> str:
+    """The traffic light for one figure under THRESHOLDS[figure]; ``significant`` False
+    (e.g. a p-value that does not reject) caps the light at green. None or NaN is amber
+    (could not be measured)."""
+    rule = THRESHOLDS[figure]
+    if value is None or value != value:
+        return AMBER
+    if not significant:
+        return GREEN
+    if rule["safer"] == "lower":
+        return RED if value > rule["red"] else AMBER if value > rule["amber"] else GREEN
+    return RED if value < rule["red"] else AMBER if value < rule["amber"] else GREEN
+
+
+def worst(lights: list[str]) -> str:
+    """The most severe light (green for an empty list)."""
+    return max(lights, key=_ORDER.__getitem__, default=GREEN)
