@@ -55,6 +55,22 @@ def test_image_folder_dedups_by_pixels_and_names_unreadable_files(image_folder: 
     assert card.split["holdout"]["slices"] == 6
 
 
+def test_near_duplicates_are_removed_and_different_images_kept(tmp_path: Path) -> None:
+    """A re-encoded, lightly altered copy (JPEG, one grey level brighter) is one image with its
+    original; two different images stay two. With near_duplicate_rms=0 all three stay."""
+    root = tmp_path / "near"
+    rng = np.random.default_rng(1)
+    smooth = np.kron(rng.integers(0, 200, (8, 8)), np.ones((8, 8))).astype(np.uint8)
+    _write_png(root / "a" / "original.png", smooth)
+    Image.fromarray(smooth + 1).save(root / "a" / "reencoded.jpg", quality=95)
+    _write_png(root / "b" / "other.png", 255 - smooth)
+    slices, card = ingest_image_folder(root, size=32, holdout_fraction=0.0, seed=0)
+    assert len(slices) == 2 and card.duplicates["near_duplicate_files_removed"] == 1
+    assert card.duplicates["near_duplicates"][0]["kept"].endswith("original.png")
+    kept, _ = ingest_image_folder(root, size=32, holdout_fraction=0.0, seed=0, near_duplicate_rms=0)
+    assert len(kept) == 3
+
+
 def test_prepare_cli_writes_slice_set_and_card(image_folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "s.npz"
     result = runner.invoke(app, ["prepare", str(image_folder), "--out", str(out), "--size", "32"])
@@ -83,12 +99,15 @@ def test_brain_mri_folder_matches_the_documented_duplicate_counts(tmp_path: Path
     dup = card["duplicates"]
     assert (dup["byte_identical_groups"], dup["byte_identical_groups_crossing_split"]) == (166, 64)
     assert (dup["pixel_identical_groups"], dup["pixel_identical_groups_crossing_split"]) == (300, 213)
-    assert card["images"] == 2870
+    # 2,870 unique after pixel de-duplication (the data README's count); 35 more are
+    # re-encoded or resized copies (32x32 thumbnails within 1% RMS), removed too
+    assert dup["near_duplicate_files_removed"] == 35 and dup["near_duplicate_groups"] == 31
+    assert card["images"] == 2870 - 35
     slices = SliceSet.load(out)
     assert set(slices.class_names) == {"glioma_tumor", "meningioma_tumor", "no_tumor", "pituitary_tumor"}
-    assert card["split"]["train"]["slices"] + card["split"]["holdout"]["slices"] == 2870
+    assert card["split"]["train"]["slices"] + card["split"]["holdout"]["slices"] == 2835
     # No two kept slices share decoded pixels at the source resolution, so none share them here
     # unless the resize made them collide; the exact check is on source files above.
-    assert len(np.unique(slices.source)) == 2870
+    assert len(np.unique(slices.source)) == 2835
 
 
