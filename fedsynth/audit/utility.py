@@ -1,0 +1,910 @@
+"""Downstream utility: does adding synthetic slices to a small classifier's training set
+help on held-out real slices, measured against an honest re-balancing control?
+
+The study trains the same classifier (same architecture, optimiser, augmentation, batch
+size and number of optimiser steps) on several training sets and scores each on the
+held-out REAL slices, which no classifier ever trains on:
+
+- ``real``: the real training slices alone.
+- ``real+synthetic-Rx``: real plus R x (real training size) synthetic slices, drawn
+  without replacement in the class proportions the synthetic set offers.
+- ``real+synthetic-balanced``: real plus synthetic slices drawn per class so the
+  combined set is class-balanced.
+- ``real+resampled-balanced``: the control. Real plus exactly the balanced condition's
+  per-class numbers, re-drawn with replacement from the REAL training slices of each
+  class. Re-balancing and a different mix of batches raise balanced accuracy by
+  themselves; that part of a gain is not the generator's. (Measured once on brain MRI:
+  a weak GAN's +0.09 balanced-accuracy gain over real alone became -0.05, 95% CI -0.12
+  to +0.02, against this control.)
+- ``synthetic-only``: as many synthetic slices as real training slices.
+
+Every condition trains for the same number of optimiser steps, with no early stopping
+and no model selection: the model after the last step is the one scored. Gains come
+with 95% bootstrap intervals over the held-out slices (or whole patients), paired
+across conditions and seeds. Those intervals cover the sampling of the held-out set;
+the spread over training seeds is reported next to them as a standard deviation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    roc_auc_score,
+)
+from torch import nn
+
+__all__ = [
+    "BALANCED",
+    "CONDITIONS",
+    "CONTROL",
+    "DEFAULT_STEPS",
+    "MODELS",
+    "REAL",
+    "SYNTHETIC_ONLY",
+    "SmallCNN",
+    "build_classifier",
+    "ratio_condition",
+    "plot_gain_vs_ratio",
+    "utility_study",
+]
+
+log = logging.getLogger(__name__)
+
+REAL = "real"
+BALANCED = "real+synthetic-balanced"
+CONTROL = "real+resampled-balanced"
+SYNTHETIC_ONLY = "synthetic-only"
+CONDITIONS = (
+    REAL,
+    "real+synthetic-0.5x",
+    "real+synthetic-1x",
+    "real+synthetic-2x",
+    BALANCED,
+    CONTROL,
+    SYNTHETIC_ONLY,
+)
+MODELS = ("cnn", "resnet18")
+GAIN_METRICS = ("balanced_accuracy", "auc")
+# Optimiser steps for every condition: with batch 64, ~15 epochs of a 2,000-image real
+# training set. Measured for the small CNN at 64x64 on a 2-core CPU: ~2,300 images/s
+# with 1 torch thread, 3,200-4,500 with 2 free cores, so one classifier takes 7-13 s
+# and a 3,000-image audit (7 conditions x 5 seeds, 35 classifiers) 4-8 minutes; on a
+# GPU, seconds. Brain MRI, 2,009 training slices: balanced accuracy 0.82 after 300
+# steps, 0.86 after 480-500, 0.88 after 800. Fewer steps would shortchange the larger
+# real+synthetic sets, which see fewer epochs in the same number of steps.
+DEFAULT_STEPS = 480
+MIN_IMAGE_SIZE = 16
+_LEARNING_RATE = 2e-3
+_WEIGHT_DECAY = 5e-4
+_EVAL_BATCH = 512
+_BOOTSTRAP_CHUNK = 250
+
+ProgressFn = Callable[[int, int], None]
+
+
+def ratio_condition(ratio: float) -> str:
+    """The condition name for ``ratio`` x the real training size of synthetic slices
+    (``0.5`` -> ``real+synthetic-0.5x``, ``2.0`` -> ``real+synthetic-2x``)."""
+    return f"real+synthetic-{ratio:g}x"
+
+
+# --- the classifiers ----------------------------------------------------------------------
+class SmallCNN(nn.Module):
+    """A small CNN for single-channel slices: four conv-BN-ReLU blocks (the first with
+    stride 2), max-pooling between them, global average pooling and a linear layer.
+
+    At 64x64 the convolutions run at 32, 16, 8 and 4 pixels. Pooling before each
+    convolution rather than after it is both ~3x faster on CPU (2,450 against 720
+    images/s on one core) and more accurate on brain MRI at a fixed number of steps
+    (balanced accuracy 0.85-0.87 against 0.81-0.83 after 500 steps on 2,009 slices).
+
+    Parameters
+    ----------
+    n_classes : number of output classes.
+    width : channels of the first block; the others have 2x, 4x and 8x as many.
+    """
+
+    def __init__(self, n_classes: int, width: int = 16) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [
+            nn.Conv2d(1, width, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+        ]
+        channels = width
+        for out in (2 * width, 4 * width, 8 * width):
+            layers += [
+                nn.MaxPool2d(2),
+                nn.Conv2d(channels, out, 3, padding=1, bias=False),
+                nn.BatchNorm2d(out),
+                nn.ReLU(inplace=True),
+            ]
+            channels = out
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(channels, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
+        return self.head(pooled)
+
+
+def build_classifier(model: str, n_classes: int) -> nn.Module:
+    """A fresh, randomly initialised classifier for 1-channel images.
+
+    Parameters
+    ----------
+    model : ``cnn`` (:class:`SmallCNN`) or ``resnet18`` (torchvision's ResNet-18 with
+        ``weights=None`` and a 1-channel first convolution, trained from scratch).
+    n_classes : number of output classes.
+
+    Raises
+    ------
+    ValueError
+        An unknown model name.
+    """
+    if model == "cnn":
+        return SmallCNN(n_classes)
+    if model == "resnet18":
+        from torchvision.models import resnet18
+
+        net = resnet18(weights=None, num_classes=n_classes)
+        net.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        return net
+    raise ValueError(f"model {model!r}: use one of {', '.join(MODELS)}")
+
+
+def _to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 1, H, W) -> float in [-1, 1]."""
+    return images.float().div_(127.5).sub_(1.0)
+
+
+def _augment(batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Light augmentation of a float batch in [-1, 1]: a random left-right flip and a
+    random shift of up to 1/16 of the side (the border filled with black, -1)."""
+    b, _, h, w = batch.shape
+    flip = torch.rand(b, generator=gen) < 0.5
+    batch = torch.where(flip.to(batch.device)[:, None, None, None], batch.flip(3), batch)
+    pad = max(1, min(h, w) // 16)
+    padded = F.pad(batch, (pad, pad, pad, pad), value=-1.0)
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen).to(batch.device)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen).to(batch.device)
+    rows = (dy[:, None] + torch.arange(h, device=batch.device)[None, :])[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=batch.device)[None, :])[:, None, None, :]
+    sample = torch.arange(b, device=batch.device)[:, None, None, None]
+    return padded[sample, 0:1, rows, cols].reshape(b, 1, h, w)
+
+
+def _batch_order(n: int, steps: int, batch_size: int, rng: np.random.Generator) -> np.ndarray:
+    """(steps, batch_size) indices: shuffled passes over ``n`` items, back to back."""
+    needed = steps * batch_size
+    passes = [rng.permutation(n) for _ in range(math.ceil(needed / n))]
+    return np.concatenate(passes)[:needed].reshape(steps, batch_size)
+
+
+def _train_classifier(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    model: str,
+    n_classes: int,
+    steps: int,
+    batch_size: int,
+    init_seed: int,
+    order_seed: int,
+    device: torch.device,
+) -> tuple[nn.Module, float, int]:
+    """Train one classifier for exactly ``steps`` steps; return it, its mean training
+    loss over the last tenth of the steps and the number of optimiser steps taken."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        net = build_classifier(model, n_classes)
+    # channels-last runs the convolutions ~1.3-1.7x faster on CPU (measured) and is as
+    # fast on GPU
+    net = net.to(device).to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(
+        net.parameters(), lr=_LEARNING_RATE, weight_decay=_WEIGHT_DECAY, foreach=True
+    )
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=_LEARNING_RATE, total_steps=steps, pct_start=0.15
+    )
+    order = _batch_order(len(images), steps, batch_size, np.random.default_rng(order_seed))
+    aug_gen = torch.Generator().manual_seed(order_seed)
+    tail = max(1, steps // 10)
+    tail_loss = 0.0
+    taken = 0
+    net.train()
+    for step, index in enumerate(order):
+        idx = torch.from_numpy(index)
+        x = _augment(_to_float(images[idx].to(device)), aug_gen)
+        x = x.contiguous(memory_format=torch.channels_last)
+        y = labels[idx].to(device)
+        loss = F.cross_entropy(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        schedule.step()
+        taken += 1
+        if step >= steps - tail:
+            tail_loss += float(loss.detach())
+    return net, tail_loss / tail, taken
+
+
+@torch.no_grad()
+def _predict_proba(net: nn.Module, images: torch.Tensor, device: torch.device) -> np.ndarray:
+    """Class probabilities (N, K) in float64 (rows sum to 1), in eval mode."""
+    net.eval()
+    out = []
+    for start in range(0, len(images), _EVAL_BATCH):
+        x = _to_float(images[start : start + _EVAL_BATCH].to(device))
+        logits = net(x.contiguous(memory_format=torch.channels_last))
+        out.append(torch.softmax(logits.double(), dim=1).cpu().numpy())
+    return np.concatenate(out)
+
+
+# --- metrics ------------------------------------------------------------------------------
+def _metrics(labels: np.ndarray, probs: np.ndarray, n_classes: int) -> dict[str, float]:
+    """Accuracy, balanced accuracy, macro one-vs-rest sensitivity / specificity and
+    macro one-vs-rest ROC AUC (for two classes: the usual AUC, plus sensitivity and
+    specificity of class 1 as the positive class)."""
+    pred = probs.argmax(axis=1)
+    cm = confusion_matrix(labels, pred, labels=list(range(n_classes))).astype(float)
+    tp = np.diag(cm)
+    fn = cm.sum(axis=1) - tp
+    fp = cm.sum(axis=0) - tp
+    tn = cm.sum() - tp - fn - fp
+    sensitivity = tp / (tp + fn)
+    specificity = tn / (tn + fp)
+    if n_classes == 2:
+        auc = roc_auc_score(labels, probs[:, 1])
+    else:
+        auc = roc_auc_score(
+            labels, probs, multi_class="ovr", average="macro", labels=list(range(n_classes))
+        )
+    out = {
+        "accuracy": float(accuracy_score(labels, pred)),
+        "balanced_accuracy": float(balanced_accuracy_score(labels, pred)),
+        "sensitivity": float(np.mean(sensitivity)),
+        "specificity": float(np.mean(specificity)),
+        "auc": float(auc),
+    }
+    if n_classes == 2:
+        out["sensitivity_positive"] = float(sensitivity[1])
+        out["specificity_positive"] = float(specificity[1])
+    return out
+
+
+def _weighted_balanced_accuracy(
+    labels: np.ndarray, pred: np.ndarray, weights: np.ndarray, n_classes: int
+) -> np.ndarray:
+    """Balanced accuracy for each row of ``weights`` (B, N): a bootstrap resample given
+    as how often each held-out slice was drawn. Classes absent from a resample are left
+    out of its average, as scikit-learn does."""
+    onehot = np.eye(n_classes)[labels]
+    per_class = weights @ onehot
+    correct = weights @ (onehot * (pred == labels)[:, None])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = np.where(per_class > 0, correct / per_class, np.nan)
+    return np.nanmean(recall, axis=1)
+
+
+def _weighted_auc(positive: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """ROC AUC of ``scores`` for the binary ``positive`` under each row of ``weights``.
+
+    Written here because the bootstrap needs thousands of AUCs: scikit-learn's
+    ``roc_auc_score`` takes one resample per call (about a millisecond each). This is
+    the Mann-Whitney form (ties count one half), equal to scikit-learn's trapezoidal
+    AUC on the resampled set, computed for all resamples at once from one sort.
+    """
+    order = np.argsort(scores, kind="stable")
+    sorted_scores = scores[order]
+    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
+    w = weights[:, order]
+    pos = positive[order].astype(float)
+    pos_w = np.add.reduceat(w * pos, starts, axis=1)
+    neg_w = np.add.reduceat(w * (1.0 - pos), starts, axis=1)
+    below = np.cumsum(neg_w, axis=1) - neg_w
+    total_pos, total_neg = pos_w.sum(axis=1), neg_w.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = (pos_w * (below + 0.5 * neg_w)).sum(axis=1) / (total_pos * total_neg)
+    return np.where((total_pos > 0) & (total_neg > 0), auc, np.nan)
+
+
+def _weighted_macro_auc(
+    labels: np.ndarray, probs: np.ndarray, weights: np.ndarray, n_classes: int
+) -> np.ndarray:
+    """Macro one-vs-rest AUC per resample (for two classes, the AUC of class 1)."""
+    if n_classes == 2:
+        return _weighted_auc(labels == 1, probs[:, 1], weights)
+    per_class = [_weighted_auc(labels == k, probs[:, k], weights) for k in range(n_classes)]
+    return np.nanmean(np.stack(per_class, axis=1), axis=1)
+
+
+def _bootstrap_weights(
+    n: int, groups: np.ndarray | None, rounds: int, rng: np.random.Generator
+) -> np.ndarray:
+    """(rounds, n) draw counts of each held-out slice: slices drawn with replacement, or,
+    with ``groups``, whole groups (patients) drawn with replacement."""
+    if groups is None:
+        return rng.multinomial(n, np.full(n, 1.0 / n), size=rounds).astype(float)
+    _, code = np.unique(groups, return_inverse=True)
+    n_groups = int(code.max()) + 1
+    counts = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=rounds)
+    return counts[:, code].astype(float)
+
+
+# --- composing the training sets ----------------------------------------------------------
+def _largest_remainder(total: int, weights: np.ndarray) -> np.ndarray:
+    """Split ``total`` into integers proportional to ``weights`` (largest remainder)."""
+    weights = np.asarray(weights, dtype=float)
+    exact = total * weights / weights.sum()
+    counts = np.floor(exact).astype(np.int64)
+    short = total - int(counts.sum())
+    if short:
+        counts[np.argsort(-(exact - counts), kind="stable")[:short]] += 1
+    return counts
+
+
+def _capped_allocation(total: int, weights: np.ndarray, caps: np.ndarray) -> np.ndarray:
+    """Proportional to ``weights`` where ``caps`` allow; what a capped class cannot take
+    goes to the other classes in proportion. ``total`` must not exceed ``caps.sum()``."""
+    counts = np.zeros(len(caps), dtype=np.int64)
+    open_ = caps > 0
+    remaining = total
+    while remaining > 0:
+        w = np.where(open_, weights, 0.0)
+        if w.sum() <= 0:
+            w = open_.astype(float)
+        share = _largest_remainder(remaining, w)
+        share = np.minimum(share, caps - counts)
+        counts += share
+        remaining = total - int(counts.sum())
+        open_ = counts < caps
+    return counts
+
+
+def _plan_counts(
+    train_counts: np.ndarray,
+    synthetic_counts: np.ndarray,
+    ratios: Sequence[float],
+    class_names: Sequence[str],
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Per-class numbers of images each condition ADDS to (or, for synthetic-only, uses
+    instead of) the real training set, and the reasons for the conditions skipped."""
+    n_train = int(train_counts.sum())
+    available = int(synthetic_counts.sum())
+    added: dict[str, np.ndarray] = {REAL: np.zeros_like(train_counts)}
+    skipped: dict[str, str] = {}
+    for ratio in ratios:
+        name = ratio_condition(ratio)
+        wanted = int(round(ratio * n_train))
+        if wanted < 1:
+            skipped[name] = f"{ratio:g} x {n_train} training images is less than one image"
+        elif wanted > available:
+            skipped[name] = f"needs {wanted} synthetic images, only {available} available"
+        else:
+            added[name] = _largest_remainder(wanted, synthetic_counts)
+    if np.all(train_counts == train_counts.max()):
+        balance = _largest_remainder(n_train, np.ones(len(train_counts)))
+    else:
+        balance = train_counts.max() - train_counts
+    short = [
+        f"{class_names[k]} (needs {balance[k]}, has {synthetic_counts[k]})"
+        for k in range(len(balance))
+        if balance[k] > synthetic_counts[k]
+    ]
+    if short:
+        skipped[BALANCED] = "too few synthetic images of " + ", ".join(short)
+    else:
+        added[BALANCED] = balance
+    added[CONTROL] = balance
+    if n_train > available:
+        skipped[SYNTHETIC_ONLY] = f"needs {n_train} synthetic images, only {available} available"
+    else:
+        added[SYNTHETIC_ONLY] = _capped_allocation(n_train, train_counts, synthetic_counts)
+    return added, skipped
+
+
+def _draw(
+    labels: np.ndarray, counts: np.ndarray, rng: np.random.Generator, *, replace: bool
+) -> np.ndarray:
+    """Indices into ``labels``: ``counts[k]`` of class k, drawn at random."""
+    picked = [
+        rng.choice(np.flatnonzero(labels == k), size=int(c), replace=replace)
+        for k, c in enumerate(counts)
+        if c > 0
+    ]
+    return np.concatenate(picked) if picked else np.zeros(0, dtype=np.int64)
+
+
+def _compose(
+    condition: str,
+    added: np.ndarray,
+    train_labels: np.ndarray,
+    synthetic_labels: np.ndarray,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(real indices, synthetic indices) of one condition's training set for one seed."""
+    everything = np.arange(len(train_labels))
+    if condition == REAL:
+        return everything, np.zeros(0, dtype=np.int64)
+    if condition == CONTROL:
+        extra = _draw(train_labels, added, rng, replace=True)
+        return np.concatenate([everything, extra]), np.zeros(0, dtype=np.int64)
+    synthetic = _draw(synthetic_labels, added, rng, replace=False)
+    if condition == SYNTHETIC_ONLY:
+        return np.zeros(0, dtype=np.int64), synthetic
+    return everything, synthetic
+
+
+# --- validation ---------------------------------------------------------------------------
+def _check_set(name: str, images: np.ndarray, labels: np.ndarray, n_classes: int) -> None:
+    if not isinstance(images, np.ndarray) or images.ndim != 3:
+        shape = getattr(images, "shape", None)
+        raise ValueError(f"{name}_images must be an (N, H, W) array; got shape {shape}")
+    if images.dtype != np.uint8:
+        raise ValueError(f"{name}_images must be uint8 (0-255); got {images.dtype}")
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise ValueError(
+            f"{name}_labels must be one label per image: {labels.shape} labels for "
+            f"{len(images)} images"
+        )
+    if len(labels) and not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{name}_labels must be integer class indices; got {labels.dtype}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
+        raise ValueError(
+            f"{name}_labels out of range: must lie in 0..{n_classes - 1} for "
+            f"{n_classes} class names; found {labels.min()}..{labels.max()}"
+        )
+
+
+def _validate(
+    train_images: np.ndarray,
+    train_labels: np.ndarray,
+    holdout_images: np.ndarray,
+    holdout_labels: np.ndarray,
+    synthetic_images: np.ndarray,
+    synthetic_labels: np.ndarray,
+    class_names: Sequence[str],
+    holdout_groups: np.ndarray | None,
+    seeds: int,
+    steps: int,
+    batch_size: int,
+    model: str,
+    ratios: Sequence[float],
+    bootstrap: int,
+) -> None:
+    n_classes = len(class_names)
+    if n_classes < 2:
+        raise ValueError(f"class_names: a classifier needs at least 2 classes; got {list(class_names)}")
+    if model not in MODELS:
+        raise ValueError(f"model {model!r}: use one of {', '.join(MODELS)}")
+    for what, value in (("seeds", seeds), ("steps", steps), ("batch_size", batch_size), ("bootstrap", bootstrap)):
+        if int(value) != value or value < 1:
+            raise ValueError(f"{what} must be a positive integer; got {value!r}")
+    bad_ratios = [r for r in ratios if not (r > 0 and math.isfinite(r))]
+    if bad_ratios or len({ratio_condition(r) for r in ratios}) != len(ratios):
+        raise ValueError(f"ratios must be distinct positive numbers; got {list(ratios)}")
+    _check_set("train", train_images, train_labels, n_classes)
+    _check_set("holdout", holdout_images, holdout_labels, n_classes)
+    _check_set("synthetic", synthetic_images, synthetic_labels, n_classes)
+    if len(train_images) == 0:
+        raise ValueError("train_images is empty: the study needs real training images")
+    if len(holdout_images) == 0:
+        raise ValueError("holdout_images is empty: the study is scored on held-out real images")
+    shape = train_images.shape[1:]
+    for name, images in (("holdout", holdout_images), ("synthetic", synthetic_images)):
+        if len(images) and images.shape[1:] != shape:
+            raise ValueError(
+                f"image sizes differ: train images are {shape[0]}x{shape[1]}, "
+                f"{name} images {images.shape[1]}x{images.shape[2]}"
+            )
+    if min(shape) < MIN_IMAGE_SIZE:
+        raise ValueError(f"images of {shape[0]}x{shape[1]} are too small: need at least {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE}")
+    missing_train = [class_names[k] for k in range(n_classes) if not np.any(train_labels == k)]
+    if missing_train:
+        raise ValueError(
+            f"no real training images of class {', '.join(missing_train)}: every class needs "
+            "real training images (the control re-draws from them)"
+        )
+    present = np.unique(holdout_labels)
+    if len(present) < 2:
+        raise ValueError(
+            f"the holdout has a single class ({class_names[int(present[0])]}): ROC AUC and "
+            "balanced accuracy are undefined; hold out images of every class"
+        )
+    missing_holdout = [class_names[k] for k in range(n_classes) if k not in present]
+    if missing_holdout:
+        raise ValueError(
+            f"no holdout images of class {', '.join(missing_holdout)}: one-vs-rest AUC and "
+            "sensitivity are undefined for it; hold out images of every class"
+        )
+    if holdout_groups is not None and len(np.asarray(holdout_groups)) != len(holdout_images):
+        raise ValueError(
+            f"holdout_groups must give one group (patient) per holdout image: "
+            f"{len(np.asarray(holdout_groups))} groups for {len(holdout_images)} images"
+        )
+
+
+# --- the study ----------------------------------------------------------------------------
+def _summary(values: Sequence[float]) -> dict[str, Any]:
+    arr = np.asarray(values, dtype=float)
+    std = float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+    return {"mean": float(arr.mean()), "std": std, "per_seed": [float(v) for v in arr]}
+
+
+def utility_study(
+    train_images: np.ndarray,
+    train_labels: np.ndarray,
+    holdout_images: np.ndarray,
+    holdout_labels: np.ndarray,
+    synthetic_images: np.ndarray,
+    synthetic_labels: np.ndarray,
+    *,
+    class_names: Sequence[str],
+    holdout_groups: np.ndarray | None = None,
+    seeds: int = 5,
+    steps: int | None = None,
+    batch_size: int = 64,
+    model: str = "cnn",
+    ratios: Sequence[float] = (0.5, 1.0, 2.0),
+    bootstrap: int = 1000,
+    seed: int = 0,
+    threads: int | None = None,
+    progress: ProgressFn | None = None,
+) -> dict[str, Any]:
+    """Train a classifier on real, real+synthetic and control training sets; score each
+    on held-out real images; report metrics and gains with bootstrap intervals.
+
+    Parameters
+    ----------
+    train_images, train_labels : real training slices, uint8 (N, H, W), and their class
+        indices (N,).
+    holdout_images, holdout_labels : the held-out real slices every classifier is scored
+        on; never trained on. Must hold every class.
+    synthetic_images, synthetic_labels : the generator's slices and the classes they
+        were generated for (may be empty: then only ``real`` and the control run).
+    class_names : class names in label order.
+    holdout_groups : a patient id per holdout image; the bootstrap then draws whole
+        patients, which is honest when one patient contributes several slices.
+    seeds : classifiers per condition. Each seed changes the initialisation, the
+        synthetic (or re-drawn) subset and the batch order; for a given seed every
+        condition starts from the same initial weights.
+    steps : optimiser steps for every condition (default :data:`DEFAULT_STEPS`).
+    batch_size : images per step.
+    model : ``cnn`` (:class:`SmallCNN`) or ``resnet18`` (from scratch, 1 channel; for a
+        GPU: on one CPU core it trains at ~90 images/s at 64x64, 25x slower than ``cnn``).
+    ratios : synthetic-to-real ratios of the ``real+synthetic-Rx`` conditions.
+    bootstrap : bootstrap resamples of the holdout for the gain intervals.
+    seed : base seed of everything random in the study.
+    threads : torch CPU threads while the study runs (restored afterwards).
+    progress : called with (classifiers trained, classifiers in all) after each one.
+
+    Returns
+    -------
+    dict
+        JSON-serialisable (plain numbers, strings and lists; no NaN):
+
+        - the settings: ``model``, ``steps``, ``batch_size``, ``seeds``, ``seed``,
+          ``image_size``, ``train_size``, ``holdout_size``, ``holdout_groups`` (number of
+          groups, or None), ``bootstrap``, ``bootstrap_unit`` (``image`` or ``group``),
+          ``synthetic_available``, ``class_names``, ``ratios``, ``device``;
+        - ``conditions``: for each condition that ran, ``n_train`` (= ``n_real`` +
+          ``n_synthetic``; the control's re-drawn images count as real), ``per_class``
+          training images per class, ``added_per_class`` (images added to the real set;
+          for synthetic-only the images used), ``ratio`` (ratio conditions), ``steps``
+          (counted in the training loop), ``epochs``, ``train_loss`` and the holdout
+          metrics ``accuracy``, ``balanced_accuracy``, ``sensitivity`` and
+          ``specificity`` (one-vs-rest, macro-averaged; macro sensitivity equals
+          balanced accuracy), ``auc`` (macro one-vs-rest ROC AUC), and for two classes
+          ``sensitivity_positive`` / ``specificity_positive`` of class 1, each as
+          ``{"mean", "std", "per_seed"}``;
+        - ``gains``: for every condition but ``real``, ``over_real`` and (but for the
+          control itself) ``over_control``, each with ``balanced_accuracy`` and ``auc``
+          as ``{"mean", "ci_low", "ci_high", "per_seed"}``: the mean over seeds of the
+          paired difference and its 95% bootstrap interval;
+        - ``skipped``: ``{condition: reason}`` for conditions that could not run;
+        - ``images_per_second`` (training throughput) and ``seconds`` (wall time).
+
+    Raises
+    ------
+    ValueError
+        Inputs that cannot give a meaningful study; the message names the problem.
+    """
+    started = time.perf_counter()
+    steps = DEFAULT_STEPS if steps is None else steps
+    train_labels = np.asarray(train_labels)
+    holdout_labels = np.asarray(holdout_labels)
+    synthetic_labels = np.asarray(synthetic_labels)
+    _validate(
+        train_images, train_labels, holdout_images, holdout_labels, synthetic_images,
+        synthetic_labels, class_names, holdout_groups, seeds, steps, batch_size, model,
+        ratios, bootstrap,
+    )
+    n_classes = len(class_names)
+    train_labels = train_labels.astype(np.int64)
+    holdout_labels = holdout_labels.astype(np.int64)
+    synthetic_labels = synthetic_labels.astype(np.int64)
+    train_counts = np.bincount(train_labels, minlength=n_classes)
+    synthetic_counts = np.bincount(synthetic_labels, minlength=n_classes)
+    added, skipped = _plan_counts(train_counts, synthetic_counts, ratios, class_names)
+    ratio_of = {ratio_condition(r): float(r) for r in ratios}
+    order = [REAL, *ratio_of, BALANCED, CONTROL, SYNTHETIC_ONLY]
+    conditions = [c for c in order if c in added]
+    for name, reason in skipped.items():
+        log.warning("utility: %s skipped: %s", name, reason)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if model == "resnet18" and device.type == "cpu":
+        pixels = train_images.shape[1] * train_images.shape[2] / 64**2
+        minutes = len(conditions) * seeds * steps * batch_size * pixels / 90 / 60
+        log.warning(
+            "utility: resnet18 on CPU trains at ~90 images/s at 64x64: expect ~%.0f "
+            "minutes for %d classifiers (use a GPU, or model='cnn')",
+            minutes, len(conditions) * seeds,
+        )
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        probs, losses, steps_taken, train_seconds = _train_all(
+            conditions, added, train_images, train_labels, synthetic_images,
+            synthetic_labels, holdout_images, n_classes=n_classes, seeds=seeds,
+            steps=steps, batch_size=batch_size, model=model, seed=seed, device=device,
+            progress=progress,
+        )
+    finally:
+        torch.set_num_threads(previous_threads)
+
+    condition_report: dict[str, Any] = {}
+    for name in conditions:
+        per_seed = [_metrics(holdout_labels, p, n_classes) for p in probs[name]]
+        totals = (train_counts if name != SYNTHETIC_ONLY else 0) + added[name]
+        n_synthetic = 0 if name in (REAL, CONTROL) else int(added[name].sum())
+        entry: dict[str, Any] = {
+            "n_train": int(totals.sum()),
+            "n_real": int(totals.sum()) - n_synthetic,
+            "n_synthetic": n_synthetic,
+            "per_class": {class_names[k]: int(totals[k]) for k in range(n_classes)},
+            "added_per_class": {class_names[k]: int(added[name][k]) for k in range(n_classes)},
+            # counted in the training loop, not copied from the argument
+            "steps": int(min(steps_taken[name])),
+            "epochs": float(steps * batch_size / totals.sum()),
+            "train_loss": _summary(losses[name]),
+        }
+        if name in ratio_of:
+            entry["ratio"] = ratio_of[name]
+        for metric in per_seed[0]:
+            entry[metric] = _summary([m[metric] for m in per_seed])
+        condition_report[name] = entry
+
+    gains = _gains(
+        conditions, probs, holdout_labels, holdout_groups, condition_report,
+        n_classes=n_classes, rounds=bootstrap, seed=seed,
+    )
+    images_trained = len(conditions) * seeds * steps * batch_size
+    return {
+        "model": model,
+        "steps": int(steps),
+        "batch_size": int(batch_size),
+        "seeds": int(seeds),
+        "seed": int(seed),
+        "image_size": [int(s) for s in train_images.shape[1:]],
+        "train_size": int(len(train_images)),
+        "holdout_size": int(len(holdout_images)),
+        "holdout_groups": None if holdout_groups is None else int(len(np.unique(holdout_groups))),
+        "bootstrap": int(bootstrap),
+        "bootstrap_unit": "image" if holdout_groups is None else "group",
+        "synthetic_available": int(len(synthetic_images)),
+        "class_names": [str(c) for c in class_names],
+        "ratios": [float(r) for r in ratios],
+        "device": device.type,
+        "conditions": condition_report,
+        "gains": gains,
+        "skipped": skipped,
+        "images_per_second": float(images_trained / train_seconds) if train_seconds > 0 else 0.0,
+        "seconds": float(time.perf_counter() - started),
+    }
+
+
+def _train_all(
+    conditions: Sequence[str],
+    added: dict[str, np.ndarray],
+    train_images: np.ndarray,
+    train_labels: np.ndarray,
+    synthetic_images: np.ndarray,
+    synthetic_labels: np.ndarray,
+    holdout_images: np.ndarray,
+    *,
+    n_classes: int,
+    seeds: int,
+    steps: int,
+    batch_size: int,
+    model: str,
+    seed: int,
+    device: torch.device,
+    progress: ProgressFn | None,
+) -> tuple[dict[str, list[np.ndarray]], dict[str, list[float]], dict[str, list[int]], float]:
+    """Train every (condition, seed) classifier: holdout probabilities, final training
+    losses, optimiser steps taken, and the seconds spent training."""
+    real_t = torch.from_numpy(np.ascontiguousarray(train_images))[:, None]
+    synthetic_t = torch.from_numpy(np.ascontiguousarray(synthetic_images))[:, None]
+    holdout_t = torch.from_numpy(np.ascontiguousarray(holdout_images))[:, None]
+    real_y = torch.from_numpy(train_labels)
+    synthetic_y = torch.from_numpy(synthetic_labels)
+    probs: dict[str, list[np.ndarray]] = {c: [] for c in conditions}
+    losses: dict[str, list[float]] = {c: [] for c in conditions}
+    steps_taken: dict[str, list[int]] = {c: [] for c in conditions}
+    total, done, train_seconds = len(conditions) * seeds, 0, 0.0
+    for s in range(seeds):
+        init_seed = int(np.random.SeedSequence([seed, s]).generate_state(1)[0])
+        for name in conditions:
+            # keyed by the condition's name, so a condition draws the same subsets and
+            # batches whichever other conditions run or are skipped
+            seq = np.random.SeedSequence([seed, s, zlib.crc32(name.encode())])
+            sample_rng = np.random.default_rng(seq.spawn(1)[0])
+            order_seed = int(seq.generate_state(1)[0])
+            real_idx, syn_idx = _compose(name, added[name], train_labels, synthetic_labels, sample_rng)
+            parts = [(real_t, real_y, real_idx), (synthetic_t, synthetic_y, syn_idx)]
+            images = torch.cat([x[i] for x, _, i in parts if len(i)])
+            labels = torch.cat([y[i] for _, y, i in parts if len(i)])
+            tic = time.perf_counter()
+            net, loss, taken = _train_classifier(
+                images.to(device), labels.to(device), model=model, n_classes=n_classes,
+                steps=steps, batch_size=batch_size, init_seed=init_seed,
+                order_seed=order_seed, device=device,
+            )
+            train_seconds += time.perf_counter() - tic
+            probs[name].append(_predict_proba(net, holdout_t, device))
+            losses[name].append(loss)
+            steps_taken[name].append(taken)
+            done += 1
+            log.info(
+                "utility: seed %d, %s (%d images): final training loss %.3f, %.1f s",
+                s, name, len(images), loss, time.perf_counter() - tic,
+            )
+            if progress:
+                progress(done, total)
+    return probs, losses, steps_taken, train_seconds
+
+
+def _gains(
+    conditions: Sequence[str],
+    probs: dict[str, list[np.ndarray]],
+    holdout_labels: np.ndarray,
+    holdout_groups: np.ndarray | None,
+    report: dict[str, Any],
+    *,
+    n_classes: int,
+    rounds: int,
+    seed: int,
+) -> dict[str, Any]:
+    """Seed-averaged gains in balanced accuracy and macro AUC over ``real`` and over the
+    control, with 95% percentile intervals from a paired bootstrap of the holdout: one
+    set of resamples shared by every condition and seed."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0xB007]))
+    groups = None if holdout_groups is None else np.asarray(holdout_groups)
+    n = len(holdout_labels)
+    # resampled[metric][condition]: (rounds,) seed-averaged metric on each resample
+    resampled: dict[str, dict[str, list[np.ndarray]]] = {m: {c: [] for c in conditions} for m in GAIN_METRICS}
+    preds = {c: [p.argmax(axis=1) for p in probs[c]] for c in conditions}
+    for start in range(0, rounds, _BOOTSTRAP_CHUNK):
+        weights = _bootstrap_weights(n, groups, min(_BOOTSTRAP_CHUNK, rounds - start), rng)
+        for c in conditions:
+            ba = [_weighted_balanced_accuracy(holdout_labels, pr, weights, n_classes) for pr in preds[c]]
+            auc = [_weighted_macro_auc(holdout_labels, p, weights, n_classes) for p in probs[c]]
+            resampled["balanced_accuracy"][c].append(np.mean(ba, axis=0))
+            resampled["auc"][c].append(np.mean(auc, axis=0))
+    boot = {m: {c: np.concatenate(v) for c, v in per.items()} for m, per in resampled.items()}
+
+    def gain(cond: str, ref: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for metric in GAIN_METRICS:
+            per_seed = np.subtract(report[cond][metric]["per_seed"], report[ref][metric]["per_seed"])
+            diff = boot[metric][cond] - boot[metric][ref]
+            low, high = np.nanpercentile(diff, [2.5, 97.5])
+            out[metric] = {
+                "mean": float(per_seed.mean()),
+                "ci_low": float(low),
+                "ci_high": float(high),
+                "per_seed": [float(v) for v in per_seed],
+            }
+        return out
+
+    gains: dict[str, Any] = {}
+    for c in conditions:
+        if c == REAL:
+            continue
+        gains[c] = {"over_real": gain(c, REAL)}
+        if c != CONTROL:
+            gains[c]["over_control"] = gain(c, CONTROL)
+    return gains
+
+
+# --- the figure ---------------------------------------------------------------------------
+def plot_gain_vs_ratio(result: dict[str, Any], path: str | Path) -> Path:
+    """A PNG of the balanced-accuracy gain (95% bootstrap interval as error bars) against
+    the synthetic-to-real ratio, over ``real`` and over the re-balancing control, with
+    the balanced condition and synthetic-only at the right where they ran.
+
+    Parameters
+    ----------
+    result : what :func:`utility_study` returned.
+    path : where to write the PNG (its folder must exist).
+
+    Returns
+    -------
+    Path
+        ``path``.
+
+    Raises
+    ------
+    ValueError
+        ``result`` holds no gains to plot.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    gains = result.get("gains", {})
+    ratios = [r for r in result.get("ratios", []) if ratio_condition(r) in gains]
+    names = [ratio_condition(r) for r in ratios]
+    labels = [f"{r:g}×" for r in ratios]
+    extras = [(c, lab) for c, lab in ((BALANCED, "balanced"), (SYNTHETIC_ONLY, "synthetic\nonly")) if c in gains]
+    names += [c for c, _ in extras]
+    labels += [lab for _, lab in extras]
+    if not names:
+        raise ValueError("plot_gain_vs_ratio: the result holds no synthetic conditions to plot")
+    x = np.arange(len(names), dtype=float)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), constrained_layout=True)
+    series = (("over_real", "over real only", "C0", -0.08, "o"),
+              ("over_control", "over re-balancing control (real re-drawn)", "C3", 0.08, "s"))
+    for key, label, colour, offset, marker in series:
+        stats = [gains[c].get(key, {}).get("balanced_accuracy") for c in names]
+        keep = [i for i, st in enumerate(stats) if st is not None]
+        if not keep:
+            continue
+        mean = np.array([stats[i]["mean"] for i in keep])
+        low = np.array([stats[i]["ci_low"] for i in keep])
+        high = np.array([stats[i]["ci_high"] for i in keep])
+        err = np.vstack([np.clip(mean - low, 0, None), np.clip(high - mean, 0, None)])
+        ax.errorbar(x[keep] + offset, mean, yerr=err, fmt=marker, color=colour, capsize=4,
+                    label=label)
+        on_ratio = [i for i in keep if i < len(ratios)]
+        if len(on_ratio) > 1:
+            ax.plot(x[on_ratio] + offset, mean[: len(on_ratio)], color=colour, linewidth=1)
+    ax.axhline(0.0, color="black", linewidth=1)
+    if extras and ratios:
+        ax.axvline(len(ratios) - 0.5, color="grey", linestyle=":", linewidth=1)
+    ax.set_xticks(x)
+    ax.set_xticklabels(labels)
+    ax.set_xlim(-0.5, len(names) - 0.5)
+    ax.set_xlabel("synthetic images added (× real training set size)")
+    ax.set_ylabel("gain in balanced accuracy\n(held-out real images)")
+    seeds = result.get("seeds", "?")
+    ax.set_title(
+        f"Downstream utility: {result.get('model', '?')}, {seeds} seed{'' if seeds == 1 else 's'}, "
+        f"{result.get('holdout_size', '?')} held-out real images, 95% bootstrap CI",
+        fontsize=10,
+    )
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8, loc="best")
+    fig.savefig(path, dpi=120, format="png")
+    plt.close(fig)
+    log.info("utility: gain figure written to %s", path)
+    return path
