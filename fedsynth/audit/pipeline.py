@@ -140,7 +140,7 @@ def run_audit(
         step("memorization: nearest neighbours")
         distances = {name: memorization.measure_distances(
             name, transform, synthetic=inputs.synthetic_images, train=inputs.train_images,
-            holdout=inputs.holdout_images, align=align) for name, transform, align in spaces}
+            holdout=inputs.holdout_images, align=align, seed=options.seed) for name, transform, align in spaces}
         memo = {name: _memorization(d) for name, d in distances.items()}
         timings["memorization"] = time.monotonic() - t
 
@@ -370,7 +370,8 @@ def _checks(memo: dict[str, Any], mia: dict[str, Any], fid: dict[str, Any], util
         light = (RED if excess > THRESHOLDS["closer_to_train_excess"]["red"] and share["p_value"] < 1e-3 else
                  AMBER if excess > THRESHOLDS["closer_to_train_excess"]["amber"] and share["p_value"] < 1e-2 else GREEN)
         copying.append(_figure(share["share"], share["reference"], "closer_to_train_excess", light,
-                               "share of synthetic images closer to the training set than to fresh patients", space))
+                               "share of synthetic images closer to training patients than to as many fresh "
+                               "patients", space))
         c_t = m["c_t"]["c_t"]
         copying.append(_figure(c_t, 0.0, "c_t", judge("c_t", c_t),
                                "data-copying test: strongly negative means synthetic images hug training images", space))
@@ -454,7 +455,8 @@ def _figures(inputs: AuditInputs, distances: dict[str, memorization.Distances], 
     written: dict[str, str] = {}
     fig, axes = plt.subplots(1, len(distances), figsize=(6 * len(distances), 4))
     for ax, (space, d) in zip(np.atleast_1d(axes), distances.items(), strict=True):
-        top = float(np.quantile(np.concatenate([d.synthetic_to_train, d.holdout_to_train]), 0.99)) or 1.0
+        top = max(float(np.quantile(x, 0.99)) for x in (d.synthetic_to_train, d.synthetic_to_holdout,
+                                                          d.holdout_to_train)) or 1.0
         bins = np.linspace(0, top, 50)
         ax.hist(d.synthetic_to_train, bins, alpha=0.5, density=True, label="synthetic → nearest train")
         ax.hist(d.synthetic_to_holdout, bins, alpha=0.5, density=True, label="synthetic → nearest holdout")
@@ -495,9 +497,9 @@ def _figures(inputs: AuditInputs, distances: dict[str, memorization.Distances], 
     for i in order:
         tiles += [inputs.synthetic_images[i], inputs.train_images[pix.synthetic_to_train_index[i]],
                   inputs.holdout_images[pix.synthetic_to_holdout_index[i]]]
-    scale = max(1, 96 // inputs.train_images.shape[1])
+    scale = max(2, 128 // inputs.train_images.shape[1])
     save_grid(np.stack(tiles), folder / "closest_pairs.png", columns=3, scale=scale,
-              title="closest synthetic images | nearest training image | nearest holdout image")
+              title="synthetic | nearest train | nearest holdout")
     written["closest_pairs"] = f"{FIGURES}/closest_pairs.png"
 
     rng = np.random.default_rng(options.seed)

@@ -25,8 +25,8 @@ THRESHOLDS: dict[str, dict[str, Any]] = {
                 "amber >= 0.75, red below (fresh real data gives 1)",
         "amber": 0.9, "red": 0.75, "safer": "higher"},
     "closer_to_train_excess": {
-        "rule": "share closer to train than to holdout, minus the same share for holdout images: "
-                "red when > 0.10 and p < 0.001, amber when > 0.03 and p < 0.01, else green",
+        "rule": "share of synthetic images closer to a holdout-sized train subsample than to the holdout, "
+                "minus 0.5: red when > 0.10 and p < 0.001, amber when > 0.03 and p < 0.01, else green",
         "amber": 0.03, "red": 0.10, "safer": "lower"},
     "c_t": {
         "rule": "Meehan et al.'s data-copying z-score: green >= -2, amber >= -3, red below "
