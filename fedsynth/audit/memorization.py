@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy.stats import norm
+from scipy.stats import binomtest, norm
 from sklearn.cluster import KMeans
 
 from ..shared.neighbours import nearest
@@ -107,11 +107,15 @@ class Distances:
     train_features: np.ndarray
     holdout_features: np.ndarray
     synthetic_features: np.ndarray
+    subset_unit: np.ndarray  # patient of each synthetic image's nearest train-subsample image
+    holdout_unit: np.ndarray  # patient of each synthetic image's nearest holdout image
+    train_share: float = 1.0  # the subsample's share of training patients
 
 
 def measure_distances(
     space: str, transform: Transform, *, synthetic: np.ndarray, train: np.ndarray, holdout: np.ndarray,
-    align: int = 0, seed: int = 0,
+    align: int = 0, seed: int = 0, train_patients: np.ndarray | None = None,
+    holdout_patients: np.ndarray | None = None,
 ) -> Distances:
     """All the nearest-neighbour distances the memorization metrics and galleries need.
 
@@ -122,17 +126,29 @@ def measure_distances(
     synthetic, train, holdout : uint8 images (N, H, W).
     align : pixel shifts searched (pixel space only; 0 elsewhere).
     seed : seed of the train subsample of the holdout's size.
+    train_patients, holdout_patients : patient id per image; the train subsample then
+        takes as many whole patients as the holdout has (so the two are exchangeable),
+        and the share test groups images by patient. None: every image is a patient.
     """
     train_f, holdout_f, synthetic_f = transform(train), transform(holdout), transform(synthetic)
     st_d, st_i = aligned_nearest(transform, synthetic, train_f, align=align)
     sh_d, sh_i = aligned_nearest(transform, synthetic, holdout_f, align=align)
     ht_d, ht_i = aligned_nearest(transform, holdout, train_f, align=align)
     rng = np.random.default_rng(seed)
-    subset = np.sort(rng.choice(len(train), size=min(len(holdout), len(train)), replace=False))
+    train_p = np.arange(len(train)).astype(str) if train_patients is None else np.asarray(train_patients).astype(str)
+    holdout_p = (np.char.add("h", np.arange(len(holdout)).astype(str)) if holdout_patients is None
+                 else np.asarray(holdout_patients).astype(str))
+    train_ids = np.unique(train_p)
+    chosen = rng.choice(train_ids, size=min(len(np.unique(holdout_p)), len(train_ids)), replace=False)
+    subset = np.flatnonzero(np.isin(train_p, chosen))
     sts_d, sts_i = aligned_nearest(transform, synthetic, train_f[subset], align=align)
     tt_d, _ = aligned_nearest(transform, train, train_f, align=align, exclude_self=True)
+    # the patient (unit of the share test) behind each synthetic image's nearest subsample/holdout image
+    subset_unit = np.char.add("t:", train_p[subset][sts_i])
+    holdout_unit = np.char.add("h:", holdout_p[sh_i])
     return Distances(space, st_d, st_i, sh_d, sh_i, ht_d, ht_i, sts_d, sts_i, len(subset), tt_d,
-                     train_f, holdout_f, synthetic_f)
+                     train_f, holdout_f, synthetic_f, subset_unit, holdout_unit,
+                     train_share=len(chosen) / len(train_ids))
 
 
 def _quantiles(values: np.ndarray) -> dict[str, float]:
@@ -170,20 +186,24 @@ def closer_to_train_share(d: Distances) -> dict[str, Any]:
     closer = (d.synthetic_to_train_subset < d.synthetic_to_holdout).astype(float)
     closer[d.synthetic_to_train_subset == d.synthetic_to_holdout] = 0.5
     # The images are not independent trials: a poor generator's images may all fall
-    # nearest one "hub" real image, and whether that image is in train or holdout was one
-    # coin flip of the split. So the test treats each distinct nearest real image as one
-    # unit (in the train subsample with probability 1/2 under the null, independently):
-    # share = sum_u w_u [u in train], variance 1/4 sum_u w_u^2, w_u = share of images whose
-    # nearest real image is u. Copies each pick their own original (sum w^2 ~ 1/n).
+    # nearest one "hub" real image, and slices of one patient sit on one side of the split
+    # together, by one coin flip. So the test treats each patient behind a nearest real
+    # image as one unit (in the train subsample with probability 1/2 under the null):
+    # share = sum_u w_u [u in train], variance 1/4 sum_u w_u^2, w_u = share of synthetic
+    # images whose nearest real image belongs to u. Copies each pick their own original.
     in_train = d.synthetic_to_train_subset <= d.synthetic_to_holdout
-    units = np.where(in_train, d.synthetic_to_train_subset_index, -1 - d.synthetic_to_holdout_index)
+    units = np.where(in_train, d.subset_unit, d.holdout_unit)
     _, counts = np.unique(units, return_counts=True)
     weights = counts / len(units)
     sd = 0.5 * float(np.sqrt((weights**2).sum()))
     share = float(closer.mean())
     p_value = float(norm.sf((share - 0.5) / sd)) if sd > 0 else float(share <= 0.5)
+    # a generator copying every training image scores 0.5 + s/2 (s: the subsample's share of
+    # training patients); the excess as a share of that is comparable across split sizes
+    copied = (share - 0.5) / (0.5 * d.train_share) if d.train_share > 0 else float("nan")
     return {"share": share, "reference": 0.5, "p_value": p_value, "n": int(len(closer)),
-            "distinct_nearest_images": int(len(counts)), "train_subset": int(d.train_subset_size)}
+            "distinct_nearest_patients": int(len(counts)), "train_subset": int(d.train_subset_size),
+            "train_subset_patient_share": d.train_share, "copying_equivalent": float(copied)}
 
 
 def data_copying_ct(d: Distances, *, cells: int | None = None, min_per_cell: int = 10, seed: int = 0) -> dict[str, Any]:
@@ -249,8 +269,12 @@ def near_copies(d: Distances, *, percentile: float = 1.0, exact: float = 1e-6) -
     threshold = float(np.percentile(d.holdout_to_train, percentile, method="lower"))
     flagged = np.flatnonzero((d.synthetic_to_train < threshold) | (d.synthetic_to_train <= exact))
     flagged = flagged[np.argsort(d.synthetic_to_train[flagged], kind="stable")]
+    below = int((d.holdout_to_train < threshold).sum())
+    # an honest image falls below the k-th smallest of n holdout distances with chance (k+1)/(n+1)
+    null_rate = (below + 1) / (len(d.holdout_to_train) + 1)
+    p_value = float(binomtest(len(flagged), len(d.synthetic_to_train), null_rate, alternative="greater").pvalue)
     return {"share": float(len(flagged) / len(d.synthetic_to_train)), "count": int(len(flagged)),
-            "threshold": threshold, "percentile": percentile,
+            "threshold": threshold, "percentile": percentile, "null_rate": null_rate, "p_value": p_value,
             "exact_copies": int((d.synthetic_to_train <= exact).sum()),
             "holdout_share": float(((d.holdout_to_train < threshold) | (d.holdout_to_train <= exact)).mean()),
             "holdout_exact_share": float((d.holdout_to_train <= exact).mean()),

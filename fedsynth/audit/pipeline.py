@@ -140,7 +140,8 @@ def run_audit(
         step("memorization: nearest neighbours")
         distances = {name: memorization.measure_distances(
             name, transform, synthetic=inputs.synthetic_images, train=inputs.train_images,
-            holdout=inputs.holdout_images, align=align, seed=options.seed) for name, transform, align in spaces}
+            holdout=inputs.holdout_images, align=align, seed=options.seed, train_patients=inputs.train_patients,
+            holdout_patients=inputs.holdout_patients) for name, transform, align in spaces}
         memo = {name: _memorization(d) for name, d in distances.items()}
         timings["memorization"] = time.monotonic() - t
 
@@ -159,6 +160,7 @@ def run_audit(
         timings["utility"] = time.monotonic() - t
 
         dp = _privacy(privacy_ledger or [], client_privacy or [])
+        dp["ledger_read"] = privacy_ledger is not None
         checks = _checks(memo, mia, fid, util, dp)
         figures = _figures(inputs, distances, mia, out, options)
         if "conditions" in util:
@@ -358,15 +360,15 @@ def _checks(memo: dict[str, Any], mia: dict[str, Any], fid: dict[str, Any], util
     copying: list[dict[str, Any]] = []
     for space, m in memo.items():
         near = m["near_copies"]
-        copying.append(_figure(near["share"], near["holdout_share"], "near_copy_share",
-                               judge("near_copy_share", near["share"]),
+        copying.append(_figure(near["share"], near["null_rate"], "near_copy_share",
+                               judge("near_copy_share", near["share"], significant=near["p_value"] < 0.01),
                                f"{near['count']} synthetic images are nearer a training image than 99% of fresh "
                                "patients' images are", space))
         ratio = m["dcr"]["median_ratio"]
         copying.append(_figure(ratio, 1.0, "dcr_median_ratio", judge("dcr_median_ratio", ratio),
                                "how far synthetic images sit from training images, relative to fresh real images", space))
         share = m["closer_to_train"]
-        excess = share["share"] - share["reference"]
+        excess = share["copying_equivalent"]
         light = (RED if excess > THRESHOLDS["closer_to_train_excess"]["red"] and share["p_value"] < 1e-3 else
                  AMBER if excess > THRESHOLDS["closer_to_train_excess"]["amber"] and share["p_value"] < 1e-2 else GREEN)
         copying.append(_figure(share["share"], share["reference"], "closer_to_train_excess", light,
@@ -382,7 +384,13 @@ def _checks(memo: dict[str, Any], mia: dict[str, Any], fid: dict[str, Any], util
                                "neighbours are", space))
     attacks: list[dict[str, Any]] = []
     for name, attack in mia["attacks"].items():
-        light = worst([judge("mia_auc", attack["auc"]), judge("mia_tpr_at_1pct_fpr", attack["tpr_at_1pct_fpr"])])
+        # small sites: AUC and TPR swing widely by chance, so a light needs significance, and
+        # TPR at 1% FPR is judged only with >= 100 non-members (1% of fewer is not one patient)
+        significant = attack["auc_p_value"] < 0.01
+        lights = [judge("mia_auc", attack["auc"], significant=significant)]
+        if attack["non_members"] >= 100:
+            lights.append(judge("mia_tpr_at_1pct_fpr", attack["tpr_at_1pct_fpr"], significant=significant))
+        light = worst(lights)
         attacks.append(_figure(attack["auc"], 0.5, "mia_auc", light,
                                f"attack '{name}': AUC {attack['auc']:.2f}, {attack['tpr_at_1pct_fpr']:.1%} of training "
                                f"{mia['unit']}s found at 1% false alarms", name.split("/")[1]))
@@ -412,13 +420,16 @@ def _checks(memo: dict[str, Any], mia: dict[str, Any], fid: dict[str, Any], util
     eps_rows = []
     for name, row in dp["hospitals"].items():
         eps = row.get("epsilon_rdp")
+        delta = f" at δ = {row['delta']:.0e}" if row.get("delta") is not None else ""
         eps_rows.append(_figure(eps, None, "epsilon", judge("epsilon", eps),
-                                f"{name}: formal guarantee ε = {eps:.3g} per {row.get('privacy_unit') or 'slice'} "
-                                f"at δ = {row.get('delta'):.0e}" if eps is not None else f"{name}: ε unknown", name))
+                                f"{name}: formal guarantee ε = {eps:.3g} per {row.get('privacy_unit') or 'slice'}{delta}"
+                                if eps is not None else f"{name}: ε unknown", name))
     dp_verdict = worst([r["verdict"] for r in eps_rows]) if eps_rows else RED
+    dp_note = None if eps_rows else (
+        "the run did not use DP-SGD: there is no formal guarantee" if dp["ledger_read"] else
+        "no privacy ledger was given (audit of --synthetic without --run): no formal guarantee is shown")
     return {
-        "formal_privacy": {"verdict": dp_verdict, "figures": eps_rows,
-                           "note": None if eps_rows else "the run did not use DP-SGD: there is no formal guarantee"},
+        "formal_privacy": {"verdict": dp_verdict, "figures": eps_rows, "note": dp_note},
         "copying": {"verdict": worst([r["verdict"] for r in copying]), "figures": copying,
                     "note": _duplicate_warning(memo)},
         "membership_inference": {"verdict": worst([r["verdict"] for r in attacks]), "figures": attacks},

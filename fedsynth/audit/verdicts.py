@@ -18,16 +18,18 @@ _ORDER = {GREEN: 0, AMBER: 1, RED: 2}
 THRESHOLDS: dict[str, dict[str, Any]] = {
     "near_copy_share": {
         "rule": "share of synthetic images closer to a training image than 99% of holdout images are: "
-                "green <= 2%, amber <= 5%, red above (fresh real data gives about 1%)",
+                "green <= 2% or not significantly above the null rate (binomial p >= 0.01), amber <= 5%, red above "
+                "(fresh real data gives about 1%)",
         "amber": 0.02, "red": 0.05, "safer": "lower"},
     "dcr_median_ratio": {
         "rule": "median synthetic->train distance / median holdout->train distance: green >= 0.9, "
                 "amber >= 0.75, red below (fresh real data gives 1)",
         "amber": 0.9, "red": 0.75, "safer": "higher"},
     "closer_to_train_excess": {
-        "rule": "share of synthetic images closer to a holdout-sized train subsample than to the holdout, "
-                "minus 0.5: red when > 0.10 and p < 0.001, amber when > 0.03 and p < 0.01, else green",
-        "amber": 0.03, "red": 0.10, "safer": "lower"},
+        "rule": "share of synthetic images closer to a holdout-sized train subsample than to the holdout, as "
+                "(share - 0.5) / (s/2), s the subsample's share of training patients (1 = every image a copy): "
+                "red when > 0.4 and p < 0.001, amber when > 0.12 and p < 0.01, else green",
+        "amber": 0.12, "red": 0.4, "safer": "lower"},
     "c_t": {
         "rule": "Meehan et al.'s data-copying z-score: green >= -2, amber >= -3, red below "
                 "(fresh real data gives about 0; copying drives it far below 0)",
@@ -37,10 +39,12 @@ THRESHOLDS: dict[str, dict[str, Any]] = {
                 "amber >= -0.15, red below",
         "amber": -0.05, "red": -0.15, "safer": "higher"},
     "mia_auc": {
-        "rule": "membership-inference ROC AUC: green <= 0.55, amber <= 0.60, red above (0.5 = chance)",
+        "rule": "membership-inference ROC AUC: green <= 0.55 or not significant (Mann-Whitney p >= 0.01), "
+                "amber <= 0.60, red above (0.5 = chance)",
         "amber": 0.55, "red": 0.60, "safer": "lower"},
     "mia_tpr_at_1pct_fpr": {
-        "rule": "true-positive rate at 1% false positives: green <= 5%, amber <= 10%, red above (1% = chance)",
+        "rule": "true-positive rate at 1% false positives, judged with >= 100 non-members and a significant AUC: "
+                "green <= 5%, amber <= 10%, red above (1% = chance)",
         "amber": 0.05, "red": 0.10, "safer": "lower"},
     "fd_ratio": {
         "rule": "Fréchet distance (train, synthetic) / (train, holdout) in the encoder space: green <= 3, "

@@ -34,7 +34,7 @@ def audit(
     data: Path = typer.Option(None, "--data", "-d", help="Slice set whose train split the generator was trained on and whose holdout is the fresh-data reference [default: the run's simulated hospitals' slices]."),
     hospital: str = typer.Option(None, help="Audit against one simulated hospital's slices only, adding the white-box attack with its discriminator."),
     synthetic: Path = typer.Option(None, "--synthetic", help="Audit these synthetic slices (a slice set, e.g. from `fedsynth sample --format npz`) instead of drawing from --run."),
-    n_synthetic: int = typer.Option(None, "--n-synthetic", help="Synthetic images to draw from the run [default: twice the training images, for the 2x utility condition]."),
+    n_synthetic: int = typer.Option(None, "--n-synthetic", help="Synthetic images to draw from the run [default: twice the training images (at most 20,000), for the 2x utility condition]."),
     round_: str = typer.Option("last", "--round", help="Round whose generator to audit: a number or 'last'."),
     inception_weights: Path = typer.Option(None, "--inception-weights", help="pytorch-fid Inception-v3 weights (pt_inception-2015-12-05-6726825d.pth) for FID; without them FID is reported as not computed."),
     utility: bool = typer.Option(True, "--utility/--no-utility", help="Train diagnostic classifiers with and without synthetic images (the slowest part)."),
@@ -74,8 +74,11 @@ def audit(
         if syn.class_names != real.class_names:
             raise CommandError(f"--synthetic {synthetic}: classes {syn.class_names} differ from the real slices' "
                                f"{real.class_names}")
-        syn_images, syn_labels = syn.images, syn.labels
+        syn_images = syn.images
+        # `fedsynth sample` cycles labels for unconditional models too; their meta says so
+        syn_labels = syn.labels if syn.meta.get("conditional", True) else None
         provenance |= {"synthetic_file": str(synthetic), "synthetic_sha256": file_sha256(synthetic)}
+        used_round = None
     else:
         assert run is not None
         n = n_synthetic or min(2 * len(train), 20000)
@@ -97,9 +100,13 @@ def audit(
                            inception_weights=str(inception_weights) if inception_weights else None,
                            utility=utility, utility_seeds=seeds, utility_steps=utility_steps,
                            utility_model=utility_model, threads=threads or None)
-    ledger = [r for r in run.read_privacy() if hospital is None or r["hospital"] == hospital] if run else []
-    client = run.read_client_privacy() if run else []
-    discriminators = _discriminators(run, real, hospital) if run and hospital else []
+    ledger = client = None
+    if run is not None:
+        def upto(rows: list[dict]) -> list[dict]:  # the spending up to the audited round
+            return [r for r in rows if used_round is None or r.get("round", 0) <= used_round]
+
+        ledger = [r for r in upto(run.read_privacy()) if hospital is None or r["hospital"] == hospital]
+        client = upto(run.read_client_privacy())
     console.print(f"auditing {len(syn_images)} synthetic images against {len(train)} training and {len(holdout)} "
                   f"holdout slices ({source})")
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -110,10 +117,14 @@ def audit(
             bar.update(task, description=name, completed=done, total=max(total, 1))
 
         try:
+            discriminators = _discriminators(run, real, hospital, seed) if run and hospital else []
             result = run_audit(inputs, out, options, privacy_ledger=ledger, client_privacy=client,
                                discriminators=discriminators, progress=progress)
-        except (FeatureError, ValueError) as err:
-            raise CommandError(str(err)) from None
+        except (FeatureError, ValueError, KeyError, RuntimeError) as err:
+            raise CommandError(f"audit stopped: {err}") from None
+    if run and hospital and not discriminators:
+        console.print(f"[yellow]no discriminator state for {hospital} in {run.hospitals_dir}: the white-box "
+                      "attack was not run[/]")
     _print_summary(result, out)
 
 
@@ -153,8 +164,9 @@ def _real_slices(run: RunDir | None, data: Path | None, hospital: str | None) ->
     return pooled, f"{len(parts)} hospitals' slices in {run.hospitals_dir}"
 
 
-def _discriminators(run: RunDir, real: SliceSet, hospital: str) -> list[Discriminator]:
-    """The hospital's own discriminator, for the white-box attack, when its state is here."""
+def _discriminators(run: RunDir, real: SliceSet, hospital: str, seed: int) -> list[Discriminator]:
+    """The hospital's own discriminator (its latest local state, whatever --round says),
+    for the white-box attack, when its state is here."""
     path = run.hospitals_dir / hospital / "state" / "discriminator.safetensors"
     if not path.is_file():
         return []
@@ -164,7 +176,7 @@ def _discriminators(run: RunDir, real: SliceSet, hospital: str) -> list[Discrimi
     load_weights(disc, tensors)
     train, holdout = real.only(TRAIN), real.only(HOLDOUT)
     records = select_records(train.images, train.labels, train.patient_ids,
-                             holdout.images, holdout.labels, holdout.patient_ids)
+                             holdout.images, holdout.labels, holdout.patient_ids, seed=seed)
     return [Discriminator(hospital, disc, records)]
 
 

@@ -387,48 +387,43 @@ def _thumbnail(image: np.ndarray) -> np.ndarray:
 def _drop_near_duplicates(
     keep_idx: list[int], pixels: list[np.ndarray], kept: list[tuple[Path, str, str]], rms: float, card: DataCard,
 ) -> list[int]:
-    """Remove images whose thumbnail lies within ``rms`` of an earlier kept image's.
+    """Remove images whose thumbnail lies within ``rms`` of an already kept image's.
 
-    Pairs are found by an exact nearest-neighbour search over the thumbnails; the groups
-    they form (linked pairs) keep their first file in path order.
+    Images are taken in path order; one is dropped only when it is a near-duplicate of an
+    image that stays (so a chain A~B~C of gradually changing slices never drops C for
+    being near B). Candidates come from an exact search of each image's 20 nearest
+    thumbnails.
     """
     if len(keep_idx) < 2:
         return keep_idx
     thumbs = np.stack([_thumbnail(pixels[i]) for i in keep_idx])
-    dist, index = nearest(thumbs, thumbs, k=min(5, len(keep_idx) - 1), exclude_self=True)
+    dist, index = nearest(thumbs, thumbs, k=min(20, len(keep_idx) - 1), exclude_self=True)
     limit = rms * np.sqrt(thumbs.shape[1])
-    parent = list(range(len(keep_idx)))
-
-    def root(a: int) -> int:
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    for a, (row_d, row_i) in enumerate(zip(dist, index, strict=True)):
-        for d, b in zip(row_d, row_i, strict=True):
-            if d < limit:
-                ra, rb = root(a), root(int(b))
-                parent[max(ra, rb)] = min(ra, rb)
+    stays: set[int] = set()
     groups: dict[int, list[int]] = defaultdict(list)
-    for a in range(len(keep_idx)):
-        groups[root(a)].append(a)
-    near = [g for g in groups.values() if len(g) > 1]
-    removed = {member for g in near for member in g[1:]}
+    for a in range(len(keep_idx)):  # path order
+        twin = next((int(b) for d, b in zip(dist[a], index[a], strict=True) if d < limit and int(b) in stays), None)
+        if twin is None:
+            stays.add(a)
+        else:
+            groups[twin].append(a)
     card.duplicates["near_duplicate_rule"] = (
-        f"32x32 thumbnails differing by less than {rms:.1%} RMS of the intensity range; the first file is kept"
+        f"32x32 thumbnails differing by less than {rms:.1%} RMS of the intensity range from a kept image; "
+        "the first file in path order is kept"
     )
-    card.duplicates["near_duplicate_groups"] = len(near)
+    card.duplicates["near_duplicate_groups"] = len(groups)
     card.duplicates["near_duplicate_groups_crossing_split"] = sum(
-        1 for g in near if len({kept[keep_idx[m]][2] for m in g}) > 1
+        1 for k, rest in groups.items() if len({kept[keep_idx[m]][2] for m in [k, *rest]}) > 1
     )
-    card.duplicates["near_duplicate_files_removed"] = len(removed)
+    removed = sum(len(rest) for rest in groups.values())
+    card.duplicates["near_duplicate_files_removed"] = removed
     card.duplicates["near_duplicates"] = [
-        {"kept": str(kept[keep_idx[g[0]]][0]), "removed": [str(kept[keep_idx[m]][0]) for m in g[1:]]} for g in near
+        {"kept": str(kept[keep_idx[k]][0]), "removed": [str(kept[keep_idx[m]][0]) for m in rest]}
+        for k, rest in groups.items()
     ]
     if removed:
-        log.info("removed %d near-duplicate images in %d groups", len(removed), len(near))
-    return [i for a, i in enumerate(keep_idx) if a not in removed]
+        log.info("removed %d near-duplicate images in %d groups", removed, len(groups))
+    return [i for a, i in enumerate(keep_idx) if a in stays]
 
 
 def _folder_split(name: str) -> str:

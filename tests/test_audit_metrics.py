@@ -1,0 +1,86 @@
+"""The memorization and membership statistics on small made-up data: copies are found,
+and chance alone (hubs, small sites, small holdouts) does not raise an alarm."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedsynth.audit import memorization as M
+from fedsynth.audit.membership import attack_metrics
+from fedsynth.audit.verdicts import GREEN, RED, judge
+
+
+def _flat(images: np.ndarray) -> np.ndarray:
+    return images.reshape(len(images), -1).astype(np.float32) / 255.0
+
+
+_BASIS = np.random.default_rng(99).normal(size=(6, 144))
+
+
+def _images(n: int, seed: int) -> np.ndarray:
+    """Images from a 6-dimensional family (like slices, they vary along few directions;
+    uniform noise in 144 dimensions would make every search land on a few "hub" images)."""
+    codes = np.random.default_rng(seed).normal(size=(n, 6))
+    return np.clip(128 + 20 * codes @ _BASIS, 0, 255).astype(np.uint8).reshape(n, 12, 12)
+
+
+def _distances(synthetic: np.ndarray, train: np.ndarray, holdout: np.ndarray, **kw) -> M.Distances:
+    return M.measure_distances("pixels", _flat, synthetic=synthetic, train=train, holdout=holdout, **kw)
+
+
+def test_copies_give_the_full_copying_share_and_a_tiny_p_value() -> None:
+    train, holdout = _images(800, 0), _images(400, 1)
+    share = M.closer_to_train_share(_distances(train, train, holdout))
+    # 0.5 + s/2 expected: copies of subsample images always win, the rest split ~evenly
+    assert share["copying_equivalent"] == pytest.approx(1.0, abs=0.25)
+    assert share["p_value"] < 1e-3
+
+
+def test_a_hub_is_one_coin_flip_not_hundreds() -> None:
+    """A collapsed generator: 300 identical images, all nearest the same real image. Half
+    the time that image is in train; the share is then 1.0, but it is one unit of evidence."""
+    train, holdout = _images(400, 0), _images(100, 1)
+    hub = np.full((300, 12, 12), 128, dtype=np.uint8)
+    share = M.closer_to_train_share(_distances(hub, train, holdout))
+    assert share["distinct_nearest_patients"] == 1
+    assert share["p_value"] > 0.1
+
+
+def test_the_train_sample_takes_whole_patients() -> None:
+    train, holdout = _images(400, 0), _images(100, 1)
+    patients = np.repeat(np.arange(100), 4)  # 4 slices each
+    d = _distances(_images(50, 2), train, holdout, train_patients=patients,
+                   holdout_patients=np.repeat(np.arange(25), 4))
+    assert d.train_subset_size == 25 * 4 and d.train_share == pytest.approx(0.25)
+
+
+def test_fresh_images_against_a_small_holdout_are_not_called_near_copies() -> None:
+    """With 20 holdout images the 1st-percentile threshold is the smallest holdout distance,
+    which a fresh image undercuts 1 time in 21: about 5%, and that is chance, not copying."""
+    train, holdout, fresh = _images(300, 0), _images(20, 1), _images(200, 2)
+    near = M.near_copies(_distances(fresh, train, holdout))
+    assert near["null_rate"] == pytest.approx(1 / 21)
+    assert judge("near_copy_share", near["share"], significant=near["p_value"] < 0.01) == GREEN
+    copies = M.near_copies(_distances(train[:200], train, holdout))
+    assert copies["share"] == 1.0
+    assert judge("near_copy_share", copies["share"], significant=copies["p_value"] < 0.01) == RED
+
+
+def test_a_small_site_does_not_fail_membership_inference_by_chance() -> None:
+    member = np.repeat([True, False], 8)
+    # scores that know nothing about membership; the first seed whose AUC is above the red
+    # line by chance (it happens often with 8 patients a side)
+    for seed in range(100):
+        small = attack_metrics(np.random.default_rng(seed).normal(size=16), member)
+        if 0.6 < small["auc"] < 0.75:
+            break
+    assert 0.6 < small["auc"] < 0.75 and small["auc_p_value"] > 0.01
+    assert judge("mia_auc", small["auc"], significant=small["auc_p_value"] < 0.01) == GREEN
+    member = np.repeat([True, False], 500)
+    rng = np.random.default_rng(0)
+    leaky = np.where(member, rng.normal(1.0, 1, 1000), rng.normal(0, 1, 1000))
+    large = attack_metrics(leaky, member)
+    assert large["auc"] > 0.7 and large["auc_p_value"] < 1e-6
+    assert judge("mia_auc", large["auc"], significant=True) == RED
+    assert large["epsilon_lower_bound"] > 0
