@@ -223,8 +223,7 @@ def _memorization(d: memorization.Distances) -> dict[str, Any]:
         "dcr": memorization.dcr_summary(d),
         "closer_to_train": memorization.closer_to_train_share(d),
         "c_t": memorization.data_copying_ct(d),
-        "authenticity": {"synthetic": memorization.authenticity(d),
-                         "holdout": memorization.authenticity(d, queries="holdout")},
+        "authenticity": memorization.authenticity_test(d),
         "near_copies": {k: v for k, v in near.items() if k != "indices"} | {"first_indices": near["indices"][:50]},
     }
 
@@ -378,8 +377,8 @@ def _checks(memo: dict[str, Any], mia: dict[str, Any], fid: dict[str, Any], util
         copying.append(_figure(c_t, 0.0, "c_t", judge("c_t", c_t),
                                "data-copying test: strongly negative means synthetic images hug training images", space))
         auth = m["authenticity"]
-        gap = auth["synthetic"] - auth["holdout"]
-        copying.append(_figure(auth["synthetic"], auth["holdout"], "authenticity_gap", judge("authenticity_gap", gap),
+        copying.append(_figure(auth["synthetic"], auth["holdout"], "authenticity_gap",
+                               judge("authenticity_gap", auth["gap"], significant=auth["p_value"] < 0.01),
                                "share of synthetic images that are not closer to a training image than its own "
                                "neighbours are", space))
     attacks: list[dict[str, Any]] = []

@@ -35,8 +35,8 @@ THRESHOLDS: dict[str, dict[str, Any]] = {
                 "(fresh real data gives about 0; copying drives it far below 0)",
         "amber": -2.0, "red": -3.0, "safer": "higher"},
     "authenticity_gap": {
-        "rule": "authenticity of synthetic images minus that of holdout images: green >= -0.05, "
-                "amber >= -0.15, red below",
+        "rule": "authenticity of synthetic images minus that of holdout images: green >= -0.05 or not "
+                "significant (p >= 0.01, each nearest training image counted once), amber >= -0.15, red below",
         "amber": -0.05, "red": -0.15, "safer": "higher"},
     "mia_auc": {
         "rule": "membership-inference ROC AUC: green <= 0.55 or not significant (Mann-Whitney p >= 0.01), "
