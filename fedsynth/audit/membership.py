@@ -31,7 +31,7 @@ from scipy.stats import beta, norm
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from ..shared.neighbours import nearest, pairwise_within
-from .memorization import shift_images
+from .memorization import aligned_nearest
 
 __all__ = ["Records", "attack_metrics", "density_scores", "discriminator_scores", "distance_scores", "empirical_epsilon",
            "select_records"]
@@ -89,19 +89,10 @@ def _per_patient(records: Records, per_image: np.ndarray) -> np.ndarray:
     return sums / np.maximum(counts, 1)
 
 
-def _aligned_distance(transform: Transform, images: np.ndarray, reference: np.ndarray, align: int) -> np.ndarray:
-    best = None
-    for dy in range(-align, align + 1):
-        for dx in range(-align, align + 1):
-            d, _ = nearest(transform(shift_images(images, dy, dx)), reference)
-            best = d[:, 0] if best is None else np.minimum(best, d[:, 0])
-    assert best is not None
-    return best
-
-
 def distance_scores(records: Records, transform: Transform, synthetic_features: np.ndarray, *, align: int = 0) -> np.ndarray:
     """GAN-Leaks: minus the (aligned) distance to the nearest synthetic image, per patient."""
-    return _per_patient(records, -_aligned_distance(transform, records.images, synthetic_features, align))
+    distance, _ = aligned_nearest(transform, records.images, synthetic_features, align=align)
+    return _per_patient(records, -distance)
 
 
 def density_scores(records: Records, transform: Transform, synthetic_features: np.ndarray) -> np.ndarray:

@@ -118,6 +118,10 @@ def audit(
 
         try:
             discriminators = _discriminators(run, real, hospital, seed) if run and hospital else []
+            if run and hospital:
+                inputs.provenance["white_box_attack"] = (
+                    f"{hospital}'s latest local discriminator" if discriminators
+                    else f"not run: no discriminator state for {hospital} in {run.hospitals_dir}")
             result = run_audit(inputs, out, options, privacy_ledger=ledger, client_privacy=client,
                                discriminators=discriminators, progress=progress)
         except (FeatureError, ValueError, KeyError, RuntimeError) as err:
