@@ -370,9 +370,10 @@ def _checks(memo: dict[str, Any], mia: dict[str, Any], fid: dict[str, Any], util
         excess = share["copying_equivalent"]
         light = (RED if excess > THRESHOLDS["closer_to_train_excess"]["red"] and share["p_value"] < 1e-3 else
                  AMBER if excess > THRESHOLDS["closer_to_train_excess"]["amber"] and share["p_value"] < 1e-2 else GREEN)
-        copying.append(_figure(share["share"], share["reference"], "closer_to_train_excess", light,
-                               "share of synthetic images closer to training patients than to as many fresh "
-                               "patients", space))
+        copying.append(_figure(excess, 0.0, "closer_to_train_excess", light,
+                               f"{share['share']:.1%} of synthetic images are closer to training patients than to "
+                               "as many fresh patients (50% expected); the value is the excess as a share of what "
+                               "copying every training image would give", space))
         c_t = m["c_t"]["c_t"]
         copying.append(_figure(c_t, 0.0, "c_t", judge("c_t", c_t),
                                "data-copying test: strongly negative means synthetic images hug training images", space))
