@@ -27,6 +27,8 @@ from sklearn.decomposition import PCA
 from torch import nn
 from torch.nn import functional as F
 
+from ..shared.checkpoint import file_sha256
+
 __all__ = [
     "INCEPTION_FILE",
     "AutoencoderSpace",
@@ -286,7 +288,7 @@ class InceptionSpace:
 
         weights = Path(weights)
         self.weights = weights
-        self.sha256 = _file_hash(weights)
+        self.sha256 = file_sha256(weights)
         self.batch_size = batch_size
         self.device = device
         # pytorch-fid only loads its weights through torch.hub's cache; point a private
@@ -323,11 +325,3 @@ class InceptionSpace:
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "kind": "pytorch-fid Inception-v3 pool3", "dimensions": 2048,
                 "weights": str(self.weights), "sha256": self.sha256}
-
-
-def _file_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

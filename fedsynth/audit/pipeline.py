@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -20,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..shared.rundir import write_text_atomic
 from ..shared.sampling import save_grid
 from . import fidelity, membership, memorization
 from .features import AutoencoderSpace, InceptionSpace, PixelSpace, find_inception_weights
@@ -195,7 +194,7 @@ def run_audit(
         "options": asdict(options),
         "seconds": timings,
     }
-    _write_json_atomic(out / AUDIT_FILE, audit)
+    write_text_atomic(out / AUDIT_FILE, json.dumps(audit, indent=2, default=_json_default))
     return audit
 
 
@@ -522,17 +521,6 @@ def _figures(inputs: AuditInputs, distances: dict[str, memorization.Distances], 
     written["synthetic_random"] = f"{FIGURES}/synthetic_random.png"
     written["real_random"] = f"{FIGURES}/real_random.png"
     return written
-
-
-def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=2, default=_json_default)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _json_default(value: Any) -> Any:

@@ -6,9 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
-import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -19,6 +17,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .neighbours import nearest
+from .rundir import write_text_atomic
 from .sliceset import HOLDOUT, TRAIN, SliceSet, assign_split_by_patient
 
 __all__ = [
@@ -84,10 +83,7 @@ class DataCard:
     def write(self, path: str | Path) -> Path:
         """Write the card as JSON (atomically)."""
         path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        with os.fdopen(fd, "w") as handle:
-            json.dump(self.to_dict(), handle, indent=2)
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=2))
         return path
 
     def fill_from(self, slices: SliceSet) -> None:

@@ -10,7 +10,7 @@ blocks and sorts whole rows; this keeps float32 and takes the k smallest with ``
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -59,28 +59,21 @@ def nearest(
     available = reference.shape[0] - (1 if exclude_self else 0)
     if len(queries) == 0 or available < k or k < 1:
         raise ValueError(f"nearest: {len(queries)} queries, {reference.shape[0]} reference rows, k={k}")
-    ref = torch.from_numpy(np.ascontiguousarray(reference, dtype=np.float32))
-    ref_sq = (ref * ref).sum(1)
     out_d = np.empty((len(queries), k), dtype=np.float32)
     out_i = np.empty((len(queries), k), dtype=np.int64)
-    with torch.no_grad():
-        for start in range(0, len(queries), block):
-            q = torch.from_numpy(np.ascontiguousarray(queries[start : start + block], dtype=np.float32))
-            # |q - r|^2 = |q|^2 + (|r|^2 - 2 q.r): one fused matrix product per block; |q|^2
-            # does not change which r is nearest, so it is added after the selection
-            partial = torch.addmm(ref_sq[None, :], q, ref.T, alpha=-2.0)
-            if exclude_self:
-                rows = torch.arange(len(q))
-                partial[rows, rows + start] = float("inf")
-            if k == 1:
-                values, index = partial.min(dim=1, keepdim=True)
-            else:
-                values, index = partial.topk(k, dim=1, largest=False, sorted=True)
-            values += (q * q).sum(1, keepdim=True)
-            out_d[start : start + len(q)] = values.clamp_min_(0).sqrt_().numpy()
-            out_i[start : start + len(q)] = index.numpy()
-            if progress:
-                progress(min(start + block, len(queries)), len(queries))
+    for start, q_sq, partial in _distance_blocks(queries, reference, block):
+        if exclude_self:
+            rows = torch.arange(len(partial))
+            partial[rows, rows + start] = float("inf")
+        if k == 1:
+            values, index = partial.min(dim=1, keepdim=True)
+        else:
+            values, index = partial.topk(k, dim=1, largest=False, sorted=True)
+        values += q_sq
+        out_d[start : start + len(partial)] = values.clamp_min_(0).sqrt_().numpy()
+        out_i[start : start + len(partial)] = index.numpy()
+        if progress:
+            progress(min(start + block, len(queries)), len(queries))
     _fix_exact_copies(queries, reference, out_d, out_i)
     return out_d, out_i
 
@@ -103,13 +96,24 @@ def pairwise_within(
     -------
     (N,) int64 counts.
     """
-    ref = torch.from_numpy(np.ascontiguousarray(reference, dtype=np.float32))
-    ref_sq = (ref * ref).sum(1)
     counts = np.empty(len(queries), dtype=np.int64)
     limit = float(radius) ** 2
+    for start, q_sq, partial in _distance_blocks(queries, reference, block):
+        counts[start : start + len(partial)] = (partial + q_sq <= limit).sum(1).numpy()
+    return counts
+
+
+def _distance_blocks(
+    queries: np.ndarray, reference: np.ndarray, block: int,
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(first query row, |q|^2 as a column, |r|^2 - 2 q.r) for blocks of queries.
+
+    |q - r|^2 = |q|^2 + (|r|^2 - 2 q.r): one fused matrix product per block; |q|^2 does not
+    change which r is nearest, so callers add it after selecting.
+    """
+    ref = torch.from_numpy(np.ascontiguousarray(reference, dtype=np.float32))
+    ref_sq = (ref * ref).sum(1)
     with torch.no_grad():
         for start in range(0, len(queries), block):
             q = torch.from_numpy(np.ascontiguousarray(queries[start : start + block], dtype=np.float32))
-            sq = torch.addmm(ref_sq[None, :], q, ref.T, alpha=-2.0) + (q * q).sum(1, keepdim=True)
-            counts[start : start + len(q)] = (sq <= limit).sum(1).numpy()
-    return counts
+            yield start, (q * q).sum(1, keepdim=True), torch.addmm(ref_sq[None, :], q, ref.T, alpha=-2.0)

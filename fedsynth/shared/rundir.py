@@ -29,7 +29,7 @@ from typing import Any
 
 from .config import RunConfig
 
-__all__ = ["HOSPITALS_MANIFEST", "RunDir", "RunDirError", "collect_manifest"]
+__all__ = ["HOSPITALS_MANIFEST", "RunDir", "RunDirError", "collect_manifest", "write_text_atomic"]
 
 HOSPITALS_MANIFEST = "hospitals.json"  # in RUN/hospitals/: hospital names in partition order
 
@@ -40,14 +40,20 @@ class RunDirError(ValueError):
     """A run directory that is missing or incomplete for what was asked."""
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename, so a crash never
+    leaves a half-written file (and the temporary file is removed on failure)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class RunDir:
@@ -157,10 +163,10 @@ class RunDir:
     def truncate_rounds_after(self, round_: int) -> None:
         """Drop records of rounds after ``round_`` (before resuming from it)."""
         kept = [r for r in self.read_rounds() if r.get("round", 0) <= round_]
-        _write_atomic(self.rounds_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        write_text_atomic(self.rounds_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
 
     def set_status(self, state: str, **fields: Any) -> None:
-        _write_atomic(
+        write_text_atomic(
             self.status_path,
             json.dumps({"state": state, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields}, indent=2),
         )
@@ -172,7 +178,7 @@ class RunDir:
             return {}
 
     def write_json(self, path: Path, payload: dict[str, Any]) -> None:
-        _write_atomic(path, json.dumps(payload, indent=2))
+        write_text_atomic(path, json.dumps(payload, indent=2))
 
     def load_config(self) -> RunConfig:
         """The resolved config the run was started with.
