@@ -12,6 +12,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from safetensors import safe_open
 
+from .files import atomic_open
+
 __all__ = ["CheckpointError", "file_sha256", "load_checkpoint", "save_checkpoint", "save_torch_atomic", "load_torch_tensors"]
 
 
@@ -59,17 +61,8 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 def save_torch_atomic(path: str | Path, obj: object) -> Path:
     """``torch.save`` an object of tensors and plain values (optimizer state) atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as handle:
+        torch.save(obj, handle)
     return path
 
 

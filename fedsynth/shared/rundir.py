@@ -21,13 +21,13 @@ import platform
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from .config import RunConfig
+from .files import atomic_open
 
 __all__ = ["HOSPITALS_MANIFEST", "RunDir", "RunDirError", "collect_manifest", "write_text_atomic"]
 
@@ -41,19 +41,9 @@ class RunDirError(ValueError):
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename, so a crash never
-    leaves a half-written file (and the temporary file is removed on failure)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``text`` to ``path`` atomically (see :func:`files.atomic_open`)."""
+    with atomic_open(path, "w") as handle:
+        handle.write(text)
 
 
 class RunDir:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .files import atomic_open
 
 __all__ = [
     "FORMAT_VERSION",
@@ -107,7 +107,6 @@ class SliceSet:
     def save(self, path: str | Path) -> Path:
         """Write atomically (a crash never leaves a half-written file)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = dict(self.meta, format_version=FORMAT_VERSION)
         arrays: dict[str, np.ndarray] = {
             "images": self.images,
@@ -120,16 +119,8 @@ class SliceSet:
         }
         if self.site is not None:
             arrays["site"] = self.site.astype(str)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                np.savez_compressed(handle, **arrays)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_open(path, "wb", suffix=".npz") as handle:
+            np.savez_compressed(handle, **arrays)
         return path
 
     @classmethod
