@@ -8,8 +8,10 @@ from .commands.audit import audit
 from .commands.demo import demo
 from .commands.info import config, models
 from .commands.prepare import prepare
+from .commands.report import consortium, report
 from .commands.sample import sample
 from .commands.simulate import simulate
+from .commands.turing import make_sheet, turing_test
 
 app = typer.Typer(
     name="fedsynth",
@@ -22,9 +24,12 @@ app.command(help=prepare.__doc__)(prepare)
 app.command(help=simulate.__doc__)(simulate)
 app.command(help=sample.__doc__)(sample)
 app.command(help=audit.__doc__)(audit)
+app.command(help=report.__doc__)(report)
+app.command(help=consortium.__doc__)(consortium)
 app.command(help=demo.__doc__)(demo)
 app.command(help=models.__doc__)(models)
 app.command(help=config.__doc__)(config)
+app.add_typer(turing_test, name="turing-test", help=make_sheet.__doc__)
 
 
 def main() -> None:

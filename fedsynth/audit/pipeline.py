@@ -21,10 +21,12 @@ import torch
 from ..shared.rundir import write_text_atomic
 from ..shared.sampling import save_grid
 from . import fidelity, membership, memorization
+from .federated import SHARE_FILE, build_share
+from .plots import plot_epsilon
 from .features import AutoencoderSpace, InceptionSpace, PixelSpace, find_inception_weights
 from .verdicts import AMBER, GREEN, RED, THRESHOLDS, judge, worst
 
-__all__ = ["AUDIT_FILE", "AuditInputs", "AuditOptions", "Discriminator", "fit_feature_spaces", "run_audit"]
+__all__ = ["AUDIT_FILE", "FIGURES", "AuditInputs", "AuditOptions", "Discriminator", "fit_feature_spaces", "run_audit"]
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +101,16 @@ def run_audit(
     privacy_ledger: list[dict[str, Any]] | None = None, client_privacy: list[dict[str, Any]] | None = None,
     discriminators: list[Discriminator] | None = None, progress: Progress | None = None,
     spaces_fitted: tuple[PixelSpace, AutoencoderSpace] | None = None,
+    context: dict[str, Any] | None = None, hospital: str | None = None,
 ) -> dict[str, Any]:
-    """Measure everything, judge it, and write ``audit.json`` and the figures to ``out``.
+    """Measure everything, judge it, and write ``audit.json``, the figures and the
+    share (``share.json``: the aggregate statistics a hospital may send the coordinator,
+    see :mod:`fedsynth.audit.federated`) to ``out``.
 
     ``spaces_fitted`` reuses feature spaces from :func:`fit_feature_spaces` on the same
     real slices (several audits of one hospital's data need to train the encoder once).
+    ``context`` (the run's configuration, versions, data description) is kept for the
+    report; ``hospital`` names whose data this is, in the share.
 
     Returns
     -------
@@ -162,6 +169,9 @@ def run_audit(
         dp["ledger_read"] = privacy_ledger is not None
         checks = _checks(memo, mia, fid, util, dp)
         figures = _figures(inputs, distances, mia, out, options)
+        if dp["ledger"]:
+            figures["epsilon_rounds"] = str(plot_epsilon(dp["ledger"], out / FIGURES / "epsilon_rounds.png")
+                                            .relative_to(out))
         if "conditions" in util:
             from .utility import plot_gain_vs_ratio
 
@@ -192,9 +202,13 @@ def run_audit(
         "thresholds": THRESHOLDS,
         "figures": figures,
         "options": asdict(options),
+        "context": context or {},
         "seconds": timings,
     }
-    write_text_atomic(out / AUDIT_FILE, json.dumps(audit, indent=2, default=_json_default))
+    audit = json.loads(json.dumps(audit, default=_json_default))  # what a reader of audit.json gets
+    share = build_share(hospital or "site", audit, distances)
+    write_text_atomic(out / AUDIT_FILE, json.dumps(audit, indent=2))
+    write_text_atomic(out / SHARE_FILE, json.dumps(share, indent=2))
     return audit
 
 
@@ -337,7 +351,11 @@ def _privacy(ledger: list[dict[str, Any]], client: list[dict[str, Any]]) -> dict
                                                 "max_grad_norm", "sample_rate", "steps", "units", "privacy_unit",
                                                 "target_epsilon")}
                  for name, row in sorted(latest.items())}
-    return {"dp_sgd": bool(hospitals), "hospitals": hospitals,
+    rows = [{k: row.get(k) for k in ("hospital", "round", "epsilon_rdp", "epsilon_prv", "delta", "noise_multiplier",
+                                      "max_grad_norm", "sample_rate", "steps", "units", "privacy_unit",
+                                      "target_epsilon")}
+            for row in ledger if row.get("trained", True) and row.get("epsilon_rdp") is not None]
+    return {"dp_sgd": bool(hospitals), "hospitals": hospitals, "ledger": rows,
             "client_level": client[-1] if client else None}
 
 

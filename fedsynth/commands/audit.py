@@ -8,14 +8,17 @@ from pathlib import Path
 
 import numpy as np
 import typer
+import yaml
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ..audit.features import FeatureError
+from ..audit.federated import SHARE_FILE, combine_shares, load_share
 from ..audit.membership import select_records
 from ..audit.pipeline import AUDIT_FILE, AuditInputs, AuditOptions, Discriminator, run_audit
+from ..audit.report import CONSORTIUM_FILE, render_consortium_report, render_report
 from ..shared.checkpoint import file_sha256, load_checkpoint
-from ..shared.models import build_gan
+from ..shared.models import build_gan, count_parameters
 from ..shared.rundir import HOSPITALS_MANIFEST, RunDir
 from ..shared.sliceset import HOLDOUT, TRAIN, SliceSet
 from ..shared.weights import load_weights
@@ -25,6 +28,7 @@ from .sample import sample_images
 __all__ = ["audit"]
 
 _COLOURS = {"green": "green", "amber": "yellow", "red": "red"}
+HOSPITALS_DIR, CONSORTIUM_DIR = "hospitals", "consortium"
 
 
 @user_errors
@@ -32,7 +36,7 @@ def audit(
     run_dir: Path = typer.Option(None, "--run", "-r", help="Run directory whose global generator to audit (the last round by default)."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for audit.json and figures/ (must not hold an audit already)."),
     data: Path = typer.Option(None, "--data", "-d", help="Slice set whose train split the generator was trained on and whose holdout is the fresh-data reference [default: the run's simulated hospitals' slices]."),
-    hospital: str = typer.Option(None, help="Audit against one simulated hospital's slices only, adding the white-box attack with its discriminator."),
+    hospital: str = typer.Option(None, help="Whose data this is: a simulated hospital of --run (its slices, plus the white-box attack with its discriminator), or, with --data, the name the share and the local report carry."),
     synthetic: Path = typer.Option(None, "--synthetic", help="Audit these synthetic slices (a slice set, e.g. from `fedsynth sample --format npz`) instead of drawing from --run."),
     n_synthetic: int = typer.Option(None, "--n-synthetic", help="Synthetic images to draw from the run [default: twice the training images (at most 20,000), for the 2x utility condition]."),
     round_: str = typer.Option("last", "--round", help="Round whose generator to audit: a number or 'last'."),
@@ -44,6 +48,8 @@ def audit(
     encoder_steps: int = typer.Option(500, help="Training steps of the audit's own encoder."),
     seed: int = typer.Option(0, help="Seed of the synthetic draw, the encoder, the attacks and the classifiers."),
     threads: int = typer.Option(0, help="CPU threads (0: all cores)."),
+    federated: bool = typer.Option(False, "--federated", help="Audit each simulated hospital on its own slices (local reports with galleries in OUT/hospitals/NAME/) and combine only their aggregate statistics (share.json) into OUT/consortium/report.html, as a deployment would."),
+    pdf: bool = typer.Option(True, "--pdf/--no-pdf", help="Also render report.pdf (WeasyPrint; needs Pango)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log fedsynth's progress messages."),
 ) -> None:
     """Audit a generator for an ethics board: does it copy, does it leak membership, is it
@@ -51,20 +57,42 @@ def audit(
 
     Every figure is set beside what fresh real data (the holdout, patients never trained
     on) scores, and judged green/amber/red by the thresholds written into audit.json.
-    Writes OUT/audit.json and OUT/figures/*.png (distance histograms, membership ROC,
-    closest-pairs gallery, random synthetic and real grids, utility gain).
+    Writes OUT/report.html (self-contained) and OUT/report.pdf for the ethics board,
+    OUT/audit.json, OUT/share.json (the aggregate statistics a hospital may send the
+    coordinator) and OUT/figures/*.png. With --federated: one local audit per simulated
+    hospital and a consortium report built from their shares alone.
     """
     setup_logging(verbose)
     if run_dir is None and synthetic is None:
         raise CommandError("give --run (a run to draw synthetic images from) or --synthetic (a slice set of them)")
-    if (out / AUDIT_FILE).exists():
-        raise CommandError(f"{out} already holds an audit ({AUDIT_FILE}); choose another --out (nothing is overwritten)")
+    if (out / AUDIT_FILE).exists() or (out / CONSORTIUM_DIR / CONSORTIUM_FILE).exists():
+        raise CommandError(f"{out} already holds an audit; choose another --out (nothing is overwritten)")
     if round_ != "last" and not round_.isdigit():
         raise CommandError(f"--round {round_!r}: a round number or 'last'")
     if utility_model not in ("cnn", "resnet18"):
         raise CommandError(f"--utility-model {utility_model!r}: use cnn or resnet18")
+    options = AuditOptions(seed=seed, encoder_steps=encoder_steps,
+                           inception_weights=str(inception_weights) if inception_weights else None,
+                           utility=utility, utility_seeds=seeds, utility_steps=utility_steps,
+                           utility_model=utility_model, threads=threads or None)
     run = RunDir(run_dir) if run_dir else None
+    if federated:
+        if run is None or data is not None or synthetic is not None or hospital is not None:
+            raise CommandError("--federated audits a simulated run's hospitals one by one: give --run only "
+                               "(no --data, --synthetic or --hospital)")
+        _federated(run, out, options, n_synthetic=n_synthetic, round_=round_, pdf=pdf)
+        return
     real, source = _real_slices(run, data, hospital)
+    result = _audit_one(run, real, source, out, options, hospital=hospital, synthetic=synthetic,
+                        n_synthetic=n_synthetic, round_=round_)
+    _print_summary(result, out)
+    _report(out, pdf)
+
+
+def _audit_one(run: RunDir | None, real: SliceSet, source: str, out: Path, options: AuditOptions, *,
+               hospital: str | None, synthetic: Path | None, n_synthetic: int | None, round_: str) -> dict:
+    """One audit of the generator against one set of real slices (a hospital's, or pooled)."""
+    seed = options.seed
     train, holdout = real.only(TRAIN), real.only(HOLDOUT)
     if len(holdout) == 0:
         raise CommandError(f"{source}: no holdout slices; the audit needs patients never trained on as its reference")
@@ -96,10 +124,6 @@ def audit(
     inputs = AuditInputs(
         train.images, train.labels, train.patient_ids, holdout.images, holdout.labels, holdout.patient_ids,
         syn_images, syn_labels, real.class_names, privacy_unit=real.privacy_unit, provenance=provenance)
-    options = AuditOptions(seed=seed, encoder_steps=encoder_steps,
-                           inception_weights=str(inception_weights) if inception_weights else None,
-                           utility=utility, utility_seeds=seeds, utility_steps=utility_steps,
-                           utility_model=utility_model, threads=threads or None)
     ledger = client = None
     if run is not None:
         def upto(rows: list[dict]) -> list[dict]:  # the spending up to the audited round
@@ -123,27 +147,114 @@ def audit(
                     f"{hospital}'s latest local discriminator" if discriminators
                     else f"not run: no discriminator state for {hospital} in {run.hospitals_dir}")
             result = run_audit(inputs, out, options, privacy_ledger=ledger, client_privacy=client,
-                               discriminators=discriminators, progress=progress)
+                               discriminators=discriminators, progress=progress,
+                               context=_context(run, real, hospital), hospital=hospital)
         except (FeatureError, ValueError, KeyError, RuntimeError) as err:
             raise CommandError(f"audit stopped: {err}") from None
     if run and hospital and not discriminators:
         console.print(f"[yellow]no discriminator state for {hospital} in {run.hospitals_dir}: the white-box "
                       "attack was not run[/]")
-    _print_summary(result, out)
+    return result
+
+
+def _report(folder: Path, pdf: bool) -> None:
+    html, pdf_path, why = render_report(folder, pdf=pdf)
+    console.print(f"report: {html}" + (f" and {pdf_path}" if pdf_path else ""))
+    if why and pdf:
+        console.print(f"[yellow]report.pdf not written: {why}[/]")
+
+
+def _federated(run: RunDir, out: Path, options: AuditOptions, *, n_synthetic: int | None, round_: str,
+               pdf: bool) -> None:
+    """Each simulated hospital audits the generator on its own slices into its own folder,
+    as it would at the hospital; the consortium report is built from their share.json
+    files alone (what would cross the wire)."""
+    names = _hospital_names(run)
+    for i, name in enumerate(names, start=1):
+        console.rule(f"hospital {i}/{len(names)}: {name} (local audit, stays at the hospital)")
+        real, source = _real_slices(run, None, name)
+        local = out / HOSPITALS_DIR / name
+        result = _audit_one(run, real, source, local, options, hospital=name, synthetic=None,
+                            n_synthetic=n_synthetic, round_=round_)
+        _print_summary(result, local)
+        _report(local, pdf)
+    console.rule("consortium: combining the hospitals' shares (statistics only)")
+    shares = [load_share(out / HOSPITALS_DIR / name / SHARE_FILE) for name in names]
+    consortium = combine_shares(shares)
+    html, pdf_path, why = render_consortium_report(consortium, out / CONSORTIUM_DIR, pdf=pdf)
+    _print_consortium(consortium)
+    console.print(f"consortium report: {html}" + (f" and {pdf_path}" if pdf_path else "")
+                  + f"; local reports in {out / HOSPITALS_DIR}/<hospital>/")
+    if why and pdf:
+        console.print(f"[yellow]report.pdf not written: {why}[/]")
+
+
+def _print_consortium(consortium: dict) -> None:
+    table = Table(title="consortium audit (worst hospital per check)", title_justify="left")
+    table.add_column("check")
+    table.add_column("consortium")
+    for name in consortium["hospitals"]:
+        table.add_column(name)
+    for check, verdict in consortium["summary"].items():
+        cells = [consortium["by_hospital"][h]["checks"].get(check, {}).get("verdict", "-")
+                 for h in consortium["hospitals"]]
+        table.add_row(check.replace("_", " "), f"[{_COLOURS[verdict]}]{verdict}[/]",
+                      *[f"[{_COLOURS.get(c, 'white')}]{c}[/]" for c in cells])
+    console.print(table)
+
+
+def _hospital_names(run: RunDir) -> list[str]:
+    manifest = run.hospitals_dir / HOSPITALS_MANIFEST
+    if not manifest.is_file():
+        raise CommandError(f"{run.root}: no simulated hospitals' slices here ({manifest} missing)")
+    return list(json.loads(manifest.read_text())["hospitals"])
+
+
+def _context(run: RunDir | None, real: SliceSet, hospital: str | None) -> dict:
+    """What the report says about scope, data and training, from the run and the slices."""
+    context: dict = {"hospital": hospital, "preprocessing": list(real.meta.get("preprocessing", [])),
+                     "data_kind": real.meta.get("kind"), "hospitals": _scope(real, hospital)}
+    if run is None:
+        return context
+    manifest = json.loads(run.manifest_path.read_text()) if run.manifest_path.is_file() else {}
+    context["run"] = {k: v for k, v in manifest.items() if k != "hospitals"}
+    if run.config_path.is_file():
+        cfg = run.load_config()
+        context["config_yaml"] = run.config_path.read_text()
+        context["config_sha256"] = file_sha256(run.config_path)
+        context["config"] = yaml.safe_load(context["config_yaml"])
+        gen, disc = build_gan(cfg.model, image_size=cfg.data.image_size, num_classes=len(cfg.data.classes))
+        context["model"] = {"name": cfg.model.name, "generator_parameters": count_parameters(gen),
+                            "discriminator_parameters": count_parameters(disc)}
+    return context
+
+
+def _scope(real: SliceSet, hospital: str | None) -> dict:
+    """Slices and patients per hospital (patient ids of pooled sets are 'hospital/id')."""
+    ids = real.patient_ids.astype(str)
+    if hospital is not None or not all("/" in i for i in ids):
+        sites = np.full(len(ids), hospital or "all")
+    else:
+        sites = np.array([i.split("/", 1)[0] for i in ids])
+    scope = {}
+    for site in dict.fromkeys(sites.tolist()):
+        here = sites == site
+        train, hold = here & (real.split == TRAIN), here & (real.split == HOLDOUT)
+        scope[site] = {"train_slices": int(train.sum()), "train_patients": int(len(np.unique(ids[train]))),
+                       "holdout_slices": int(hold.sum()), "holdout_patients": int(len(np.unique(ids[hold])))}
+    return scope
 
 
 def _real_slices(run: RunDir | None, data: Path | None, hospital: str | None) -> tuple[SliceSet, str]:
     """The real slices: --data, else the run's simulated hospitals (one, or all pooled)."""
     if data is not None:
-        if hospital is not None:
-            raise CommandError("--hospital picks a simulated hospital's own slices: drop --data")
         return SliceSet.load(data), str(data)
     if run is None:
         raise CommandError("--data is required with --synthetic and no --run")
     manifest = run.hospitals_dir / HOSPITALS_MANIFEST
     if not manifest.is_file():
         raise CommandError(f"{run.root}: no simulated hospitals' slices here ({manifest} missing); give --data")
-    names = json.loads(manifest.read_text())["hospitals"]
+    names = _hospital_names(run)
     if hospital is not None:
         if hospital not in names:
             raise CommandError(f"--hospital {hospital}: not a hospital of this run ({', '.join(names)})")

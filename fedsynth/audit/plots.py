@@ -1,0 +1,99 @@
+"""Figures the report draws from statistics alone (the privacy ledger, distance
+histograms on fixed bins, ROC curves on a fixed grid), so the consortium report can draw
+them from what hospitals sent."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["plot_dcr_counts", "plot_epsilon", "plot_roc_on_grid"]
+
+
+def _pyplot():  # noqa: ANN202
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_epsilon(ledger: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+    """ε (RDP, and PRV where computed) spent by each hospital after each round."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for hospital in sorted({row["hospital"] for row in ledger}):
+        rows = sorted((r for r in ledger if r["hospital"] == hospital and r.get("epsilon_rdp") is not None),
+                      key=lambda r: r["round"])
+        if not rows:
+            continue
+        line, = ax.plot([r["round"] for r in rows], [r["epsilon_rdp"] for r in rows], marker="o",
+                        label=f"{hospital} (RDP)")
+        prv = [(r["round"], r["epsilon_prv"]) for r in rows if r.get("epsilon_prv") is not None]
+        if prv:
+            ax.plot(*zip(*prv, strict=True), ls="--", marker="x", color=line.get_color(), label=f"{hospital} (PRV)")
+    ax.set_xlabel("round")
+    ax.set_ylabel("ε spent (cumulative)")
+    ax.set_yscale("log")
+    ax.set_title("formal privacy budget spent, by round")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_dcr_counts(histograms: Mapping[str, Mapping[str, Sequence[int]]], edges: Sequence[float],
+                    path: str | Path, title: str) -> Path:
+    """Distance-to-closest-record histograms from counts on fixed bins (distance divided
+    by the median holdout->train distance, so fresh real data centres on 1)."""
+    plt = _pyplot()
+    spaces = list(histograms)
+    fig, axes = plt.subplots(1, len(spaces), figsize=(6 * len(spaces), 3.8), squeeze=False)
+    edges = np.asarray(edges)
+    centres, width = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
+    for ax, space in zip(axes[0], spaces, strict=True):
+        for name, label, style in (("synthetic_to_train", "synthetic → nearest train", {"alpha": 0.5}),
+                                   ("synthetic_to_holdout", "synthetic → nearest holdout", {"alpha": 0.5})):
+            counts = np.asarray(histograms[space][name][:-1], dtype=float)
+            ax.bar(centres, counts / max(counts.sum(), 1), width=width, label=label, **style)
+        ref = np.asarray(histograms[space]["holdout_to_train"][:-1], dtype=float)
+        ax.step(edges[:-1], ref / max(ref.sum(), 1), where="post", color="k", lw=2,
+                label="holdout → nearest train (fresh real data)")
+        beyond = {n: histograms[space][n][-1] for n in ("synthetic_to_train", "holdout_to_train")}
+        ax.set_title(f"{title} ({space})", fontsize=9)
+        ax.set_xlabel(f"distance / median fresh-data distance (beyond {edges[-1]:g}: "
+                      f"{beyond['synthetic_to_train']} synthetic, {beyond['holdout_to_train']} holdout)", fontsize=7)
+        ax.set_ylabel("share of images")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_roc_on_grid(curves: Mapping[str, Sequence[float]], fpr_grid: Sequence[float], path: str | Path) -> Path:
+    """Membership-inference ROC curves (TPR at fixed FPRs) on log axes."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    fpr = np.maximum(np.asarray(fpr_grid), 1e-4)
+    for name, tpr in curves.items():
+        ax.plot(fpr, np.maximum(np.asarray(tpr), 1e-4), label=name)
+    ax.plot(fpr, fpr, "k--", lw=1, label="chance")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(1e-3, 1)
+    ax.set_ylim(1e-3, 1)
+    ax.set_xlabel("false positive rate (fresh patients called members)")
+    ax.set_ylabel("true positive rate (training patients found)")
+    ax.set_title("membership inference ROC (log axes)")
+    ax.legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
