@@ -25,7 +25,7 @@ from ..shared.weights import load_weights
 from .common import CommandError, console, setup_logging, user_errors
 from .sample import sample_images
 
-__all__ = ["audit"]
+__all__ = ["audit", "federated_audit"]
 
 _COLOURS = {"green": "green", "amber": "yellow", "red": "red"}
 HOSPITALS_DIR, CONSORTIUM_DIR = "hospitals", "consortium"
@@ -80,7 +80,7 @@ def audit(
         if run is None or data is not None or synthetic is not None or hospital is not None:
             raise CommandError("--federated audits a simulated run's hospitals one by one: give --run only "
                                "(no --data, --synthetic or --hospital)")
-        _federated(run, out, options, n_synthetic=n_synthetic, round_=round_, pdf=pdf)
+        federated_audit(run, out, options, n_synthetic=n_synthetic, round_=round_, pdf=pdf)
         return
     real, source = _real_slices(run, data, hospital)
     result = _audit_one(run, real, source, out, options, hospital=hospital, synthetic=synthetic,
@@ -164,8 +164,8 @@ def _report(folder: Path, pdf: bool) -> None:
         console.print(f"[yellow]report.pdf not written: {why}[/]")
 
 
-def _federated(run: RunDir, out: Path, options: AuditOptions, *, n_synthetic: int | None, round_: str,
-               pdf: bool) -> None:
+def federated_audit(run: RunDir, out: Path, options: AuditOptions, *, n_synthetic: int | None = None,
+                    round_: str = "last", pdf: bool = True) -> Path:
     """Each simulated hospital audits the generator on its own slices into its own folder,
     as it would at the hospital; the consortium report is built from their share.json
     files alone (what would cross the wire)."""
@@ -187,6 +187,7 @@ def _federated(run: RunDir, out: Path, options: AuditOptions, *, n_synthetic: in
                   + f"; local reports in {out / HOSPITALS_DIR}/<hospital>/")
     if why and pdf:
         console.print(f"[yellow]report.pdf not written: {why}[/]")
+    return html
 
 
 def _print_consortium(consortium: dict) -> None:

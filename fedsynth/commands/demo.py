@@ -8,11 +8,13 @@ from pathlib import Path
 
 import typer
 
+from ..audit.pipeline import AuditOptions
 from ..server.simulate import prepare_simulation
 from ..shared.config import RunConfig, parse_overrides
 from ..shared.volumes import MaskClasses, ingest_volumes
 from ..shared.phantoms import DEFAULT_HOSPITALS, LESION, LIVER, write_phantom_hospitals
 from ..shared.rundir import RunDir
+from .audit import federated_audit
 from .common import CommandError, console, setup_logging, user_errors
 from .prepare import card_path_for, print_card
 from .simulate import print_hospitals, run_with_progress
@@ -26,6 +28,9 @@ DEMO_SETTINGS = {
     "train.local-steps": 300,
     "train.batch-size": 32,
 }
+# The demo's audit: lighter than `fedsynth audit`'s defaults (5 seeds, ~15 epochs, 500
+# encoder steps) so three local audits take about two minutes; its intervals are wider.
+DEMO_AUDIT = {"utility_seeds": 2, "utility_steps": 240, "encoder_steps": 300}
 
 
 @user_errors
@@ -34,13 +39,17 @@ def demo(
     rounds: int = typer.Option(DEMO_SETTINGS["federation.rounds"], help="Federated rounds."),
     size: int = typer.Option(32, help="Slice size in pixels (32 keeps the demo to minutes; 64 takes about 4x longer)."),
     set_: list[str] = typer.Option([], "--set", help="Override any config key, e.g. --set train.local-steps=50."),
+    audit: bool = typer.Option(True, "--audit/--no-audit", help="End with the federated audit and its reports."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log fedsynth's progress messages."),
 ) -> None:
-    """The whole loop in a few minutes: phantom hospitals, ingestion, federated training.
+    """The whole loop in a few minutes: phantom hospitals, ingestion, federated training,
+    and a federated audit ending in an ethics report.
 
     Generates three phantom hospitals (CT-like NIfTI volumes with liver-lesion masks,
     each with its own scanner character), ingests them like real scans, and federates a
-    conditional GAN across them through Flower's simulation engine.
+    conditional GAN across them through Flower's simulation engine. Each hospital then
+    audits the generator on its own slices (local report) and the consortium report is
+    built from their aggregate statistics alone.
     """
     setup_logging(verbose)
     started = time.monotonic()
@@ -76,9 +85,16 @@ def demo(
     print_hospitals(run)
     if not run_with_progress(cfg, run):
         raise typer.Exit(1)
+    report = None
+    if audit:
+        console.rule("4. audit: each hospital audits the generator locally; the consortium sees statistics only")
+        report = federated_audit(run, out / "audit", AuditOptions(**DEMO_AUDIT))
     console.rule("done")
     console.print(f"demo finished in {time.monotonic() - started:.0f} s. Look at:")
     console.print(f"  {run.grid(1)}  vs  {run.grid(run.last_round() or 0)}  (first and last round)")
     console.print(f"  {run.root / 'samples' / 'real.png'}  (real phantom slices, for comparison)")
     console.print(f"  {run.curves_path}  (losses per hospital)")
+    if report is not None:
+        console.print(f"  {report}  (the consortium's ethics report; each hospital's own report with its "
+                      f"galleries is in {out / 'audit' / 'hospitals'})")
     console.print(f"  fedsynth sample --run {run.root} --n 64 --label lesion --out {out / 'samples'}")
