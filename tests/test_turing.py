@@ -142,6 +142,14 @@ def test_nothing_in_the_html_hints_at_the_source(made: tuple) -> None:
     assert not re.search(r"https?:|url\(|<link|<script", visible), "the sheet must carry everything inside"
 
 
+def test_real_and_synthetic_images_show_the_same_class_mix(made: tuple) -> None:
+    """An unequal mix of classes would tell the expert which images are which."""
+    key = made[2]
+    counts = {truth: sorted(item["label"] for item in key["items"].values() if item["truth"] == truth)
+              for truth in ("real", "synthetic")}
+    assert counts["real"] == counts["synthetic"] and len(set(counts["real"])) > 1
+
+
 def test_the_pdf_carries_every_id_once(made: tuple) -> None:
     out, _, key, _, _ = made
     reader = PdfReader(out / "sheet.pdf")

@@ -14,7 +14,6 @@ which is how an image would travel, is rejected with the hospital and key named)
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -37,7 +36,8 @@ CONSORTIUM_FORMAT = "fedsynth-consortium-audit/1"
 DCR_BIN_EDGES = np.round(np.linspace(0.0, 3.0, 61), 6)
 # ROC curves travel as TPR at these false-positive rates, not as per-patient scores.
 ROC_FPR_GRID = np.round(np.concatenate([[0.0], np.logspace(-3, 0, 31)]), 6)
-MAX_TEXT = 600
+MAX_TEXT = 600  # characters of one text field
+MAX_ROWS = 64  # rows of a list, or entries of an object keyed by check, space or attack
 
 
 class ShareError(ValueError):
@@ -60,6 +60,10 @@ def _count(value: Any) -> bool:
 
 def _verdict(value: Any) -> bool:
     return value in (GREEN, AMBER, RED)
+
+
+def _real(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value == value
 
 
 def _optional_text(value: Any) -> bool:
@@ -104,12 +108,13 @@ WIRE_SCHEMA: dict[str, Any] = {
     "summary": {ANY: _verdict},
     "checks": {ANY: {"verdict": _verdict, "note": _optional_text, "figures": [_FIGURE_ROW]}},
     # per feature space: counts of distance / scale on DCR_BIN_EDGES (last bin: beyond 3x)
-    "dcr_histograms": {ANY: {"scale": _number, "synthetic_to_train": _counts_on_bins,
+    "dcr_histograms": {ANY: {"synthetic_to_train": _counts_on_bins,
                              "synthetic_to_holdout": _counts_on_bins, "holdout_to_train": _counts_on_bins}},
-    "membership": {ANY: {"auc": _number, "auc_p_value": _number, "tpr_at_1pct_fpr": _number, "members": _count,
-                         "non_members": _count, "epsilon_lower_bound": _number, "tpr_on_fpr_grid": _tpr_on_grid}},
+    "membership": {ANY: {"auc": _real, "auc_p_value": _real, "tpr_at_1pct_fpr": _real, "members": _count,
+                         "non_members": _count, "epsilon_lower_bound": _real, "tpr_on_fpr_grid": _tpr_on_grid}},
     "privacy": {"dp_sgd": _flag, "ledger": [_LEDGER_ROW]},
-    "provenance": {"round": _number, "checkpoint_sha256": _optional_text, "audit_sha256": _text},
+    # the generator audited: its checkpoint's hash (--run) or the synthetic file's (--synthetic)
+    "provenance": {"round": _number, "generator_sha256": _text, "audit_sha256": _text},
 }
 
 
@@ -137,13 +142,18 @@ def _check(value: Any, spec: Any, source: str, path: str) -> None:
         if not spec(value):
             raise ShareError(f"{source}: {where} = {_clip(value)} is not what the audit share may carry")
     elif isinstance(spec, list):
-        if not isinstance(value, list) or len(value) > 10_000:
-            raise ShareError(f"{source}: {where} must be a list of rows")
+        if not isinstance(value, list) or len(value) > MAX_ROWS:
+            raise ShareError(f"{source}: {where} must be a list of at most {MAX_ROWS} rows")
         for i, row in enumerate(value):
             _check(row, spec[0], source, f"{path}[{i}]")
     else:
         if not isinstance(value, dict):
             raise ShareError(f"{source}: {where} must be an object")
+        missing = [key for key in spec if key != ANY and key not in value]
+        if missing:
+            raise ShareError(f"{source}: {where} lacks {', '.join(missing)}")
+        if ANY in spec and len(value) > MAX_ROWS:
+            raise ShareError(f"{source}: {where} has {len(value)} entries (at most {MAX_ROWS})")
         for key, item in value.items():
             if key in spec:
                 _check(item, spec[key], source, f"{path}/{key}".lstrip("/"))
@@ -160,17 +170,21 @@ def _clip(value: Any) -> str:
 
 # --- the hospital's side --------------------------------------------------------------------------
 
-def build_share(hospital: str, audit: Mapping[str, Any], distances: Mapping[str, Any]) -> dict[str, Any]:
+def build_share(hospital: str | None, audit: Mapping[str, Any], distances: Mapping[str, Any],
+                audit_sha256: str) -> dict[str, Any]:
     """The aggregate statistics of one hospital's audit, and nothing else.
 
     ``distances`` maps a feature space to its :class:`~fedsynth.audit.memorization.Distances`;
-    only histograms of them leave.
+    only histograms of them leave (distances divided by the median holdout->train
+    distance, which itself is not sent). ``hospital`` None (an audit not named for one
+    hospital) is sent as "site" with the whole ledger given to the audit.
+    ``audit_sha256`` is the SHA-256 of the audit.json file written beside the share.
     """
     inputs = audit["inputs"]
     histograms = {}
     for space, d in distances.items():
         scale = float(np.median(d.holdout_to_train)) or 1.0
-        histograms[space] = {"scale": scale} | {
+        histograms[space] = {
             name: _histogram(getattr(d, name) / scale)
             for name in ("synthetic_to_train", "synthetic_to_holdout", "holdout_to_train")}
     membership = {}
@@ -184,7 +198,7 @@ def build_share(hospital: str, audit: Mapping[str, Any], distances: Mapping[str,
               for name, check in audit["checks"].items()}
     share = {
         "format": SHARE_FORMAT,
-        "hospital": hospital,
+        "hospital": hospital or "site",
         "counts": {key: int(inputs[key]) for key in WIRE_SCHEMA["counts"]},
         "privacy_unit": inputs["privacy_unit"],
         "image_size": int(inputs["image_size"]),
@@ -195,9 +209,10 @@ def build_share(hospital: str, audit: Mapping[str, Any], distances: Mapping[str,
         "membership": membership,
         "privacy": {"dp_sgd": bool(audit["privacy"]["dp_sgd"]),
                     "ledger": [{key: row.get(key) for key in _LEDGER_ROW}
-                               for row in audit["privacy"].get("ledger", []) if row.get("hospital") == hospital]},
-        "provenance": {"round": inputs.get("round"), "checkpoint_sha256": inputs.get("checkpoint_sha256"),
-                       "audit_sha256": _digest(audit)},
+                               for row in audit["privacy"].get("ledger", []) if hospital is None or row.get("hospital") == hospital]},
+        "provenance": {"round": inputs.get("round"),
+                       "generator_sha256": inputs.get("checkpoint_sha256") or inputs.get("synthetic_sha256") or "unknown",
+                       "audit_sha256": audit_sha256},
     }
     share = json.loads(json.dumps(share, default=_plain))  # exactly what a reader of the file gets
     validate_share(share, f"share of {hospital}")
@@ -210,10 +225,6 @@ def _histogram(values: np.ndarray) -> list[int]:
     beyond = int((values >= DCR_BIN_EDGES[-1]).sum())
     counts[-1] -= int((values == DCR_BIN_EDGES[-1]).sum())  # np.histogram's last bin is closed
     return [int(c) for c in counts] + [beyond]
-
-
-def _digest(audit: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(audit, sort_keys=True, default=_plain).encode()).hexdigest()
 
 
 def _plain(value: Any) -> Any:
@@ -260,10 +271,10 @@ def combine_shares(shares: list[dict[str, Any]]) -> dict[str, Any]:
     names = [s["hospital"] for s in shares]
     if len(set(names)) != len(names):
         raise ShareError(f"two shares name the same hospital: {sorted(names)}")
-    generators = {s["provenance"]["checkpoint_sha256"] for s in shares}
+    generators = {s["provenance"]["generator_sha256"] for s in shares}
     if len(generators) > 1:
         raise ShareError("the shares audit different generators (checkpoint hashes differ): "
-                         + ", ".join(f"{s['hospital']}: {str(s['provenance']['checkpoint_sha256'])[:12]}"
+                         + ", ".join(f"{s['hospital']}: {s['provenance']['generator_sha256'][:12]}"
                                      for s in shares))
     checks = sorted({name for s in shares for name in s["checks"]}, key=_check_order)
     summary = {name: worst([s["checks"][name]["verdict"] for s in shares if name in s["checks"]]) for name in checks}
@@ -290,7 +301,7 @@ def combine_shares(shares: list[dict[str, Any]]) -> dict[str, Any]:
         "pooled_near_copies": near,
         "dcr_bin_edges": DCR_BIN_EDGES.tolist(),
         "roc_fpr_grid": ROC_FPR_GRID.tolist(),
-        "generator": {"checkpoint_sha256": next(iter(generators)),
+        "generator": {"sha256": next(iter(generators)),
                       "rounds": sorted({s["provenance"]["round"] for s in shares}, key=lambda r: (r is None, r))},
     }
 

@@ -7,6 +7,7 @@ tests can hand in copies of the training images, or the holdout, as "synthetic".
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -206,8 +207,9 @@ def run_audit(
         "seconds": timings,
     }
     audit = json.loads(json.dumps(audit, default=_json_default))  # what a reader of audit.json gets
-    share = build_share(hospital or "site", audit, distances)
-    write_text_atomic(out / AUDIT_FILE, json.dumps(audit, indent=2))
+    text = json.dumps(audit, indent=2)
+    share = build_share(hospital, audit, distances, hashlib.sha256(text.encode()).hexdigest())
+    write_text_atomic(out / AUDIT_FILE, text)
     write_text_atomic(out / SHARE_FILE, json.dumps(share, indent=2))
     return audit
 

@@ -63,8 +63,7 @@ def plot_dcr_counts(histograms: Mapping[str, Mapping[str, Sequence[int]]], edges
             counts = np.asarray(histograms[space][name][:-1], dtype=float)
             ax.bar(centres, counts / max(counts.sum(), 1), width=width, label=label, **style)
         ref = np.asarray(histograms[space]["holdout_to_train"][:-1], dtype=float)
-        ax.step(edges[:-1], ref / max(ref.sum(), 1), where="post", color="k", lw=2,
-                label="holdout → nearest train (fresh real data)")
+        ax.stairs(ref / max(ref.sum(), 1), edges, color="k", lw=2, label="holdout → nearest train (fresh real data)")
         beyond = {n: histograms[space][n][-1] for n in ("synthetic_to_train", "holdout_to_train")}
         ax.set_title(f"{title} ({space})", fontsize=9)
         ax.set_xlabel(f"distance / median fresh-data distance (beyond {edges[-1]:g}: "

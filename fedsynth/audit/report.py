@@ -166,11 +166,8 @@ def _num(value: Any, digits: int = 3) -> str:
             return "n/a"
         if value in (float("inf"), float("-inf")):
             return "∞" if value > 0 else "−∞"
-        if 1e3 <= abs(value) < 1e7:
-            return f"{value:,.0f}"
-        if value != 0 and (abs(value) >= 1e7 or abs(value) < 1e-3):
-            return f"{value:.{digits}g}"
-        return f"{value:.{digits}g}" if abs(value) >= 1 else f"{value:.{digits}f}".rstrip("0").rstrip(".") or "0"
+        text = f"{value:.{digits}g}"
+        return f"{value:,.0f}" if "e+" in text and abs(value) < 1e7 else text
     return esc(value)
 
 
@@ -578,7 +575,8 @@ def build_consortium_html(consortium: Mapping[str, Any], folder: Path, figures: 
     gen = consortium["generator"]
     scope = (_table(["hospital", "train slices", "train patients", "holdout slices", "holdout patients",
                      "synthetic images audited", "privacy unit"], scope_rows)
-             + f"<p>Audited generator: checkpoint SHA-256 <code>{esc(gen['checkpoint_sha256'] or '—')}</code>, "
+             + f"<p>Audited generator: SHA-256 <code>{esc(gen['sha256'])}</code> (its checkpoint, or the synthetic "
+               "file audited), "
                f"round {esc(', '.join(str(r) for r in gen['rounds']))}. Each hospital's audit is identified by the "
                "SHA-256 of its audit.json:</p>"
              + _table(["hospital", "audit.json SHA-256", "classes", "image size"],

@@ -107,7 +107,7 @@ def make_test(
         held = 0 if real_split is None else int(np.sum(real_split == "holdout"))
         real_pool = f"all real slices (the holdout has {held}, fewer than {n})"
     real_index = np.sort(rng.choice(pool, size=n, replace=False))
-    synthetic_index = np.sort(rng.choice(len(synthetic_images), size=n, replace=False))
+    synthetic_index = _matching_draw(rng, real_labels, real_index, synthetic_labels, len(synthetic_images), n)
     drawn = [(REAL, int(i)) for i in real_index] + [(SYNTHETIC, int(i)) for i in synthetic_index]
     order = rng.permutation(len(drawn))
     width = max(3, len(str(2 * n)))
@@ -148,6 +148,22 @@ def make_test(
     with atomic_open(key_path, "w") as handle:
         json.dump(key, handle, indent=2)
     return key
+
+
+def _matching_draw(rng: np.random.Generator, real_labels: np.ndarray | None, real_index: np.ndarray,
+                   synthetic_labels: np.ndarray | None, n_synthetic: int, n: int) -> np.ndarray:
+    """Synthetic indices with the same class counts as the real draw where both have labels
+    (otherwise the class mix itself would hint at the source); a class with too few
+    synthetic images is topped up at random."""
+    if real_labels is None or synthetic_labels is None:
+        return np.sort(rng.choice(n_synthetic, size=n, replace=False))
+    picked: list[int] = []
+    for label, count in zip(*np.unique(real_labels[real_index], return_counts=True), strict=True):
+        pool = np.flatnonzero(synthetic_labels == label)
+        picked += rng.choice(pool, size=min(int(count), len(pool)), replace=False).tolist()
+    rest = np.setdiff1d(np.arange(n_synthetic), picked)
+    picked += rng.choice(rest, size=n - len(picked), replace=False).tolist()
+    return np.sort(np.asarray(picked, dtype=np.int64))
 
 
 def _check_inputs(real_images: np.ndarray, synthetic_images: np.ndarray, n: int) -> None:

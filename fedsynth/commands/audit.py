@@ -84,14 +84,18 @@ def audit(
         return
     real, source = _real_slices(run, data, hospital)
     result = _audit_one(run, real, source, out, options, hospital=hospital, synthetic=synthetic,
-                        n_synthetic=n_synthetic, round_=round_)
+                        n_synthetic=n_synthetic, round_=round_, white_box=data is None)
     _print_summary(result, out)
     _report(out, pdf)
 
 
 def _audit_one(run: RunDir | None, real: SliceSet, source: str, out: Path, options: AuditOptions, *,
-               hospital: str | None, synthetic: Path | None, n_synthetic: int | None, round_: str) -> dict:
-    """One audit of the generator against one set of real slices (a hospital's, or pooled)."""
+               hospital: str | None, synthetic: Path | None, n_synthetic: int | None, round_: str,
+               white_box: bool = True) -> dict:
+    """One audit of the generator against one set of real slices (a hospital's, or pooled).
+
+    ``white_box``: attack with the hospital's discriminator from the run, which is right
+    only when the real slices are the ones the run gave that hospital (not --data)."""
     seed = options.seed
     train, holdout = real.only(TRAIN), real.only(HOLDOUT)
     if len(holdout) == 0:
@@ -141,8 +145,9 @@ def _audit_one(run: RunDir | None, real: SliceSet, source: str, out: Path, optio
             bar.update(task, description=name, completed=done, total=max(total, 1))
 
         try:
-            discriminators = _discriminators(run, real, hospital, seed) if run and hospital else []
-            if run and hospital:
+            white_box = bool(run and hospital and white_box)
+            discriminators = _discriminators(run, real, hospital, seed) if white_box else []
+            if white_box:
                 inputs.provenance["white_box_attack"] = (
                     f"{hospital}'s latest local discriminator" if discriminators
                     else f"not run: no discriminator state for {hospital} in {run.hospitals_dir}")
@@ -151,7 +156,7 @@ def _audit_one(run: RunDir | None, real: SliceSet, source: str, out: Path, optio
                                context=_context(run, real, hospital), hospital=hospital)
         except (FeatureError, ValueError, KeyError, RuntimeError) as err:
             raise CommandError(f"audit stopped: {err}") from None
-    if run and hospital and not discriminators:
+    if white_box and not discriminators:
         console.print(f"[yellow]no discriminator state for {hospital} in {run.hospitals_dir}: the white-box "
                       "attack was not run[/]")
     return result
@@ -170,12 +175,16 @@ def federated_audit(run: RunDir, out: Path, options: AuditOptions, *, n_syntheti
     as it would at the hospital; the consortium report is built from their share.json
     files alone (what would cross the wire)."""
     names = _hospital_names(run)
+    done = [name for name in names if (out / HOSPITALS_DIR / name / AUDIT_FILE).exists()]
+    if done:
+        raise CommandError(f"{out / HOSPITALS_DIR} already holds audits of {', '.join(done)}; choose another --out "
+                           "(nothing is overwritten)")
     for i, name in enumerate(names, start=1):
         console.rule(f"hospital {i}/{len(names)}: {name} (local audit, stays at the hospital)")
         real, source = _real_slices(run, None, name)
         local = out / HOSPITALS_DIR / name
         result = _audit_one(run, real, source, local, options, hospital=name, synthetic=None,
-                            n_synthetic=n_synthetic, round_=round_)
+                            n_synthetic=n_synthetic, round_=round_, white_box=True)
         _print_summary(result, local)
         _report(local, pdf)
     console.rule("consortium: combining the hospitals' shares (statistics only)")

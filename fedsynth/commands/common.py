@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
+from ..audit.federated import ShareError
 from ..shared.checkpoint import CheckpointError
 from ..shared.config import ConfigError
 from ..shared.ingest import IngestError
@@ -31,7 +32,7 @@ class CommandError(Exception):
 
 USER_ERRORS: tuple[type[Exception], ...] = (
     CommandError, ConfigError, SliceSetError, IngestError, PartitionError, RunDirError, CheckpointError,
-    FileNotFoundError,
+    FileNotFoundError, ShareError,
 )
 
 
