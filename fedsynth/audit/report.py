@@ -302,7 +302,7 @@ def _maybe_pdf(path: Path, document: str, wanted: bool) -> tuple[Path | None, st
 
 def build_report_html(audit: Mapping[str, Any], folder: Path) -> str:
     """The report of one audit (one hospital's, or a pooled or single-site audit)."""
-    inputs, ctx, figs = audit["inputs"], audit.get("context") or {}, audit.get("figures", {})
+    inputs, ctx = audit["inputs"], audit.get("context") or {}
     unit = inputs.get("privacy_unit", "slice")
     hospital = ctx.get("hospital")
     title = "Synthetic image audit" + (f": {hospital} (local report)" if hospital else "")
