@@ -23,7 +23,7 @@ from ..shared.rundir import write_text_atomic
 from ..shared.sampling import save_grid
 from . import fidelity, membership, memorization
 from .federated import SHARE_FILE, build_share
-from .plots import plot_epsilon
+from .plots import plot_epsilon, plot_roc
 from .features import AutoencoderSpace, InceptionSpace, PixelSpace, find_inception_weights
 from .verdicts import AMBER, GREEN, RED, THRESHOLDS, judge, worst
 
@@ -502,23 +502,8 @@ def _figures(inputs: AuditInputs, distances: dict[str, memorization.Distances], 
     plt.close(fig)
     written["dcr_histograms"] = f"{FIGURES}/dcr_histograms.png"
 
-    fig, ax = plt.subplots(figsize=(5, 5))
-    for name, attack in mia["attacks"].items():
-        fpr, tpr = np.maximum(attack["roc"]["fpr"], 1e-4), np.maximum(attack["roc"]["tpr"], 1e-4)
-        ax.plot(fpr, tpr, label=f"{name} (AUC {attack['auc']:.2f})")
-    grid = np.logspace(-4, 0, 50)
-    ax.plot(grid, grid, "k--", lw=1, label="chance")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlim(1e-3, 1)
-    ax.set_ylim(1e-3, 1)
-    ax.set_xlabel("false positive rate (fresh patients called members)")
-    ax.set_ylabel("true positive rate (training patients found)")
-    ax.set_title("membership inference ROC (log axes)")
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(folder / "mia_roc.png", dpi=110)
-    plt.close(fig)
+    plot_roc({f"{name} (AUC {attack['auc']:.2f})": (attack["roc"]["fpr"], attack["roc"]["tpr"])
+              for name, attack in mia["attacks"].items()}, folder / "mia_roc.png")
     written["mia_roc"] = f"{FIGURES}/mia_roc.png"
 
     pix = distances["pixels"]

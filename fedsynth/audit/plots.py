@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["plot_dcr_counts", "plot_epsilon", "plot_roc_on_grid"]
+__all__ = ["plot_dcr_counts", "plot_epsilon", "plot_roc"]
 
 
 def _pyplot():  # noqa: ANN202
@@ -76,14 +76,14 @@ def plot_dcr_counts(histograms: Mapping[str, Mapping[str, Sequence[int]]], edges
     return Path(path)
 
 
-def plot_roc_on_grid(curves: Mapping[str, Sequence[float]], fpr_grid: Sequence[float], path: str | Path) -> Path:
-    """Membership-inference ROC curves (TPR at fixed FPRs) on log axes."""
+def plot_roc(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str | Path) -> Path:
+    """Membership-inference ROC curves, name -> (FPR, TPR), on log axes."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 5))
-    fpr = np.maximum(np.asarray(fpr_grid), 1e-4)
-    for name, tpr in curves.items():
-        ax.plot(fpr, np.maximum(np.asarray(tpr), 1e-4), label=name)
-    ax.plot(fpr, fpr, "k--", lw=1, label="chance")
+    for name, (fpr, tpr) in curves.items():
+        ax.plot(np.maximum(np.asarray(fpr), 1e-4), np.maximum(np.asarray(tpr), 1e-4), label=name)
+    grid = np.logspace(-4, 0, 50)
+    ax.plot(grid, grid, "k--", lw=1, label="chance")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlim(1e-3, 1)
@@ -91,7 +91,7 @@ def plot_roc_on_grid(curves: Mapping[str, Sequence[float]], fpr_grid: Sequence[f
     ax.set_xlabel("false positive rate (fresh patients called members)")
     ax.set_ylabel("true positive rate (training patients found)")
     ax.set_title("membership inference ROC (log axes)")
-    ax.legend(fontsize=6, loc="lower right")
+    ax.legend(fontsize=6 if len(curves) > 6 else 7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -18,7 +18,7 @@ from typing import Any
 from ..shared.documents import PdfError, esc, png_data_uri, write_html, write_pdf
 from ..shared.rundir import write_text_atomic
 from .pipeline import AUDIT_FILE, FIGURES
-from .plots import plot_dcr_counts, plot_epsilon, plot_roc_on_grid
+from .plots import plot_dcr_counts, plot_epsilon, plot_roc
 from .verdicts import AMBER, GREEN, RED, THRESHOLDS
 
 __all__ = ["CONSORTIUM_FILE", "REPORT_HTML", "REPORT_PDF", "render_consortium_report", "render_report"]
@@ -538,11 +538,11 @@ def render_consortium_report(consortium: Mapping[str, Any], out: str | Path, *,
     figures["dcr_pooled"] = f"{FIGURES}/dcr_pooled.png"
     plot_dcr_counts(consortium["pooled_dcr_histograms"], consortium["dcr_bin_edges"], out / figures["dcr_pooled"],
                     "all hospitals pooled")
-    curves = {f"{hospital}: {attack} (AUC {a['auc']:.2f})": a["tpr_on_fpr_grid"]
+    curves = {f"{hospital}: {attack} (AUC {a['auc']:.2f})": (consortium["roc_fpr_grid"], a["tpr_on_fpr_grid"])
               for hospital, share in consortium["by_hospital"].items() for attack, a in share["membership"].items()}
     if curves:
         figures["mia_roc"] = f"{FIGURES}/mia_roc.png"
-        plot_roc_on_grid(curves, consortium["roc_fpr_grid"], out / figures["mia_roc"])
+        plot_roc(curves, out / figures["mia_roc"])
     write_text_atomic(out / CONSORTIUM_FILE, json.dumps(dict(consortium, figures=figures), indent=2))
     document = build_consortium_html(consortium, out, figures)
     html_path = write_html(out / REPORT_HTML, document)
