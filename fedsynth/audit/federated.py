@@ -172,7 +172,8 @@ def _clip(value: Any) -> str:
 
 def build_share(hospital: str | None, audit: Mapping[str, Any], distances: Mapping[str, Any],
                 audit_sha256: str) -> dict[str, Any]:
-    """The aggregate statistics of one hospital's audit, and nothing else.
+    """The aggregate statistics of one hospital's audit (as read from audit.json: plain
+    JSON values), and nothing else.
 
     ``distances`` maps a feature space to its :class:`~fedsynth.audit.memorization.Distances`;
     only histograms of them leave (distances divided by the median holdout->train
@@ -214,7 +215,7 @@ def build_share(hospital: str | None, audit: Mapping[str, Any], distances: Mappi
                        "generator_sha256": inputs.get("checkpoint_sha256") or inputs.get("synthetic_sha256") or "unknown",
                        "audit_sha256": audit_sha256},
     }
-    share = json.loads(json.dumps(share, default=_plain))  # exactly what a reader of the file gets
+    share = json.loads(json.dumps(share))  # exactly what a reader of the file gets
     validate_share(share, f"share of {hospital}")
     return share
 
@@ -225,14 +226,6 @@ def _histogram(values: np.ndarray) -> list[int]:
     beyond = int((values >= DCR_BIN_EDGES[-1]).sum())
     counts[-1] -= int((values == DCR_BIN_EDGES[-1]).sum())  # np.histogram's last bin is closed
     return [int(c) for c in counts] + [beyond]
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def load_share(path: str | Path) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from ..shared.rundir import HOSPITALS_MANIFEST, RunDir
 from ..shared.sliceset import HOLDOUT, TRAIN, SliceSet
 from ..shared.weights import load_weights
 from .common import CommandError, console, setup_logging, user_errors
-from .sample import sample_images
+from .sample import load_synthetic, sample_images
 
 __all__ = ["audit", "federated_audit"]
 
@@ -102,14 +102,8 @@ def _audit_one(run: RunDir | None, real: SliceSet, source: str, out: Path, optio
         raise CommandError(f"{source}: no holdout slices; the audit needs patients never trained on as its reference")
     provenance: dict[str, object] = {"real_slices": source}
     if synthetic is not None:
-        syn = SliceSet.load(synthetic)
-        if syn.class_names != real.class_names:
-            raise CommandError(f"--synthetic {synthetic}: classes {syn.class_names} differ from the real slices' "
-                               f"{real.class_names}")
-        syn_images = syn.images
-        # `fedsynth sample` cycles labels for unconditional models too; their meta says so
-        syn_labels = syn.labels if syn.meta.get("conditional", True) else None
-        provenance |= {"synthetic_file": str(synthetic), "synthetic_sha256": file_sha256(synthetic)}
+        syn_images, syn_labels, where = load_synthetic(synthetic, real.class_names)
+        provenance |= where
         used_round = None
     else:
         assert run is not None

@@ -17,7 +17,7 @@ from ..shared.sliceset import SYNTHETIC, SliceSet
 from ..shared.weights import load_weights, split_model
 from .common import CommandError, console, user_errors
 
-__all__ = ["sample", "sample_images"]
+__all__ = ["load_synthetic", "sample", "sample_images"]
 
 
 def sample_images(run: RunDir, *, n: int, label: str | None, round_: int | None, seed: int) -> tuple[np.ndarray, np.ndarray, list[str], int, bool]:
@@ -47,6 +47,24 @@ def sample_images(run: RunDir, *, n: int, label: str | None, round_: int | None,
     else:
         labels = np.arange(n) % len(classes)
     return generate(gen, labels, seed=seed), labels, classes, round_, conditional
+
+
+def load_synthetic(path: Path, class_names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray | None, dict[str, str]]:
+    """Synthetic slices from a slice set file (``--synthetic``), for audits and Turing tests.
+
+    Returns (images, labels or None for an unconditional generator, provenance).
+
+    Raises
+    ------
+    CommandError
+        Its classes differ from the real slices'.
+    """
+    syn = SliceSet.load(path)
+    if syn.class_names != class_names:
+        raise CommandError(f"--synthetic {path}: classes {syn.class_names} differ from the real slices' {class_names}")
+    # `fedsynth sample` cycles labels for unconditional models too; their meta says so
+    labels = syn.labels if syn.meta.get("conditional", True) else None
+    return syn.images, labels, {"synthetic_file": str(path), "synthetic_sha256": file_sha256(path)}
 
 
 @user_errors

@@ -24,7 +24,7 @@ from ..shared.documents import PdfError
 from ..shared.rundir import RunDir, write_text_atomic
 from ..shared.sliceset import HOLDOUT, SliceSet
 from .common import CommandError, console, user_errors
-from .sample import sample_images
+from .sample import load_synthetic, sample_images
 
 __all__ = ["turing_test"]
 
@@ -64,14 +64,8 @@ def make_sheet(
     real = SliceSet.load(data)
     provenance: dict[str, object] = {"real_slices": str(data), "real_sha256": file_sha256(data)}
     if synthetic is not None:
-        syn = SliceSet.load(synthetic)
-        if syn.class_names != real.class_names:
-            raise CommandError(f"--synthetic {synthetic}: classes {syn.class_names} differ from the real slices' "
-                               f"{real.class_names}")
-        syn_images = syn.images
-        # `fedsynth sample` cycles labels for unconditional models too; their meta says so
-        syn_labels = syn.labels if syn.meta.get("conditional", True) else None
-        provenance |= {"synthetic_file": str(synthetic), "synthetic_sha256": file_sha256(synthetic)}
+        syn_images, syn_labels, where = load_synthetic(synthetic, real.class_names)
+        provenance |= where
     else:
         run = RunDir(run_dir)
         classes = tuple(run.load_config().data.classes)
