@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import time
@@ -58,7 +60,8 @@ def test_weighted_average_of_good_updates_only() -> None:
     assert "NaN" in reasons["hospital-c"]
     assert "shape (3, 2)" in reasons["hospital-d"]
     assert "no model weights" in reasons["hospital-e"]
-    assert report.failures == [{"node": 6, "reason": "SliceSetError: slices.npz: no such slice set file"}]
+    assert report.failures == [{"node": 6, "hospital": "node-6",
+                                "reason": "SliceSetError: slices.npz: no such slice set file"}]
 
 
 def test_no_usable_update_gives_no_model() -> None:
@@ -122,3 +125,83 @@ def test_flower_wrapped_client_errors_are_reduced_to_the_hospitals_message() -> 
     strategy.aggregate_train(1, [_reply(1, "hospital-a", _weights(1.0)),
                                  Message(metadata=_metadata(2), error=Error(code=0, reason=reason))])
     assert strategy.last_report.failures[0]["reason"] == "hospital-b: SliceSetError: slices.npz: no such slice set file"
+
+
+def _sent(strategy: GeneratorFedAvg, nodes: list[int]) -> None:
+    """What configure_train keeps after the grid pushed a question to each node (message
+    ids as the grid assigns them), built by hand: no live Grid here."""
+    strategy.sent = [
+        Message(metadata=Metadata(run_id=1, message_id=f"q{node}", src_node_id=1, dst_node_id=node,
+                                  reply_to_message_id="", group_id="1", created_at=time.time(), ttl=60.0,
+                                  message_type="train"), content=RecordDict())
+        for node in nodes
+    ]
+
+
+def test_thousandfold_weights_and_wrong_dtype_are_rejected_by_the_norm_and_dtype_checks() -> None:
+    current = _weights(1.0)
+    strategy = GeneratorFedAvg(expected_shapes=SHAPES, expected_dtypes={k: np.dtype(np.float32) for k in SHAPES},
+                               max_update_norm=3.0)
+    strategy.current = current
+    honest = _weights(1.1)
+    scaled = {k: v * 1000 for k, v in current.items()}
+    wider = {k: v.astype(np.float64) for k, v in _weights(1.0).items()}
+    arrays, _ = strategy.aggregate_train(1, [_reply(1, "hospital-a", honest), _reply(2, "hospital-b", scaled),
+                                             _reply(3, "hospital-c", wider)])
+    assert arrays is not None and np.allclose(arrays["generator.w"].numpy(), 1.1)
+    reasons = {r["hospital"]: r["reason"] for r in strategy.last_report.rejected}
+    assert "update norm is 999x" in reasons["hospital-b"] and "max-update-norm 3" in reasons["hospital-b"]
+    assert "dtype float64, expected float32" in reasons["hospital-c"]
+    assert strategy.last_report.hospitals["hospital-a"]["update-norm"] == pytest.approx(0.1, rel=1e-3)
+
+
+def test_an_array_that_would_need_pickle_is_rejected_without_running_it(tmp_path) -> None:
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):  # what unpickling would run
+            return (marker.write_text, ("pwned",))
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([Payload()], dtype=object), allow_pickle=True)  # .npy with a pickled body
+    hostile = Array(dtype="object", shape=(1,), stype="numpy.ndarray", data=buffer.getvalue())
+    content = RecordDict({HOSPITAL: ConfigRecord({"name": "hospital-x"}),
+                          ARRAYS: ArrayRecord({"generator.w": hostile, "generator.b": Array(np.zeros(3, np.float32))}),
+                          METRICS: MetricRecord({"num-examples": 5})})
+    strategy = GeneratorFedAvg(expected_shapes=SHAPES)
+    arrays, _ = strategy.aggregate_train(1, [Message(metadata=_metadata(1), content=content)])
+    assert arrays is None
+    assert "generator.w is not a plain numpy array" in strategy.last_report.rejected[0]["reason"]
+    assert not marker.exists()
+
+
+def test_a_node_that_never_answers_or_is_reported_unavailable_is_a_named_gap() -> None:
+    strategy = GeneratorFedAvg(expected_shapes=SHAPES, node_names={2: "south", 3: "east"})
+    _sent(strategy, [1, 2, 3])
+    unavailable = Message(metadata=Metadata(
+        run_id=1, message_id="e2", src_node_id=1, dst_node_id=1, reply_to_message_id="q2", group_id="1",
+        created_at=time.time(), ttl=60.0, message_type="train"),
+        error=Error(code=5, reason="Error: Node Unavailable - no heartbeat"))
+    good = _reply(1, "north", _weights(1.0))
+    good.metadata.__dict__["_reply_to_message_id"] = "q1"
+    arrays, _ = strategy.aggregate_train(2, [good, unavailable])
+    assert arrays is not None
+    failures = {f["hospital"]: f["reason"] for f in strategy.last_report.failures}
+    assert failures == {"south": "Error: Node Unavailable - no heartbeat",
+                        "east": "no reply within federation.round-timeout"}
+
+
+def test_registered_names_win_over_what_a_reply_claims() -> None:
+    strategy = GeneratorFedAvg(expected_shapes=SHAPES, node_names={1: "north"})
+    strategy.aggregate_train(1, [_reply(1, "south", _weights(1.0))])
+    assert set(strategy.last_report.hospitals) == {"north"}
+
+
+def test_every_reply_is_described_by_shapes_and_types_only() -> None:
+    strategy = GeneratorFedAvg(expected_shapes=SHAPES)
+    strategy.aggregate_train(1, [_reply(1, "hospital-a", _weights(0.25))])
+    [described] = strategy.last_report.messages
+    assert described["arrays"] == {"arrays/generator.w": [[2, 3], "float32"], "arrays/generator.b": [[3], "float32"]}
+    assert described["metrics"] == {"metrics/num-examples": "int", "metrics/d-loss": "float"}
+    assert described["configs"] == {"hospital/name": "str[10]"}
+    assert "0.25" not in str(described)

@@ -106,7 +106,8 @@ def _round_line(record: dict, total: int, privacy: list[dict] | None = None) -> 
         parts.append(f"{name} {d}g={m.get('g-loss', float('nan')):.2f} "
                      f"{m.get('images-per-second', 0):.0f} img/s{eps(name)}")
     for failure in record.get("failures", []):
-        parts.append(f"[red]node {failure['node']} failed: {failure['reason']}[/]")
+        who = failure.get("hospital") or f"node {failure['node']}"
+        parts.append(f"[red]{who} failed: {failure['reason']}[/]")
     for rejected in record.get("rejected", []):
         parts.append(f"[red]{rejected['hospital']} rejected: {rejected['reason']}[/]")
     for declined in record.get("declined", []):

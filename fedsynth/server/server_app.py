@@ -88,6 +88,9 @@ def _federate(grid: Grid, cfg: RunConfig, run: RunDir) -> str | None:
         client_dp = (cfg.federation.client_dp_noise_multiplier, cfg.federation.client_dp_clip, trainable)
     strategy = GeneratorFedAvg(
         expected_shapes={k: tuple(v.shape) for k, v in arrays.items()},
+        expected_dtypes={k: v.numpy().dtype for k, v in arrays.items()},
+        max_update_norm=cfg.federation.max_update_norm,
+        node_names=run.node_names(),
         client_dp=client_dp,
         fraction_train=cfg.federation.fraction_train,
         fraction_evaluate=0.0,
@@ -100,6 +103,8 @@ def _federate(grid: Grid, cfg: RunConfig, run: RunDir) -> str | None:
         replies = grid.send_and_receive(messages, timeout=cfg.federation.round_timeout)
         aggregated, _ = strategy.aggregate_train(round_, replies)
         report = strategy.last_report
+        for message in report.messages:
+            run.append_message({"round": round_, **message})
         record_privacy(run, round_, report)
         if aggregated is None or len(report.hospitals) < cfg.federation.min_hospitals:
             if report.declined and not report.failures and not report.rejected:
@@ -129,7 +134,7 @@ def _federate(grid: Grid, cfg: RunConfig, run: RunDir) -> str | None:
 
 
 def _describe_failure(report: RoundReport, needed: int) -> str:
-    problems = [f"{f['node']}: {f['reason']}" for f in report.failures]
+    problems = [f"{f.get('hospital', f['node'])}: {f['reason']}" for f in report.failures]
     problems += [f"{r['hospital']}: rejected, {r['reason']}" for r in report.rejected]
     detail = "; ".join(problems) if problems else "no replies"
     return (

@@ -14,7 +14,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from ..shared.records import ARRAYS, HOSPITAL, METRICS, arrays_to_numpy
-from .validation import check_update
+from .validation import check_update, read_update, relative_update_norm
 
 __all__ = ["GeneratorFedAvg", "RoundReport"]
 
@@ -34,27 +34,42 @@ class RoundReport:
     privacy: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Client-level DP on the server: hospitals averaged, how many were clipped, noise std.
     client_dp: dict[str, Any] = field(default_factory=dict)
+    # What every reply carried (record names, array shapes and dtypes, metric types):
+    # the evidence of what left each hospital, kept in RUN/messages.jsonl.
+    messages: list[dict[str, Any]] = field(default_factory=list)
 
 
 class GeneratorFedAvg(FedAvg):
     """Flower's FedAvg (weighted by ``num-examples``) applied to the model record the
     hospitals return (the generator, plus the discriminator when it is aggregated).
 
-    Before averaging, every reply is checked against the global model's tensor names and
-    shapes and for non-finite values (``check_update``); failures and rejections are
-    kept in ``last_report`` with the hospital's name and the reason.
+    Before averaging, every reply is checked against the global model's tensor names,
+    shapes and dtypes, for non-finite values and for its norm (``check_update``);
+    failures (an error, or no reply at all from a hospital that was asked) and
+    rejections are kept in ``last_report`` with the hospital's name and the reason.
     """
 
     def __init__(
         self,
         *,
         expected_shapes: dict[str, tuple[int, ...]],
+        expected_dtypes: dict[str, np.dtype] | None = None,
         client_dp: tuple[float, float, set[str]] | None = None,
+        max_update_norm: float = 0.0,
+        node_names: dict[int, str] | None = None,
         **kwargs: Any,
     ) -> None:
-        """``client_dp``: (noise multiplier, clip, names of the trainable tensors), or None."""
+        """``client_dp``: (noise multiplier, clip, names of the trainable tensors), or None.
+        ``max_update_norm``: largest ||update - global|| / ||global|| accepted (0: no bound).
+        ``node_names``: the names hospitals were registered under, by SuperNode id; they
+        win over the name a reply declares, and name nodes that fail before replying."""
         super().__init__(arrayrecord_key=ARRAYS, **kwargs)
         self.expected_shapes = expected_shapes
+        self.expected_dtypes = expected_dtypes
+        self.max_update_norm = max_update_norm
+        self.registered: dict[int, str] = dict(node_names or {})
+        self.node_names: dict[int, str] = dict(self.registered)
+        self.sent: list[Message] = []
         self.client_dp = client_dp
         # Client-level DP noise from the operating system's entropy: a seed from the run
         # config would let every hospital (they all have it) subtract the noise.
@@ -66,21 +81,34 @@ class GeneratorFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.current = arrays_to_numpy(arrays)
-        return super().configure_train(server_round, arrays, config, grid)
+        # Kept: the grid gives each message its id when it pushes it, and a reply (or
+        # the SuperLink's "node unavailable" error) names the message it answers.
+        self.sent = list(super().configure_train(server_round, arrays, config, grid))
+        return self.sent
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         report = RoundReport(round=server_round)
         accepted: list[Message] = []
+        asked = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in self.sent}
+        answered: set[int] = set()
         for msg in replies:
-            node = msg.metadata.src_node_id
+            # The node a reply is about: the one its question went to (an error from the
+            # SuperLink, e.g. "node unavailable", has the SuperLink as sender).
+            node = asked.get(msg.metadata.reply_to_message_id, int(msg.metadata.src_node_id))
+            answered.add(node)
             if msg.has_error():
-                report.failures.append({"node": node, "reason": _first_line(msg.error.reason)})
+                reason = _first_line(msg.error.reason)
+                report.messages.append({"node": node, "error": reason})
+                report.failures.append({"node": node, "hospital": self.node_names.get(node, f"node-{node}"),
+                                        "reason": reason})
                 continue
             content = msg.content
+            report.messages.append(describe_message(node, content))
             info = content[HOSPITAL] if HOSPITAL in content.config_records else ConfigRecord()
-            name = str(info.get("name", f"node-{node}"))
+            name = self.registered.get(node) or str(info.get("name", f"node-{node}"))
+            self.node_names[node] = name
             metrics = content[METRICS] if METRICS in content.metric_records else MetricRecord()
             spent = {k: v for k, v in metrics.items() if k.startswith("dp-")}
             if spent:
@@ -88,18 +116,34 @@ class GeneratorFedAvg(FedAvg):
             if "declined" in info:
                 report.declined.append({"hospital": name, "node": node, "reason": str(info["declined"])})
                 continue
+            problem: str | None = None
+            norm = None
             if ARRAYS not in content.array_records:
-                problem: str | None = "no model weights in the reply"
+                problem = "no model weights in the reply"
             else:
-                problem = check_update(
-                    arrays_to_numpy(content[ARRAYS]), self.expected_shapes, metrics.get("num-examples")
-                )
+                try:
+                    update = read_update(content[ARRAYS])
+                except ValueError as err:
+                    problem = str(err)
+                else:
+                    problem = check_update(
+                        update, self.expected_shapes, metrics.get("num-examples"),
+                        expected_dtypes=self.expected_dtypes, current=self.current,
+                        max_update_norm=self.max_update_norm,
+                    )
+                    if problem is None and self.current:
+                        norm = relative_update_norm(update, self.current)
             if problem:
                 log.warning("round %d: rejected the update of %s: %s", server_round, name, problem)
                 report.rejected.append({"hospital": name, "node": node, "reason": problem})
                 continue
             report.hospitals[name] = {k: v for k, v in metrics.items() if not k.startswith("dp-")}
+            if norm is not None:
+                report.hospitals[name]["update-norm"] = round(norm, 6)
             accepted.append(msg)
+        for node in sorted(set(asked.values()) - answered):
+            report.failures.append({"node": node, "hospital": self.node_names.get(node, f"node-{node}"),
+                                    "reason": "no reply within federation.round-timeout"})
         self.last_report = report
         if not accepted:
             return None, None
@@ -140,6 +184,19 @@ class GeneratorFedAvg(FedAvg):
         report.client_dp = {"hospitals": n, "clipped": int(clipped), "noise_std": std,
                             "noise_multiplier": sigma, "clip": clip}
         return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in out.items()})
+
+
+def describe_message(node: int, content: Any) -> dict[str, Any]:
+    """What a reply carries, without its values: record names, every array's shape and
+    dtype, every metric's and config entry's type (strings by length)."""
+    arrays = {}
+    for record_name in content.array_records:
+        for key, array in content[record_name].items():
+            arrays[f"{record_name}/{key}"] = [list(array.shape), str(array.dtype)]
+    metrics = {f"{r}/{k}": type(v).__name__ for r in content.metric_records for k, v in content[r].items()}
+    configs = {f"{r}/{k}": (f"str[{len(v)}]" if isinstance(v, str) else type(v).__name__)
+               for r in content.config_records for k, v in content[r].items()}
+    return {"node": node, "arrays": arrays, "metrics": metrics, "configs": configs}
 
 
 def _first_line(text: str | None) -> str:

@@ -106,6 +106,11 @@ class FederationConfig(_Section):
         description="also average discriminators (by default each stays at its hospital)",
     )
     round_timeout: float = Field(3600.0, gt=0, description="seconds to wait for replies")
+    max_update_norm: float = Field(
+        3.0, ge=0,
+        description="reject a hospital's update whose change ||update - global|| exceeds this multiple of "
+                    "the global model's norm (0: no bound)",
+    )
     client_dp_noise_multiplier: float = Field(
         0.0, ge=0,
         description="client-level DP on the server (0: off): each hospital's update is clipped to "

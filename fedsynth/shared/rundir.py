@@ -9,6 +9,8 @@ Layout::
     RUN/checkpoints/round-NNNN.safetensors   global generator after round NNNN (0 = initial)
     RUN/samples/round-NNNN.png       fixed-noise sample grid, one row per class
     RUN/curves.png                   losses per hospital over rounds
+    RUN/messages.jsonl               what every hospital's reply carried (names, shapes, types; no values)
+    RUN/nodes.json                   (deployment) registered hospital names by SuperNode id
     RUN/hospitals/                   (simulation only) each hospital's slice set and local state
     RUN/logs/                        Flower and SuperLink logs
 """
@@ -134,6 +136,29 @@ class RunDir:
 
     def read_client_privacy(self) -> list[dict[str, Any]]:
         return _read_lines(self.client_privacy_path)
+
+    @property
+    def messages_path(self) -> Path:
+        """Every reply the server received: record names, array shapes and dtypes, metric
+        types (append-only, like the privacy ledger: a reply received in a round that
+        was later lost to a crash was still received)."""
+        return self.root / "messages.jsonl"
+
+    def append_message(self, record: dict[str, Any]) -> None:
+        _append_line(self.messages_path, record)
+
+    def read_messages(self) -> list[dict[str, Any]]:
+        return _read_lines(self.messages_path)
+
+    @property
+    def nodes_path(self) -> Path:
+        """Deployment: the hospital names registered for SuperNode ids."""
+        return self.root / "nodes.json"
+
+    def node_names(self) -> dict[int, str]:
+        if not self.nodes_path.is_file():
+            return {}
+        return {int(k): str(v) for k, v in json.loads(self.nodes_path.read_text()).items()}
 
     def append_round(self, record: dict[str, Any]) -> None:
         """Append one round's record as a JSON line, flushed to disk."""
