@@ -7,14 +7,16 @@
 #   ca.key, ca.crt              the consortium's certificate authority (keep ca.key offline;
 #                               give ca.crt to every hospital)
 #   server.key, server.pem      the SuperLink's TLS key and certificate, valid for every --host
+#                               and for localhost / 127.0.0.1 (the coordinator's own tools)
 #   hospitals/NAME.key(.pub)    an ECDSA P-384 key pair per --hospital, for SuperNode
-#                               authentication (in a real consortium each hospital makes its
-#                               own with the ssh-keygen line below and sends only the .pub)
+#                               authentication. In a real consortium each hospital makes its
+#                               own and sends only the .pub:
+#                                 ssh-keygen -t ecdsa -b 384 -N "" -f hospital.key
 #
-# Needs openssl and ssh-keygen. Refuses to overwrite existing files.
+# Needs openssl and ssh-keygen. Existing files are kept, never overwritten.
 set -euo pipefail
 
-usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
 
 out="" ; days=825 ; hosts=() ; hospitals=()
 while [[ $# -gt 0 ]]; do
@@ -28,7 +30,7 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 [[ -n "$out" ]] || { echo "make-certs.sh: --out DIR is required (see --help)" >&2; exit 2; }
-[[ ${#hosts[@]} -gt 0 ]] || hosts=(localhost 127.0.0.1)
+hosts+=(localhost 127.0.0.1)  # the coordinator's own tools (fedsynth run, register-hospital) connect locally
 for tool in openssl ssh-keygen; do
   command -v "$tool" >/dev/null || { echo "make-certs.sh: '$tool' not found; install it (Debian: apt install openssl openssh-client)" >&2; exit 2; }
 done
@@ -37,7 +39,7 @@ mkdir -p "$out/hospitals"
 umask 077
 
 san=""
-for h in "${hosts[@]}"; do
+for h in $(printf '%s\n' "${hosts[@]}" | awk '!seen[$0]++'); do
   if [[ "$h" =~ ^[0-9.]+$ || "$h" == *:* ]]; then san+="IP:$h,"; else san+="DNS:$h,"; fi
 done
 san="${san%,}"

@@ -6,6 +6,7 @@ import typer
 
 from .commands.audit import audit
 from .commands.demo import demo
+from .commands.deploy import client, run, server, server_app
 from .commands.info import config, models
 from .commands.prepare import prepare
 from .commands.report import consortium, report
@@ -27,6 +28,9 @@ app.command(help=audit.__doc__)(audit)
 app.command(help=report.__doc__)(report)
 app.command(help=consortium.__doc__)(consortium)
 app.command(help=demo.__doc__)(demo)
+app.add_typer(server_app, name="server", help=server.__doc__)
+app.command(help=client.__doc__)(client)
+app.command(help=run.__doc__)(run)
 app.command(help=models.__doc__)(models)
 app.command(help=config.__doc__)(config)
 app.add_typer(turing_test, name="turing-test", help=make_sheet.__doc__)

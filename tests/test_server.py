@@ -205,3 +205,14 @@ def test_every_reply_is_described_by_shapes_and_types_only() -> None:
     assert described["metrics"] == {"metrics/num-examples": "int", "metrics/d-loss": "float"}
     assert described["configs"] == {"hospital/name": "str[10]"}
     assert "0.25" not in str(described)
+
+
+def test_hospitals_reporting_different_metrics_are_still_averaged() -> None:
+    """A DP hospital adds its privacy spend and withholds D's losses; Flower's FedAvg alone
+    refuses replies whose metric keys differ."""
+    strategy = GeneratorFedAvg(expected_shapes=SHAPES)
+    dp = _reply(2, "hospital-b", _weights(3.0), 10)
+    dp.content[METRICS] = MetricRecord({"num-examples": 10, "dp-epsilon": 1.5})
+    arrays, _ = strategy.aggregate_train(1, [_reply(1, "hospital-a", _weights(1.0), 10), dp])
+    assert arrays is not None and np.allclose(arrays["generator.w"].numpy(), 2.0)
+    assert strategy.last_report.hospitals["hospital-a"]["d-loss"] == 0.5

@@ -12,6 +12,8 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from ..audit.federated import ShareError
+from ..client.supernode import NodeError
+from ..server.deployment import DeploymentError
 from ..shared.checkpoint import CheckpointError
 from ..shared.config import ConfigError
 from ..shared.ingest import IngestError
@@ -32,7 +34,7 @@ class CommandError(Exception):
 
 USER_ERRORS: tuple[type[Exception], ...] = (
     CommandError, ConfigError, SliceSetError, IngestError, PartitionError, RunDirError, CheckpointError,
-    FileNotFoundError, ShareError,
+    FileNotFoundError, ShareError, DeploymentError, NodeError,
 )
 
 

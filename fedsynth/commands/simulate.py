@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..server.launcher import EngineError, run_simulation_engine
+from ..server.launcher import EngineError, RunOutcome, run_simulation_engine
 from ..server.simulate import hospital_summary, prepare_simulation, resume_config
 from ..shared.config import RunConfig, parse_overrides
 from ..shared.rundir import RunDir
@@ -119,15 +120,27 @@ def _round_line(record: dict, total: int, privacy: list[dict] | None = None) -> 
     return line
 
 
-def run_with_progress(cfg: RunConfig, run: RunDir) -> bool:
-    """Run on the simulation engine with a progress bar and a line per finished round;
-    print where the results are. Returns whether the run finished."""
+def run_with_progress(
+    cfg: RunConfig,
+    run: RunDir,
+    engine: Callable[..., RunOutcome] | None = None,
+    *,
+    starting: str = "starting Flower's simulation engine",
+    resume: str | None = None,
+) -> bool:
+    """Run with a progress bar and a line per finished round; print where the results
+    are. Returns whether the run finished.
+
+    ``engine(on_poll=...)`` runs it (the simulation engine by default); ``resume`` is the
+    command that continues the run, shown when it stops half-way."""
+    engine = engine or (lambda on_poll: run_simulation_engine(cfg, run, on_poll=on_poll))
+    resume = resume or f"fedsynth simulate --out {run.root} --resume"
     total = cfg.federation.rounds
     seen = {r["round"] for r in run.read_rounds()}
     start = time.monotonic()
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} rounds"),
                   TimeElapsedColumn(), console=console, transient=True) as progress:
-        task = progress.add_task("starting Flower's simulation engine", total=total, completed=len(seen))
+        task = progress.add_task(starting, total=total, completed=len(seen))
 
         def poll() -> None:
             for record in run.read_rounds():
@@ -142,16 +155,15 @@ def run_with_progress(cfg: RunConfig, run: RunDir) -> bool:
                                  f"{c['clipped']} of {c['hospitals']} updates clipped[/]")
                     progress.console.print(line, highlight=False)
             done = len(seen)
-            label = "training" if run.status().get("state") == "running" else "starting Flower's simulation engine"
+            label = "training" if run.status().get("state") == "running" else starting
             progress.update(task, completed=done, description=f"{label}: round {min(done + 1, total)}/{total}")
 
         try:
-            outcome = run_simulation_engine(cfg, run, on_poll=poll)
+            outcome = engine(on_poll=poll)
         except EngineError as err:
             raise CommandError(str(err)) from None
         except KeyboardInterrupt:
-            console.print(f"[yellow]interrupted[/]; finished rounds are kept. Continue with: "
-                          f"fedsynth simulate --out {run.root} --resume")
+            console.print(f"[yellow]interrupted[/]; finished rounds are kept. Continue with: {resume}")
             raise typer.Exit(130) from None
     elapsed = time.monotonic() - start
     if not outcome.ok:
@@ -160,7 +172,7 @@ def run_with_progress(cfg: RunConfig, run: RunDir) -> bool:
         console.print(f"Flower's log: {outcome.log_path}")
         last = run.last_round()
         if last is not None and last > 0:
-            console.print(f"rounds up to {last} are saved; continue with: fedsynth simulate --out {run.root} --resume")
+            console.print(f"rounds up to {last} are saved; continue with: {resume}")
         return False
     last = run.last_round()
     stopped = outcome.status.get("stopped_early")
@@ -174,4 +186,6 @@ def run_with_progress(cfg: RunConfig, run: RunDir) -> bool:
         console.print(f"  privacy       {run.privacy_path}  (epsilon per hospital per round)")
     if run.client_privacy_path.is_file():
         console.print(f"  client DP     {run.client_privacy_path}  (client-level epsilon per round)")
+    if run.messages_path.is_file():
+        console.print(f"  received      {run.messages_path}  (what each hospital's replies carried: shapes and types)")
     return True

@@ -29,7 +29,10 @@ import tomli_w
 from ..shared.config import RunConfig
 from ..shared.rundir import RunDir
 
-__all__ = ["EngineError", "RunOutcome", "flower_app_pyproject", "run_simulation_engine", "write_flower_app"]
+__all__ = [
+    "EngineError", "RunOutcome", "flower_app_pyproject", "flower_env", "follow_run", "outcome", "run_simulation_engine",
+    "start_flwr_run", "stop_process", "tool", "write_flower_app",
+]
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +58,7 @@ class RunOutcome:
         return self.status.get("state") == "finished" and self.returncode == 0
 
 
-def flower_app_pyproject(cfg: RunConfig) -> dict[str, Any]:
+def flower_app_pyproject(cfg: RunConfig, *, client_app: str = CLIENT_APP) -> dict[str, Any]:
     """The ``pyproject.toml`` of a Flower app that runs fedsynth, with every run-config key
     and its default (Flower only accepts overrides of keys it knows)."""
     from .. import __version__
@@ -71,16 +74,16 @@ def flower_app_pyproject(cfg: RunConfig) -> dict[str, Any]:
         },
         "tool": {"flwr": {"app": {
             "publisher": "fedsynth",
-            "components": {"serverapp": SERVER_APP, "clientapp": CLIENT_APP},
+            "components": {"serverapp": SERVER_APP, "clientapp": client_app},
             "config": RunConfig().to_run_config(),
         }}},
     }
 
 
-def write_flower_app(folder: Path, cfg: RunConfig) -> Path:
+def write_flower_app(folder: Path, cfg: RunConfig, *, client_app: str = CLIENT_APP) -> Path:
     """Write the Flower app folder (a pyproject.toml only)."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "pyproject.toml").write_text(tomli_w.dumps(flower_app_pyproject(cfg)))
+    (folder / "pyproject.toml").write_text(tomli_w.dumps(flower_app_pyproject(cfg, client_app=client_app)))
     return folder
 
 
@@ -90,7 +93,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _tool(name: str) -> str:
+def tool(name: str) -> str:
     """A Flower executable from this Python's environment (then PATH)."""
     beside = Path(sys.executable).parent / name
     if beside.is_file():
@@ -134,7 +137,7 @@ def _wait_healthy(port: int, process: subprocess.Popen[bytes], log_path: Path, t
     raise EngineError(f"the SuperLink did not come up within {timeout:.0f} s; see {log_path}")
 
 
-def _stop(process: subprocess.Popen[bytes] | None, grace: float = 15.0) -> None:
+def stop_process(process: subprocess.Popen[bytes] | None, grace: float = 15.0) -> None:
     """Stop a process and everything it started (it leads its own process group)."""
     if process is None or process.poll() is not None:
         return
@@ -154,12 +157,14 @@ def run_simulation_engine(
     *,
     on_poll: Callable[[], None] | None = None,
     poll_seconds: float = 0.5,
+    client_app: str = CLIENT_APP,
 ) -> RunOutcome:
     """Run ``cfg`` on Flower's simulation engine with ``cfg.simulation.hospitals`` virtual
     SuperNodes; return when the run has ended.
 
     ``on_poll`` is called about every ``poll_seconds`` while the run goes on (the CLI
-    redraws its progress from the run directory then).
+    redraws its progress from the run directory then). ``client_app`` replaces the
+    hospitals' ClientApp (``module:attribute``; tests use it to play a hostile hospital).
 
     Raises
     ------
@@ -173,7 +178,7 @@ def run_simulation_engine(
     (flwr_home / "config.toml").write_text(tomli_w.dumps({
         "superlink": {"default": CONNECTION, CONNECTION: {"address": f"127.0.0.1:{port}", "insecure": True}},
     }))
-    app_dir = write_flower_app(flwr_home / "app", cfg)
+    app_dir = write_flower_app(flwr_home / "app", cfg, client_app=client_app)
     run_config_path = flwr_home / "run-config.toml"
     run_config_path.write_text(tomli_w.dumps(cfg.to_run_config()))
     env = flower_env(flwr_home)
@@ -191,34 +196,56 @@ def run_simulation_engine(
     try:
         with open(superlink_log, "ab") as out:
             superlink = subprocess.Popen(
-                [_tool("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+                [tool("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
                  "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation"],
                 stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
             )
         _wait_healthy(port, superlink, superlink_log)
-        with open(flower_log, "ab") as out:
-            client = subprocess.Popen(
-                [_tool("flwr"), "run", str(app_dir), CONNECTION, "--stream",
-                 "--run-config", str(run_config_path), "--federation-config", federation],
-                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=run.root,
-            )
-        ended_at = None
-        while client.poll() is None:
-            if on_poll:
-                on_poll()
-            if ended_at is None and run.status().get("state") in ("finished", "failed"):
-                ended_at = time.monotonic()
-            if ended_at is not None and time.monotonic() - ended_at > 30:
-                log.warning("flwr run did not exit 30 s after the run ended; stopping it")
-                break
-            time.sleep(poll_seconds)
-        if on_poll:
-            on_poll()
-        returncode = client.poll()
+        client = start_flwr_run(app_dir, CONNECTION, run_config_path, env, flower_log, run.root,
+                                extra=["--federation-config", federation])
+        returncode = follow_run(client, run, on_poll=on_poll, poll_seconds=poll_seconds)
     finally:
-        _stop(client)
-        _stop(superlink)
+        stop_process(client)
+        stop_process(superlink)
+    return outcome(run, returncode, flower_log)
+
+
+def outcome(run: RunDir, returncode: int | None, log_path: Path) -> RunOutcome:
     status = run.status()
     if returncode is None:  # stopped by us after the ServerApp had already finished
         returncode = 0 if status.get("state") == "finished" else 1
-    return RunOutcome(status=status, returncode=returncode, log_path=flower_log)
+    return RunOutcome(status=status, returncode=returncode, log_path=log_path)
+
+
+def start_flwr_run(
+    app_dir: Path, connection: str, run_config_path: Path, env: dict[str, str], log_path: Path, cwd: Path,
+    *, extra: list[str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """``flwr run APP CONNECTION --stream --run-config FILE``, its output to ``log_path``."""
+    with open(log_path, "ab") as out:
+        return subprocess.Popen(
+            [tool("flwr"), "run", str(app_dir), connection, "--stream", "--run-config", str(run_config_path),
+             *(extra or [])],
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=cwd,
+        )
+
+
+def follow_run(
+    client: subprocess.Popen[bytes], run: RunDir, *, on_poll: Callable[[], None] | None, poll_seconds: float,
+) -> int | None:
+    """Wait for ``flwr run`` to end, calling ``on_poll`` meanwhile; stop waiting 30 s after
+    the run directory says the run ended (``flwr run --stream`` may linger). Returns
+    flwr's exit code, or None when it had to be stopped."""
+    ended_at = None
+    while client.poll() is None:
+        if on_poll:
+            on_poll()
+        if ended_at is None and run.status().get("state") in ("finished", "failed"):
+            ended_at = time.monotonic()
+        if ended_at is not None and time.monotonic() - ended_at > 30:
+            log.warning("flwr run did not exit 30 s after the run ended; stopping it")
+            break
+        time.sleep(poll_seconds)
+    if on_poll:
+        on_poll()
+    return client.poll()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
@@ -49,13 +50,19 @@ def federate(grid: Grid, cfg: RunConfig) -> RunDir:
         A round in which fewer than ``federation.min-hospitals`` updates were usable.
     """
     run = RunDir(cfg.output.run_dir)
-    run.set_status("running", rounds=cfg.federation.rounds)
+    # This ServerApp's claim on the run directory: a ServerApp orphaned by a coordinator
+    # crash, failing later, must not overwrite the status of the run that resumed.
+    owner = uuid.uuid4().hex
+    run.set_status("running", rounds=cfg.federation.rounds, owner=owner)
     try:
         stopped = _federate(grid, cfg, run)
     except BaseException as err:
-        run.set_status("failed", error=f"{type(err).__name__}: {err}")
+        if run.status().get("owner") == owner:
+            run.set_status("failed", error=f"{type(err).__name__}: {err}")
         raise
-    if stopped:
+    if run.status().get("owner") != owner:
+        log.warning("%s was taken over by another ServerApp; leaving its status alone", run.root)
+    elif stopped:
         run.set_status("finished", rounds=run.last_round() or 0, planned_rounds=cfg.federation.rounds,
                        stopped_early=stopped)
     else:

@@ -149,6 +149,12 @@ class GeneratorFedAvg(FedAvg):
             return None, None
         if self.client_dp is not None:
             return self._aggregate_client_dp(accepted, report), None
+        # Hospitals report different metrics (a DP hospital adds its spend and withholds
+        # its discriminator's losses), and Flower's FedAvg refuses replies whose metric
+        # keys differ. The metrics are kept in the report already; FedAvg needs only the
+        # weight of each update.
+        for msg in accepted:
+            msg.content[METRICS] = MetricRecord({"num-examples": msg.content[METRICS]["num-examples"]})
         return super().aggregate_train(server_round, accepted)
 
     def _aggregate_client_dp(self, accepted: list[Message], report: RoundReport) -> ArrayRecord:
