@@ -311,3 +311,19 @@ def test_a_restarted_coordinator_resumes_from_the_last_completed_round(consortiu
     assert rounds[: len(kept)] == kept, "nothing completed before the crash is rewritten"
     assert run.status()["state"] == "finished"
     assert run.checkpoint_rounds() == [0, 1, 2, 3]
+
+
+def test_the_readme_deployment_steps_work_when_followed_literally(tmp_path: Path) -> None:
+    """deploy/loopback.sh reads the README's one-machine steps and runs them with bash."""
+    procs = Processes(tmp_path)
+    try:
+        code, output = procs.finish(["bash", str(REPO / "deploy" / "loopback.sh"), str(tmp_path / "work")],
+                                    "loopback.log", timeout=900)
+        assert code == 0, output[-4000:]
+        run = RunDir(tmp_path / "work" / "runs" / "first")
+        assert run.status()["state"] == "finished" and run.checkpoint_rounds() == [0, 1, 2]
+        rounds = run.read_rounds()
+        assert all(set(r["hospitals"]) == {"north", "south", "east"} for r in rounds)
+        assert {row["hospital"] for row in run.read_privacy()} == {"east"}  # east's own --dp.target-epsilon
+    finally:
+        procs.stop_all()

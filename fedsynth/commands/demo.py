@@ -91,7 +91,11 @@ def demo(
         report = federated_audit(run, out / "audit", AuditOptions(**DEMO_AUDIT))
     console.rule("done")
     console.print(f"demo finished in {time.monotonic() - started:.0f} s. Look at:")
-    console.print(f"  {run.grid(1)}  vs  {run.grid(run.last_round() or 0)}  (first and last round)")
+    last = run.last_round() or 0
+    if last > 1:
+        console.print(f"  {run.grid(1)}  vs  {run.grid(last)}  (first and last round)")
+    else:
+        console.print(f"  {run.grid(last)}  (the generator after round {last})")
     console.print(f"  {run.root / 'samples' / 'real.png'}  (real phantom slices, for comparison)")
     console.print(f"  {run.curves_path}  (losses per hospital)")
     if report is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import typer
@@ -76,7 +77,8 @@ def register_hospital(
     home: Path = typer.Option(DEFAULT_HOME, "--home", help=HOME_HELP),
 ) -> None:
     """Admit a hospital: register its SuperNode public key with the running server."""
-    node_id = Coordinator(home).register(name, public_key)
+    with console.status("registering (waiting up to 30 s for the server if it is still starting)"):
+        node_id = Coordinator(home).register(name, public_key)
     console.print(f"registered [bold]{name}[/] (SuperNode {node_id}); it can now connect with `fedsynth client`")
 
 
@@ -135,6 +137,7 @@ def run(
     set_: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set federation.rounds=10 (repeatable)."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last completed round (after a coordinator restart)."),
     home: Path = typer.Option(DEFAULT_HOME, "--home", help=HOME_HELP),
+    wait: float = typer.Option(60.0, "--wait", help="Seconds to wait for every registered hospital to be online before launching (then it goes on with those online)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log fedsynth's progress messages."),
 ) -> None:
     """Launch a federated run on the coordinator's SuperLink and follow it round by round.
@@ -171,6 +174,10 @@ def run(
         ))
     console.print(f"SuperLink {settings['address']}; registered hospitals: "
                   f"{', '.join(sorted(coordinator.registry())) or 'none'}")
+    offline = _wait_for_hospitals(coordinator, wait)
+    if offline:
+        console.print(f"[yellow]not online after {wait:.0f} s:[/] {', '.join(offline)}; launching with the others "
+                      "(a hospital that connects later joins the next round)")
     try:
         ok = run_with_progress(
             cfg, rundir, lambda on_poll: run_deployment(cfg, rundir, coordinator, on_poll=on_poll),
@@ -181,3 +188,18 @@ def run(
         raise CommandError(str(err)) from None
     if not ok:
         raise typer.Exit(1)
+
+
+def _wait_for_hospitals(coordinator: Coordinator, wait: float) -> list[str]:
+    """Wait up to ``wait`` s for every registered hospital's SuperNode to be online;
+    return those still offline."""
+    deadline = time.monotonic() + wait
+    with console.status("waiting for the registered hospitals to connect") as status:
+        while True:
+            rows = coordinator.hospitals()
+            offline = [r["hospital"] for r in rows if r["status"] != "online"]
+            if not offline or time.monotonic() > deadline:
+                return offline
+            status.update(f"waiting for {', '.join(offline)} to connect "
+                          f"({deadline - time.monotonic():.0f} s left)")
+            time.sleep(2)

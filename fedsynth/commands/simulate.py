@@ -180,7 +180,8 @@ def run_with_progress(
         console.print(f"[yellow]stopped early[/] after round {last}: {stopped}", highlight=False)
     console.print(f"[green]finished[/] {last} of {total} rounds in {elapsed:.0f} s. Run directory: {run.root}")
     console.print(f"  checkpoints   {run.root / 'checkpoints'}  (round-0000 = initial weights)")
-    console.print(f"  sample grids  {run.grid(last)}  (one per round; real.png for comparison)")
+    real = "; real.png for comparison" if (run.root / "samples" / "real.png").is_file() else ""
+    console.print(f"  sample grids  {run.grid(last)}  (one per round{real})")
     console.print(f"  metrics       {run.rounds_path}, {run.curves_path}")
     if run.privacy_path.is_file():
         console.print(f"  privacy       {run.privacy_path}  (epsilon per hospital per round)")

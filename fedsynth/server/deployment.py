@@ -154,11 +154,27 @@ class Coordinator:
             message = (payload or {}).get("error-message") or (done.stderr or done.stdout).strip().splitlines()[-1:]
             if isinstance(message, list):
                 message = message[0] if message else f"exit code {done.returncode}"
+            lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+            message = lines[-1] if lines else f"exit code {done.returncode}"
+            reachable = "unavailable" not in str(message).lower() and "connect" not in str(message).lower()
             raise DeploymentError(
-                f"the SuperLink at {settings['address']} refused or could not be reached ({message}); "
-                "is `fedsynth server` running?"
+                f"the SuperLink at {settings['address']} refused ({message})" if reachable else
+                f"the SuperLink at {settings['address']} could not be reached ({message}); is `fedsynth server` running?"
             )
         return payload
+
+    def _flwr_when_up(self, *args: str, wait: float = 30.0) -> dict[str, Any]:
+        """``_flwr``, retried while the server is still starting (its settings not yet
+        written, or the SuperLink not yet listening), for up to ``wait`` seconds."""
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                return self._flwr(*args)
+            except DeploymentError as err:
+                starting = "could not be reached" in str(err) or "not a coordinator folder" in str(err)
+                if not starting or time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
 
     def register(self, name: str, public_key: Path) -> int:
         """Admit a hospital: register its public key with the SuperLink under ``name``.
@@ -186,7 +202,7 @@ class Coordinator:
         for other, entry in registry.items():
             if entry.get("public_key") == text:
                 raise DeploymentError(f"{public_key}: this key is already registered as {other}")
-        payload = self._flwr("supernode", "register", str(public_key.resolve()), CONNECTION, "--name", name)
+        payload = self._flwr_when_up("supernode", "register", str(public_key.resolve()), CONNECTION, "--name", name)
         node_id = int(payload["node-id"])
         registry[name] = {"node_id": str(node_id), "public_key": text,
                           "registered": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
