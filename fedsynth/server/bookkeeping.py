@@ -180,16 +180,23 @@ def plot_curves(run: RunDir) -> None:
                     series.setdefault(key, {}).setdefault(name, []).append((record["round"], value))
     if not series:
         return
+    # One colour per hospital in both panels (a DP hospital has no D loss to show).
+    names = sorted({name for per_key in series.values() for name in per_key})
+    colours = {name: f"C{i % 10}" for i, name in enumerate(names)}
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), constrained_layout=True)
     for ax, key, title in zip(axes, ("d-loss", "g-loss"), ("discriminator loss", "generator loss"), strict=True):
         for name, points in sorted(series.get(key, {}).items()):
             xs, ys = zip(*points, strict=True)
-            ax.plot(xs, ys, marker="o", label=name)
+            ax.plot(xs, ys, marker="o", label=name, color=colours[name])
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    withheld = sorted(set(series.get("g-loss", {})) - set(series.get("d-loss", {})))
+    if withheld:
+        axes[0].text(0.02, 0.02, f"withheld under DP: {', '.join(withheld)}", transform=axes[0].transAxes,
+                     fontsize=8, color="0.35")
+    axes[1].legend(fontsize=8)
     tmp = run.curves_path.with_name(".curves.tmp.png")
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
