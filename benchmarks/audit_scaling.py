@@ -51,15 +51,8 @@ def augmented(images: np.ndarray, n: int, seed: int) -> np.ndarray:
     return np.clip(pick, 0, 255).astype(np.uint8)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=50_000)
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    base, what = base_images(args.size)
-    synthetic, train = augmented(base, args.n, 1), augmented(base, args.n, 2)
+def search_times(synthetic: np.ndarray, train: np.ndarray) -> dict[str, float]:
+    """Seconds for each step of the audit's nearest-neighbour search, synthetic -> train."""
     figures: dict[str, float] = {}
     t = time.perf_counter()
     space = PixelSpace(components=64).fit(train[:10_000])
@@ -74,6 +67,19 @@ def main() -> None:
     t = time.perf_counter()
     aligned_nearest(space.transform, synthetic, train_f, align=1)
     figures["aligned_search_9_shifts_s"] = time.perf_counter() - t
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=50_000)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    base, what = base_images(args.size)
+    synthetic, train = augmented(base, args.n, 1), augmented(base, args.n, 2)
+    figures = search_times(synthetic, train)
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": args.threads,
                "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     result = {"n_synthetic": args.n, "n_train": args.n, "image_size": args.size, "dimensions": 64, "images": what,

@@ -54,7 +54,7 @@ def load_slices(size: int):  # type: ignore[no-untyped-def]
     return slices.only("train"), "phantom CT"
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=64)
@@ -63,7 +63,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds of each kind, alternating")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=HERE / "results")
-    args = parser.parse_args()
+    return parser
+
+
+def measure(args: argparse.Namespace) -> tuple[dict, list[str]]:
+    """Time both steps in alternation; returns the figures and a Markdown summary."""
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     slices, data = load_slices(args.size)
@@ -169,9 +173,6 @@ def main() -> None:
               "plain_seconds_per_step": plain_times, "dp_seconds_per_step": dp_times,
               "ratio_of_medians": ratio, "ratio_pairwise_min": min(pairwise), "ratio_pairwise_max": max(pairwise),
               "real_term_seconds": real_times, "epsilon_at_sigma_1": spent}
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"dp_overhead-{machine['device'].replace(' ', '_')}" if device.type == "cuda" else "dp_overhead"
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
     lines = [
         f"# DP step time / non-DP step time (default cdcgan, {args.size} px, batch {args.batch})", "",
         f"Machine: {machine['cpus']} CPUs, device {machine['device']}, {args.threads} thread(s), "
@@ -188,6 +189,16 @@ def main() -> None:
         f"{default.train.batch_size}) on all {units} {spent['unit']}s of this data (q = {q:.4f}, delta = {delta:.0e}) "
         f"spends epsilon {spent['epsilon_rdp']:.2f} (RDP) / {spent['epsilon_prv']:.2f} (PRV) per {spent['unit']}.",
     ]
+    return result, lines
+
+
+def main() -> None:
+    args = parser().parse_args()
+    result, lines = measure(args)
+    machine = result["machine"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"dp_overhead-{machine['device'].replace(' ', '_')}" if machine["device"] != "cpu" else "dp_overhead"
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
     (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"\nwrote {args.out / stem}.json and .md")

@@ -1,0 +1,100 @@
+"""What every benchmark shares: the machine it ran on, the data, and writing results."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+SHARED = Path(os.environ.get("FEDSYNTH_SHARED_DATA", REPO.parent / "shared" / "data"))
+BRAIN_MRI = SHARED / "brain-tumor-mri"
+FEDSYNTH = str(Path(sys.executable).parent / "fedsynth")
+# Subprocesses: no telemetry, no update check, wide lines in captured logs.
+ENV = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", COLUMNS="200")
+
+
+def machine() -> dict[str, Any]:
+    """The machine and versions a figure was measured on."""
+    import flwr
+    import opacus
+
+    from fedsynth import __version__
+
+    return {
+        "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+        "platform": platform.platform(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(), "torch": torch.__version__, "flwr": flwr.__version__,
+        "opacus": opacus.__version__, "fedsynth": __version__, "when": time.strftime("%Y-%m-%d %H:%M"),
+    }
+
+
+def machine_line(m: dict[str, Any]) -> str:
+    gpu = f"GPU {m['gpu']}" if m["gpu"] else "no GPU"
+    return (f"{m['cpus']} CPUs ({m['processor']}), {gpu}; Python {m['python']}, torch {m['torch']}, "
+            f"flwr {m['flwr']}, opacus {m['opacus']}, fedsynth {m['fedsynth']}; {m['when']}")
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    """Median, min, max and every value (the machines are noisy: never one number alone)."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
+
+
+def prepare_brain(out: Path, size: int, *, limit: int | None = None, seed: int = 0) -> Path:
+    """The brain MRI slices as a de-duplicated slice set (``fedsynth prepare``), optionally
+    subsampled to ``limit`` slices (keeping the train/holdout split). Reused if present."""
+    from fedsynth.shared.sliceset import SliceSet
+
+    path = out / f"brain-{size}px{'' if limit is None else f'-{limit}'}.npz"
+    if path.exists():
+        return path
+    if not BRAIN_MRI.exists():
+        raise SystemExit(f"the brain MRI slices are not at {BRAIN_MRI} (set FEDSYNTH_SHARED_DATA to the shared data folder)")
+    full = out / f"brain-{size}px.npz"
+    if not full.exists():
+        run([FEDSYNTH, "prepare", str(BRAIN_MRI), "--out", str(full), "--size", str(size)])
+    if limit is None:
+        return full
+    slices = SliceSet.load(full)
+    pick = np.sort(np.random.default_rng(seed).choice(len(slices), size=min(limit, len(slices)), replace=False))
+    return slices.subset(pick).save(path)
+
+
+def run(cmd: list[str], *, cwd: Path | None = None, log: Path | None = None) -> float:
+    """Run a fedsynth command; its output goes to ``log``. Returns wall seconds.
+
+    Raises SystemExit naming the command and the log's tail when it fails."""
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True)
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr)[-3000:]
+        raise SystemExit(f"benchmark step failed ({proc.returncode}): {' '.join(cmd)}\n{tail}")
+    return time.perf_counter() - start
+
+
+def write(out: Path, name: str, result: dict[str, Any], lines: list[str]) -> None:
+    """``OUT/NAME.json`` (the figures) and ``OUT/NAME.md`` (the table)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2, default=_plain) + "\n")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON-serialisable: {type(value)}")
