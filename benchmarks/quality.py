@@ -52,9 +52,9 @@ class QualityConfig:
 QUICK = QualityConfig(image_size=32, limit=600, rounds=2, local_steps=10, batch=32, epsilons=(10.0,), n_synthetic=200,
                       audit_seeds=2, audit_utility_steps=30, audit_encoder_steps=200, lowdata_fraction=0.2,
                       lowdata_seeds=2, lowdata_steps=30, threads=2)
-FULL = QualityConfig(image_size=32, limit=None, rounds=5, local_steps=100, batch=32, epsilons=(10.0, 3.0, 1.0),
-                     n_synthetic=2000, audit_seeds=3, audit_utility_steps=150, audit_encoder_steps=500,
-                     lowdata_fraction=0.15, lowdata_seeds=5, lowdata_steps=150, threads=2)
+FULL = QualityConfig(image_size=32, limit=None, rounds=8, local_steps=100, batch=32, epsilons=(10.0, 3.0, 1.0),
+                     n_synthetic=2000, audit_seeds=5, audit_utility_steps=200, audit_encoder_steps=500,
+                     lowdata_fraction=0.15, lowdata_seeds=5, lowdata_steps=200, threads=2)
 HOSPITALS = ("hospital-a", "hospital-b", "hospital-c")
 
 
