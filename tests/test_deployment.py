@@ -258,15 +258,21 @@ def test_a_node_without_the_consortium_ca_cannot_connect(consortium: Consortium)
     assert "CERTIFICATE_VERIFY_FAILED" in output
 
 
+def start_run_until_round_one(consortium: Consortium, out: Path, *, rounds: int, log: str) -> subprocess.Popen[bytes]:
+    """`fedsynth run` in the background, returned once round 1 is in the run directory."""
+    proc = consortium.procs.start([FEDSYNTH, "run", "--home", str(consortium.home), "--config",
+                                   str(consortium.run_config(rounds)), "--out", str(out)], log)
+    deadline = time.monotonic() + 300
+    while not any(r["round"] == 1 for r in RunDir(out).read_rounds()):
+        assert proc.poll() is None and time.monotonic() < deadline, (consortium.root / log).read_text()
+        time.sleep(0.5)
+    return proc
+
+
 def test_a_hospital_killed_mid_run_leaves_a_gap_and_can_rejoin(consortium: Consortium) -> None:
     out = consortium.root / "runs" / "gap"
     run = RunDir(out)
-    proc = consortium.procs.start([FEDSYNTH, "run", "--home", str(consortium.home), "--config",
-                                   str(consortium.run_config(2)), "--out", str(out)], "run-gap.log")
-    deadline = time.monotonic() + 300
-    while not any(r["round"] == 1 for r in run.read_rounds()):
-        assert proc.poll() is None and time.monotonic() < deadline, (consortium.root / "run-gap.log").read_text()
-        time.sleep(0.5)
+    proc = start_run_until_round_one(consortium, out, rounds=2, log="run-gap.log")
     consortium.procs.kill(consortium.clients["east"])  # SIGKILL: no goodbye to the SuperLink
     assert proc.wait(timeout=300) == 0, (consortium.root / "run-gap.log").read_text()
     rounds = run.read_rounds()
@@ -291,12 +297,7 @@ def test_a_hospital_killed_mid_run_leaves_a_gap_and_can_rejoin(consortium: Conso
 def test_a_restarted_coordinator_resumes_from_the_last_completed_round(consortium: Consortium) -> None:
     out = consortium.root / "runs" / "restart"
     run = RunDir(out)
-    proc = consortium.procs.start([FEDSYNTH, "run", "--home", str(consortium.home), "--config",
-                                   str(consortium.run_config(3)), "--out", str(out)], "run-restart.log")
-    deadline = time.monotonic() + 300
-    while not any(r["round"] == 1 for r in run.read_rounds()):
-        assert proc.poll() is None and time.monotonic() < deadline, (consortium.root / "run-restart.log").read_text()
-        time.sleep(0.5)
+    proc = start_run_until_round_one(consortium, out, rounds=3, log="run-restart.log")
     consortium.procs.kill(consortium.server)  # the coordinator's machine goes down
     assert proc.wait(timeout=120) != 0
     log = (consortium.root / "run-restart.log").read_text()
