@@ -88,13 +88,21 @@ def run(cmd: list[str], *, cwd: Path | None = None, log: Path | None = None) -> 
 def write(out: Path, name: str, result: dict[str, Any], lines: list[str]) -> None:
     """``OUT/NAME.json`` (the figures) and ``OUT/NAME.md`` (the table)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2, default=_plain) + "\n")
+    (out / f"{name}.json").write_text(json.dumps(finite(result), indent=2, allow_nan=False) + "\n")
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
-def _plain(value: Any) -> Any:
+def finite(value: Any) -> Any:
+    """JSON-ready: NaN and infinities become None (strict JSON has neither), numpy
+    scalars plain numbers, paths strings."""
+    if isinstance(value, dict):
+        return {str(k): finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
     if isinstance(value, np.generic):
-        return value.item()
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
     if isinstance(value, Path):
         return str(value)
-    raise TypeError(f"not JSON-serialisable: {type(value)}")
+    return value

@@ -40,7 +40,7 @@ from fedsynth.shared.models import build_gan
 from fedsynth.shared.phantoms import LESION, LIVER, write_phantom_hospitals
 
 HERE = Path(__file__).resolve().parent
-BRAIN_MRI = HERE.parent.parent / "shared" / "data" / "brain-tumor-mri"
+BRAIN_MRI = Path(os.environ.get("FEDSYNTH_SHARED_DATA", HERE.parent.parent / "shared" / "data")) / "brain-tumor-mri"
 
 
 def load_slices(size: int):  # type: ignore[no-untyped-def]

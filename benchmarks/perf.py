@@ -105,8 +105,9 @@ def trainer_overhead(data: Path, *, steps: int, repeats: int, batch: int, thread
     for fn in kinds.values():  # warm-up
         fn()
     times: dict[str, list[float]] = {name: [] for name in kinds}
-    for _ in range(repeats):
-        for name, fn in kinds.items():
+    order = list(kinds.items())
+    for r in range(repeats):
+        for name, fn in order[r % len(order):] + order[: r % len(order)]:  # rotated: no fixed-order bias
             start = time.perf_counter()
             fn()
             times[name].append((time.perf_counter() - start) / steps)
@@ -167,19 +168,20 @@ def federation_overhead(data: Path, work: Path, *, hospitals: int, rounds: int, 
     result = {"hospitals": hospitals, "rounds": rounds, "local_steps": steps, "batch": batch, "threads": threads,
               "simulate_command_seconds": command_wall, "simulation_rounds_seconds": rounds_wall,
               "local_training_seconds_sum": train_sum, "inprocess_training_seconds": inproc["training"],
-              "inprocess_process_seconds": inprocess_wall,
+              "inprocess_local_rounds_seconds": inproc["local_rounds"], "inprocess_process_seconds": inprocess_wall,
               "ratio_rounds_to_training": rounds_wall / train_sum,
+              "ratio_command_to_training": command_wall / train_sum,
               "ratio_command_to_inprocess_process": command_wall / inprocess_wall, "goal": GOALS["federation"]}
     lines = [f"### Federation overhead ({hospitals} hospitals x {rounds} rounds x {steps} steps, batch {batch}, "
              f"{threads} threads, hospitals one at a time)", "",
-             "| | seconds |", "| --- | --- |",
-             f"| sum of the hospitals' local training (rounds.jsonl) | {train_sum:.1f} |",
-             f"| sum of the simulation's round wall times | {rounds_wall:.1f} |",
-             f"| whole `fedsynth simulate` command (startup, partition, grids, curves) | {command_wall:.1f} |",
-             f"| same local rounds in one Python process, no Flower (training / whole process) | "
-             f"{inproc['training']:.1f} / {inprocess_wall:.1f} |", "",
-             f"Round wall / local training: **{rounds_wall / train_sum:.3f}** (goal <= {GOALS['federation']}); "
-             f"whole command / whole in-process run: {command_wall / inprocess_wall:.2f}."]
+             "| | Flower simulation | same rounds in one process, no Flower |", "| --- | --- | --- |",
+             f"| training loops (sum over hospitals and rounds) | {train_sum:.1f} s | {inproc['training']:.1f} s |",
+             f"| local rounds (loops + loading, state, sending) / round wall times | {rounds_wall:.1f} s | "
+             f"{inproc['local_rounds']:.1f} s |",
+             f"| whole command / whole process | {command_wall:.1f} s | {inprocess_wall:.1f} s |", "",
+             f"Round wall / training loops: **{rounds_wall / train_sum:.3f}** (goal <= {GOALS['federation']}); "
+             f"whole command (start-up, checkpoints, grids, curves) / training loops: {command_wall / train_sum:.2f}; "
+             f"whole command / whole no-Flower process: {command_wall / inprocess_wall:.2f}."]
     return result, lines
 
 
@@ -196,18 +198,19 @@ cfg = RunConfig.from_yaml(sim.config_path)
 work = Path({work!r}); shutil.rmtree(work, ignore_errors=True)
 names = sorted(p.name for p in sim.hospitals_dir.iterdir() if p.is_dir())
 weights = split_model(load_checkpoint(sim.checkpoint(0))[0])[0]
-training = 0.0
+rounds_wall = loop = 0.0
 for rnd in range(1, {rounds} + 1):
     updates = []
     for name in names:
         site = HospitalSite(name, sim.hospitals_dir / name / "slices.npz", work / name)
         t = time.perf_counter()
         res = run_local_round(site, cfg, server_round=rnd, global_generator=weights)
-        training += time.perf_counter() - t
+        rounds_wall += time.perf_counter() - t
+        loop += res.stats.seconds
         updates.append((res.generator, res.stats.num_examples))
     total = sum(n for _, n in updates)
     weights = {{k: sum(u[k] * (n / total) for u, n in updates) for k in weights}}
-print(json.dumps({{"training": training}}))
+print(json.dumps({{"local_rounds": rounds_wall, "training": loop}}))
 """
 
 
@@ -233,8 +236,10 @@ if dp:
     over["dp.target-epsilon"] = 10.0
 cfg = RunConfig.from_overrides(over)
 gen, _ = build_gan(cfg.model, image_size=s.image_size, num_classes=len(s.class_names))
-run_local_round(HospitalSite("memory", Path(data), Path(state)), cfg, server_round=1,
-                global_generator=exchanged_state(gen))
+res = run_local_round(HospitalSite("memory", Path(data), Path(state)), cfg, server_round=1,
+                      global_generator=exchanged_state(gen))
+if res.stats is None:
+    sys.exit(f"the probe's hospital did not train: {{res.declined}}")
 after = hwm()
 print(json.dumps({{"imports_kb": before, "peak_kb": after, "train_slices": int((s.split == "train").sum())}}))
 """
@@ -248,6 +253,7 @@ def peak_memory(data: Path, work: Path, *, hospitals: int, steps: int, threads: 
     path = share.save(work / "memory" / "hospital.npz")
     rows = {}
     for kind in ("plain", "dp"):
+        shutil.rmtree(work / "memory" / f"state-{kind}", ignore_errors=True)  # a fresh privacy ledger each time
         proc = subprocess.run([sys.executable, "-c", _MEMORY.format(threads=threads), str(path),
                                str(work / "memory" / f"state-{kind}"), str(steps), kind],
                               env=ENV, capture_output=True, text=True)

@@ -8,13 +8,17 @@ simulation engine) with the same model and training settings:
 - ``local-<hospital>``: each hospital alone on its own slices, R x L steps (its share of the compute);
 - ``pooled``: all training slices in one place, R x 3L steps (the federation's total compute);
 - ``vanilla-gan``: seed 001's fully connected GAN, federated, same budget (the baseline to beat);
-- ``dp-eps-E``: federated with every hospital under DP-SGD at target epsilon E.
+- ``dp-eps-E``: federated with every hospital under DP-SGD at target epsilon E;
+- ``lowdata-federated`` / ``lowdata-dp-eps-10``: the same three hospitals keeping only
+  ``lowdata_fraction`` of their training slices (stratified by class), federated. The
+  low-data classifiers get synthetic images from these, so no synthetic image carries a
+  slice the small hospitals do not hold.
 
 Fidelity is measured for every arm in ONE feature space (PCA and the audit's encoder, fit
 once on all real slices) against the same pooled holdout, so arms compare. Privacy and
-utility come from ``fedsynth audit`` on each federated arm. The low-data study gives each
-hospital a small share of its slices and trains classifiers on real vs real+synthetic
-(and the re-drawn-real control), scored on the pooled holdout.
+utility come from ``fedsynth audit`` on each federated arm. The low-data study trains each
+small hospital's classifiers on its real slices vs real + the low-data federation's
+synthetic images (and the re-drawn-real control), scored on the pooled holdout.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from .common import FEDSYNTH, prepare_brain, run
+from .common import FEDSYNTH, prepare_brain, run, write
 
 
 @dataclass(frozen=True)
@@ -58,22 +62,51 @@ FULL = QualityConfig(image_size=32, limit=None, rounds=8, local_steps=100, batch
 HOSPITALS = ("hospital-a", "hospital-b", "hospital-c")
 
 
-def arms(cfg: QualityConfig) -> list[str]:
-    return ["federated", *(f"local-{h}" for h in HOSPITALS), "pooled", "vanilla-gan",
-            *(f"dp-eps-{e:g}" for e in cfg.epsilons)]
+def _lowdata_set(cfg: QualityConfig, work: Path) -> Path:
+    """The federated arm's hospitals, each keeping ``lowdata_fraction`` of every class of
+    its training slices (at least 2 where it has any) and all its holdout slices; the
+    site column names the hospital, for ``--partition by-site``."""
+    from dataclasses import replace
+
+    from fedsynth.shared.sliceset import SliceSet
+
+    path = work / "lowdata.npz"
+    if path.exists():
+        return path
+    rng = np.random.default_rng(cfg.seed)
+    parts = []
+    for h in HOSPITALS:
+        part = SliceSet.load(work / "federated" / "hospitals" / h / "slices.npz")
+        keep = part.split != "train"
+        for c in range(len(part.class_names)):
+            members = np.flatnonzero((part.labels == c) & (part.split == "train"))
+            take = min(len(members), max(2, int(round(cfg.lowdata_fraction * len(members)))))
+            keep[rng.choice(members, size=take, replace=False)] = True
+        small = part.subset(keep)
+        parts.append(replace(small, site=np.full(len(small), h)))
+    first = parts[0]
+    merged = replace(first, **{k: np.concatenate([getattr(p, k) for p in parts])
+                               for k in ("images", "labels", "patient_ids", "split", "source", "site")})
+    return merged.save(path)
 
 
 def train_arms(cfg: QualityConfig, data: Path, work: Path, progress) -> dict[str, dict[str, Any]]:  # type: ignore[no-untyped-def]
-    """Train every arm (skipping one whose run already finished: a re-run resumes)."""
+    """Train every arm; an arm whose run finished under this same config is kept (a re-run
+    resumes), and a retrained arm's audit is dropped."""
     common = ["--set", f"train.batch-size={cfg.batch}", "--set", f"train.seed={cfg.seed}"]
     fed = ["--hospitals", "3", "--partition", "dirichlet:0.5", "--set", "federation.min-hospitals=3"]
-    plan: dict[str, list[str]] = {"federated": ["--data", str(data), *fed]}
+    plan: dict[str, Any] = {"federated": ["--data", str(data), *fed]}
     for h in HOSPITALS:
         plan[f"local-{h}"] = ["--data", str(work / "federated" / "hospitals" / h / "slices.npz"), "--hospitals", "1"]
     plan["pooled"] = ["--data", str(data), "--hospitals", "1"]
     plan["vanilla-gan"] = ["--data", str(data), *fed, "--set", "model.name=vanilla-gan"]
     for e in cfg.epsilons:
         plan[f"dp-eps-{e:g}"] = ["--data", str(data), *fed, "--set", f"dp.target-epsilon={e:g}"]
+    small = ["--hospitals", "3", "--partition", "by-site", "--set", "federation.min-hospitals=3"]
+    plan["lowdata-federated"] = lambda: ["--data", str(_lowdata_set(cfg, work)), *small]
+    if 10.0 in cfg.epsilons:
+        plan["lowdata-dp-eps-10"] = lambda: ["--data", str(_lowdata_set(cfg, work)), *small,
+                                             "--set", "dp.target-epsilon=10"]
     done: dict[str, dict[str, Any]] = {}
     for i, (arm, args) in enumerate(plan.items(), 1):
         out = work / arm
@@ -83,12 +116,47 @@ def train_arms(cfg: QualityConfig, data: Path, work: Path, progress) -> dict[str
         timing = work / "logs" / f"train-{arm}.seconds"
         if not (status.exists() and '"finished"' in status.read_text() and timing.exists()):
             shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(work / "audits" / arm, ignore_errors=True)
+            args = args() if callable(args) else args
             seconds = run([FEDSYNTH, "simulate", *args, "--rounds", str(cfg.rounds), "--local-steps", str(steps),
                            "--out", str(out), *common], log=work / "logs" / f"train-{arm}.log")
             timing.write_text(f"{seconds}\n")
         seconds = float(timing.read_text())
         done[arm] = {"run": out, "seconds": seconds, "local_steps": steps}
     return done
+
+
+def draw(run_dir: Path, n: int, proportions: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """``n`` images from a run's last generator, classes in ``proportions`` (the real
+    data's mix, so FD is not biased against conditional generators); labels None for an
+    unconditional generator."""
+    from fedsynth.shared.checkpoint import load_checkpoint
+    from fedsynth.shared.models import build_gan
+    from fedsynth.shared.rundir import RunDir
+    from fedsynth.shared.sampling import generate
+    from fedsynth.shared.weights import load_weights, split_model
+
+    share = proportions / proportions.sum() * n
+    counts = np.floor(share).astype(int)
+    counts[np.argsort(-(share - counts))[: n - counts.sum()]] += 1
+    labels = np.repeat(np.arange(len(counts)), counts)
+    run = RunDir(run_dir)
+    cfg = run.load_config()
+    gen, _ = build_gan(cfg.model, image_size=cfg.data.image_size, num_classes=len(cfg.data.classes))
+    load_weights(gen, split_model(load_checkpoint(run.checkpoint(run.resolve_round(None)))[0])[0])
+    conditional = bool(getattr(gen, "conditional", False))
+    # an unconditional generator ignores the labels: they are not its images' classes
+    return generate(gen, labels, seed=seed), (labels if conditional else None)
+
+
+def gap_closed(local_fds: list[float], pooled: float, federated: float) -> float | None:
+    """Share of the gap between the hospitals alone (mean FD) and pooled data that
+    federation closes: 1 = as good as pooling, 0 = no better than alone. None when pooling
+    is not clearly better than training alone (the share would mean nothing)."""
+    local = float(np.mean(local_fds))
+    if not (local - pooled > 0.05 * abs(local)):
+        return None
+    return (local - federated) / (local - pooled)
 
 
 def _spaces(real: np.ndarray, cfg: QualityConfig):  # type: ignore[no-untyped-def]
@@ -108,12 +176,11 @@ def fidelity(cfg: QualityConfig, data: Path, runs: dict[str, dict[str, Any]], pr
         kernel_inception_distance,
         ms_ssim_diversity,
     )
-    from fedsynth.commands.sample import sample_images
-    from fedsynth.shared.rundir import RunDir
     from fedsynth.shared.sliceset import SliceSet
 
     slices = SliceSet.load(data)
     train, holdout = slices.only("train"), slices.only("holdout")
+    proportions = np.bincount(train.labels, minlength=len(train.class_names)).astype(float)
     progress("quality: fitting the shared feature spaces on all real slices")
     spaces = _spaces(np.concatenate([train.images, holdout.images]), cfg)
     hold_f = {k: s.transform(holdout.images) for k, s in spaces.items()}
@@ -122,12 +189,16 @@ def fidelity(cfg: QualityConfig, data: Path, runs: dict[str, dict[str, Any]], pr
         row: dict[str, Any] = {}
         for name, space in spaces.items():
             f = space.transform(images)
-            row[f"fd_{name}"] = frechet_distance(f, hold_f[name])
+            try:
+                row[f"fd_{name}"] = frechet_distance(f, hold_f[name])
+            except ValueError as err:  # e.g. a collapsed generator's singular covariance
+                row[f"fd_{name}"], row[f"fd_{name}_error"] = None, str(err)
             kid = kernel_inception_distance(f, hold_f[name], subset_size=min(1000, len(f), len(hold_f[name])),
                                             seed=cfg.seed)
             row[f"kid_{name}"] = kid["mean"]
         ssim = class_matched_ssim_psnr(images, labels, holdout.images, holdout.labels, seed=cfg.seed)
         row["ssim_class_matched"] = ssim["ssim_mean"]
+        row["ssim_matched_by_class"] = labels is not None
         row["psnr_class_matched"] = ssim["psnr_mean"]
         row["ms_ssim_diversity"] = ms_ssim_diversity(images, seed=cfg.seed)["mean"]
         return row
@@ -136,16 +207,18 @@ def fidelity(cfg: QualityConfig, data: Path, runs: dict[str, dict[str, Any]], pr
     ref = train.subset(rng.choice(len(train), size=min(cfg.n_synthetic, len(train)), replace=False))
     out: dict[str, Any] = {"real train (reference)": measure(ref.images, ref.labels)}
     for arm, info in runs.items():
+        if arm.startswith("lowdata-"):
+            continue
         progress(f"quality: fidelity of {arm}")
-        images, labels, _, used, conditional = sample_images(RunDir(info["run"]), n=cfg.n_synthetic, label=None,
-                                                             round_=None, seed=cfg.seed)
-        out[arm] = {**measure(images, labels if conditional else None), "round": used, "conditional": conditional}
+        images, labels = draw(info["run"], cfg.n_synthetic, proportions, cfg.seed)
+        out[arm] = {**measure(images, labels), "conditional": labels is not None}
     gap = {}
     for space in ("encoder", "pixels"):
-        local_mean = float(np.mean([out[f"local-{h}"][f"fd_{space}"] for h in HOSPITALS]))
+        locals_ = [out[f"local-{h}"][f"fd_{space}"] for h in HOSPITALS]
         pooled, fed = out["pooled"][f"fd_{space}"], out["federated"][f"fd_{space}"]
-        gap[space] = {"local_mean": local_mean, "pooled": pooled, "federated": fed,
-                      "share_closed": (local_mean - fed) / (local_mean - pooled) if local_mean != pooled else None}
+        ok = None not in (*locals_, pooled, fed)
+        gap[space] = {"local": locals_, "local_mean": float(np.mean(locals_)) if ok else None, "pooled": pooled,
+                      "federated": fed, "share_closed": gap_closed(locals_, pooled, fed) if ok else None}
     return {"arms": out, "gap_closed": gap, "holdout_size": len(holdout),
             "train_size": len(train)}
 
@@ -169,7 +242,9 @@ def audits(cfg: QualityConfig, runs: dict[str, dict[str, Any]], work: Path, prog
         audit = json.loads((folder / "audit.json").read_text())
         attacks = audit["membership_inference"]["attacks"]
         worst = max(attacks, key=lambda k: attacks[k]["auc"])
-        gains = audit["utility"].get("gains", {}).get("real+synthetic-1x", {})
+        # real + synthetic (class-balancing) against real alone and against the control that
+        # adds the same number of re-drawn real images per class, as the audit's verdict does
+        gains = audit["utility"].get("gains", {}).get("real+synthetic-balanced", {})
         out[arm] = {
             "verdicts": {k: v["verdict"] for k, v in audit["checks"].items()},
             "mia_auc_max": attacks[worst]["auc"], "mia_worst_attack": worst,
@@ -184,53 +259,55 @@ def audits(cfg: QualityConfig, runs: dict[str, dict[str, Any]], work: Path, prog
 
 
 def lowdata(cfg: QualityConfig, data: Path, runs: dict[str, dict[str, Any]], progress) -> dict[str, Any]:  # type: ignore[no-untyped-def]
-    """Each hospital keeps ``lowdata_fraction`` of its training slices; classifiers on real
-    vs real+synthetic (1x) vs the control, scored on the pooled holdout, for the federated
-    generator and the epsilon-10 one."""
+    """Each small hospital (``lowdata_fraction`` of its slices): classifiers on its real
+    slices vs real + the low-data federation's synthetic images (class-balancing) vs the
+    control (as many re-drawn real images), scored on the pooled holdout."""
     from fedsynth.audit.utility import utility_study
-    from fedsynth.commands.sample import sample_images
-    from fedsynth.shared.rundir import RunDir
     from fedsynth.shared.sliceset import SliceSet
 
     holdout = SliceSet.load(data).only("holdout")
-    generators = ["federated", *([f"dp-eps-{10.0:g}"] if 10.0 in cfg.epsilons else [])]
+    generators = [a for a in ("lowdata-federated", "lowdata-dp-eps-10") if a in runs]
     result: dict[str, Any] = {"fraction": cfg.lowdata_fraction, "seeds": cfg.lowdata_seeds, "steps": cfg.lowdata_steps,
-                              "holdout_size": len(holdout), "studies": {}}
-    rng = np.random.default_rng(cfg.seed)
+                              "holdout_size": len(holdout), "generators": generators, "studies": {}}
     for h in HOSPITALS:
-        train = SliceSet.load(runs["federated"]["run"] / "hospitals" / h / "slices.npz").only("train")
-        # The same share of every class (at least 2 slices of each, where the hospital has them).
-        keep = []
-        for c in range(len(train.class_names)):
-            members = np.flatnonzero(train.labels == c)
-            take = min(len(members), max(2, int(round(cfg.lowdata_fraction * len(members)))))
-            keep.extend(rng.choice(members, size=take, replace=False))
-        small = train.subset(np.sort(np.array(keep)))
-        missing = [n for c, n in enumerate(train.class_names) if not (small.labels == c).any()]
-        if missing:
-            result["studies"][h] = {"hospital": h, "skipped": f"no training slices of {', '.join(missing)}"}
-            continue
+        small = SliceSet.load(runs["lowdata-federated"]["run"] / "hospitals" / h / "slices.npz").only("train")
+        missing = [n for c, n in enumerate(small.class_names) if not (small.labels == c).any()]
         for gen_arm in generators:
+            key = f"{h}/{gen_arm}"
+            if missing:
+                result["studies"][key] = {"hospital": h, "generator": gen_arm, "train_slices": len(small),
+                                          "skipped": f"no training slices of {', '.join(missing)}"}
+                continue
             progress(f"quality: low-data classifiers, {h} with {len(small)} slices + {gen_arm} images")
-            images, labels, _, _, _ = sample_images(RunDir(runs[gen_arm]["run"]), n=max(4 * len(small), 200),
-                                                    label=None, round_=None, seed=cfg.seed + 1)
+            n = max(8 * len(small), 400)
+            images, labels = draw(runs[gen_arm]["run"], n, np.ones(len(small.class_names)), cfg.seed + 1)
             study = utility_study(small.images, small.labels, holdout.images, holdout.labels, images, labels,
                                   class_names=small.class_names, seeds=cfg.lowdata_seeds, steps=cfg.lowdata_steps,
                                   ratios=(1.0,), seed=cfg.seed, threads=cfg.threads)
-            gains = study["gains"]["real+synthetic-1x"]
-            result["studies"][f"{h}/{gen_arm}"] = {
+            gains = study["gains"].get("real+synthetic-balanced", {})
+            result["studies"][key] = {
                 "hospital": h, "generator": gen_arm, "train_slices": len(small),
                 "real_balanced_accuracy": study["conditions"]["real"]["balanced_accuracy"]["mean"],
-                "over_real": gains["over_real"]["balanced_accuracy"],
-                "over_control": gains["over_control"]["balanced_accuracy"],
+                "over_real": gains.get("over_real", {}).get("balanced_accuracy"),
+                "over_control": gains.get("over_control", {}).get("balanced_accuracy"),
                 "skipped": study.get("skipped", {}),
             }
     return result
 
 
 def run_quality(cfg: QualityConfig, work: Path, out: Path, progress) -> tuple[dict[str, Any], list[str]]:  # type: ignore[no-untyped-def]
+    import json
+
     started = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
+    fingerprint = work / "config.json"
+    if fingerprint.exists() and json.loads(fingerprint.read_text()) != json.loads(json.dumps(asdict(cfg))):
+        progress(f"quality: {work} holds arms of another configuration; training them again")
+        for stale in [*work.iterdir()]:
+            if stale.is_dir() and stale.name != "logs":
+                shutil.rmtree(stale)
+        shutil.rmtree(work / "logs", ignore_errors=True)
+    fingerprint.write_text(json.dumps(asdict(cfg)))
     progress(f"quality: preparing the brain MRI slices at {cfg.image_size} px")
     data = prepare_brain(work, cfg.image_size, limit=cfg.limit, seed=cfg.seed)
     runs = train_arms(cfg, data, work, progress)
@@ -245,11 +322,29 @@ def run_quality(cfg: QualityConfig, work: Path, out: Path, progress) -> tuple[di
         shutil.copyfile(last, grids / f"{arm}.png")
     result = {"config": asdict(cfg), "data": str(data), "training_seconds": {a: r["seconds"] for a, r in runs.items()},
               "fidelity": fid, "audits": aud, "lowdata": low, "seconds": time.perf_counter() - started}
-    plots(result, out)
+    write(out, "quality", result, markdown(result))  # before the plots: a plotting error loses no figure
+    try:
+        plots(result, out)
+    except Exception as err:  # noqa: BLE001 - report, keep the figures
+        progress(f"quality: plots failed ({err}); the figures are in quality.json")
+        result["plots_error"] = str(err)
     return result, markdown(result)
 
 
+def _bars(values: list[dict[str, Any] | None]) -> tuple[list[float], list[list[float]]]:
+    """Means and non-negative error-bar lengths (a bootstrap interval need not contain the mean)."""
+    mean = [v["mean"] if v else np.nan for v in values]
+    lo = [max(0.0, v["mean"] - v["ci_low"]) if v else 0.0 for v in values]
+    hi = [max(0.0, v["ci_high"] - v["mean"]) if v else 0.0 for v in values]
+    return mean, [lo, hi]
+
+
+def _num(value: float | None) -> float:
+    return np.nan if value is None else value
+
+
 def plots(result: dict[str, Any], out: Path) -> None:
+    """fidelity_arms.png, privacy_utility.png and lowdata_gain.png in ``out``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -258,10 +353,12 @@ def plots(result: dict[str, Any], out: Path) -> None:
     fid = result["fidelity"]["arms"]
     names = [a for a in fid if a != "real train (reference)"]
     fig, ax = plt.subplots(figsize=(8, 3.6))
-    ax.bar(names, [fid[a]["fd_encoder"] for a in names], color=["C0" if a == "federated" else "C7" for a in names])
-    ax.axhline(fid["real train (reference)"]["fd_encoder"], color="C2", ls="--", label="real train slices")
+    ax.bar(names, [_num(fid[a]["fd_encoder"]) for a in names],
+           color=["C0" if a == "federated" else "C7" for a in names])
+    ax.axhline(_num(fid["real train (reference)"]["fd_encoder"]), color="C2", ls="--", label="real train slices")
     ax.set_ylabel("FD to the holdout (encoder space)")
-    ax.set_title("Fidelity per arm (lower is better)")
+    ax.set_yscale("log")
+    ax.set_title("Fidelity per arm (lower is better; log scale)")
     ax.tick_params(axis="x", rotation=30)
     ax.legend()
     fig.tight_layout()
@@ -272,13 +369,10 @@ def plots(result: dict[str, Any], out: Path) -> None:
     eps_arms = [("inf", "federated"), *((f"{e:g}", f"dp-eps-{e:g}") for e in cfg["epsilons"])]
     labels = [e for e, _ in eps_arms]
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
-    axes[0].plot(labels, [fid[a]["fd_encoder"] for _, a in eps_arms], "o-")
+    axes[0].plot(labels, [_num(fid[a]["fd_encoder"]) for _, a in eps_arms], "o-")
     axes[0].set_title("FD to holdout (lower better)")
-    gain = [result["audits"][a]["gain_over_real"] for _, a in eps_arms]
-    mean = [g["mean"] if g else np.nan for g in gain]
-    lo = [g["mean"] - g["ci_low"] if g else 0 for g in gain]
-    hi = [g["ci_high"] - g["mean"] if g else 0 for g in gain]
-    axes[1].errorbar(labels, mean, yerr=[lo, hi], fmt="o-", capsize=4)
+    mean, err = _bars([result["audits"][a]["gain_over_real"] for _, a in eps_arms])
+    axes[1].errorbar(labels, mean, yerr=err, fmt="o-", capsize=4)
     axes[1].axhline(0, color="grey", lw=0.8)
     axes[1].set_title("balanced-accuracy gain, real+synthetic\nover real (95% CI)")
     axes[2].plot(labels, [result["audits"][a]["mia_auc_max"] for _, a in eps_arms], "o-", color="C3")
@@ -290,19 +384,18 @@ def plots(result: dict[str, Any], out: Path) -> None:
     fig.savefig(out / "privacy_utility.png", dpi=110)
     plt.close(fig)
 
-    studies = {k: v for k, v in result["lowdata"]["studies"].items() if "over_real" in v}
+    studies = {k: v for k, v in result["lowdata"]["studies"].items() if v.get("over_real")}
     fig, ax = plt.subplots(figsize=(8, 3.4))
     keys = list(studies)
     for j, which in enumerate(("over_real", "over_control")):
-        vals = [studies[k][which] for k in keys]
-        x = np.arange(len(keys)) + (j - 0.5) * 0.3
-        ax.errorbar(x, [v["mean"] for v in vals], yerr=[[v["mean"] - v["ci_low"] for v in vals],
-                                                         [v["ci_high"] - v["mean"] for v in vals]],
-                    fmt="o", capsize=4, label=f"gain {which.replace('_', ' ')}")
+        mean, err = _bars([studies[k].get(which) for k in keys])
+        ax.errorbar(np.arange(len(keys)) + (j - 0.5) * 0.3, mean, yerr=err, fmt="o", capsize=4,
+                    label=f"gain {which.replace('_', ' ')}")
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xticks(np.arange(len(keys)), [k.replace("/", "\n") for k in keys], fontsize=8)
     ax.set_ylabel("balanced-accuracy gain")
-    ax.set_title(f"Low-data hospitals ({result['lowdata']['fraction']:.0%} of their slices): real+synthetic, 95% CI")
+    ax.set_title(f"Low-data hospitals ({result['lowdata']['fraction']:.0%} of their slices): "
+                 "real+synthetic, 95% CI", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "lowdata_gain.png", dpi=110)
@@ -315,41 +408,57 @@ def _ci(v: dict[str, Any] | None) -> str:
     return f"{v['mean']:+.3f} ({v['ci_low']:+.3f} to {v['ci_high']:+.3f})"
 
 
+def _f(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
 def markdown(result: dict[str, Any]) -> list[str]:
     cfg = result["config"]
     fid = result["fidelity"]
+    ref = fid["arms"]["real train (reference)"]["fd_encoder"]
     lines = [f"### Quality arms (brain MRI, {fid['train_size']} train / {fid['holdout_size']} holdout slices, "
-             f"{cfg['image_size']} px, {cfg['rounds']} rounds x {cfg['local_steps']} local steps, batch {cfg['batch']})", "",
-             "| arm | training (s) | FD encoder (x real reference) | KID encoder | FD pixels | class-matched SSIM | MS-SSIM (diversity) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             f"{cfg['image_size']} px, {cfg['rounds']} rounds x {cfg['local_steps']} local steps, batch {cfg['batch']})",
+             "", "| arm | training (s) | FD encoder (x real reference) | KID encoder | FD pixels | class-matched SSIM "
+             "| MS-SSIM (diversity; real ~ reference row) |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for arm, row in fid["arms"].items():
         secs = result["training_seconds"].get(arm)
-        secs_s = "-" if secs is None else f"{secs:.0f}"
-        ref = fid["arms"]["real train (reference)"]["fd_encoder"]
-        lines.append(f"| {arm} | {secs_s} | {row['fd_encoder']:.4g} ({row['fd_encoder'] / ref:.3g}x) | "
-                     f"{row['kid_encoder']:.3g} | {row['fd_pixels']:.1f} | "
-                     f"{row['ssim_class_matched']:.3f} | {row['ms_ssim_diversity']:.3f} |")
-    g = fid["gap_closed"]
-    lines += ["", "Share of the local -> pooled FD gap that federation closes: " + ", ".join(
-        f"{space} {v['share_closed']:.0%}" if v["share_closed"] is not None else f"{space} n/a"
-        for space, v in g.items()) + " (goal >= 80%).", "",
-        "### Privacy-utility (fedsynth audit of each federated arm)", "",
-        "| arm | epsilon spent | FD encoder | gain over real (95% CI) | gain over control | strongest MIA AUC | verdicts |",
-        "| --- | --- | --- | --- | --- | --- | --- |"]
+        fd = row["fd_encoder"]
+        ratio = f" ({fd / ref:.3g}x)" if fd is not None and ref else ""
+        ssim = _f(row["ssim_class_matched"], ".3f") + ("" if row.get("ssim_matched_by_class", True) else " (unmatched)")
+        lines.append(f"| {arm} | {'-' if secs is None else f'{secs:.0f}'} | {_f(fd, '.4g')}{ratio} | "
+                     f"{_f(row['kid_encoder'], '.3g')} | {_f(row['fd_pixels'], '.1f')} | {ssim} | "
+                     f"{_f(row['ms_ssim_diversity'], '.3f')} |")
+    lines += ["", "Training seconds are not a speed comparison: `fedsynth simulate` runs federated arms' hospitals "
+              "two at a time on one core each, and single-hospital arms on one core."]
+    gap_rows = []
+    for space, v in fid["gap_closed"].items():
+        share = "n/a (pooling is not clearly better than training alone)" if v["share_closed"] is None \
+            else f"{v['share_closed']:.0%}"
+        gap_rows.append(f"| {space} | {_f(v['local_mean'], '.4g')} | {_f(v['pooled'], '.4g')} | "
+                        f"{_f(v['federated'], '.4g')} | {share} |")
+    lines += ["", "Share of the local -> pooled FD gap that federation closes (goal >= 80%):", "",
+              "| space | hospitals alone (mean FD) | pooled | federated | share closed |",
+              "| --- | --- | --- | --- | --- |", *gap_rows, "",
+              "### Privacy-utility (fedsynth audit of each federated arm)", "",
+              "Gains are real + synthetic (class-balancing) over real alone, and over the control that adds as many "
+              "re-drawn real images per class; balanced accuracy, mean over seeds, 95% bootstrap CI.", "",
+              "| arm | epsilon spent | FD encoder | gain over real | gain over control | strongest MIA AUC | verdicts |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
     for arm, a in result["audits"].items():
         eps = "inf" if a["epsilon"] is None else f"{a['epsilon']:.2f}"
-        verdicts = ", ".join(f"{k} {v}" for k, v in a["verdicts"].items())
-        lines.append(f"| {arm} | {eps} | {fid['arms'][arm]['fd_encoder']:.2f} | {_ci(a['gain_over_real'])} | "
+        verdicts = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in a["verdicts"].items())
+        lines.append(f"| {arm} | {eps} | {_f(fid['arms'][arm]['fd_encoder'], '.4g')} | {_ci(a['gain_over_real'])} | "
                      f"{_ci(a['gain_over_control'])} | {a['mia_auc_max']:.3f} ({a['mia_worst_attack']}) | {verdicts} |")
     low = result["lowdata"]
     lines += ["", f"### Low-data hospitals ({low['fraction']:.0%} of their training slices, {low['seeds']} seeds, "
               f"scored on the pooled holdout of {low['holdout_size']})", "",
-              "| hospital / generator | slices | real-only balanced accuracy | gain over real (95% CI) | gain over control |",
+              "The synthetic images come from a federation of these small hospitals only.", "",
+              "| hospital / generator | slices | real-only balanced accuracy | gain over real | gain over control |",
               "| --- | --- | --- | --- | --- |"]
-    for key, s in low["studies"].items():
-        if "over_real" not in s:
-            lines.append(f"| {key} | - | - | skipped: {s['skipped']} | - |")
+    for key, st in low["studies"].items():
+        if "real_balanced_accuracy" not in st:
+            lines.append(f"| {key} | {st['train_slices']} | - | skipped: {st['skipped']} | - |")
             continue
-        lines.append(f"| {key} | {s['train_slices']} | {s['real_balanced_accuracy']:.3f} | {_ci(s['over_real'])} | "
-                     f"{_ci(s['over_control'])} |")
+        lines.append(f"| {key} | {st['train_slices']} | {st['real_balanced_accuracy']:.3f} | {_ci(st['over_real'])} | "
+                     f"{_ci(st['over_control'])} |")
     return lines

@@ -23,7 +23,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .common import HERE, machine, machine_line, prepare_brain, write
+from .common import HERE, finite, machine, machine_line, prepare_brain, write
 
 PERF_QUICK = {"size": 32, "steps": 3, "repeats": 2, "batch": 32, "threads": 2, "fed_rounds": 2, "fed_steps": 5,
               "memory_steps": 3, "audit_sizes": [500, 1000], "full_audit_max": 1000}
@@ -81,12 +81,12 @@ def main(argv: list[str] | None = None) -> int:
         write(out, key, result, lines)
         summary["results"][key] = result
         # rewritten after every benchmark: nothing measured is lost if a later one fails
-        summary_path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        summary_path.write_text(json.dumps(finite(summary), indent=2, allow_nan=False) + "\n")
         md = [f"# fedsynth benchmarks ({name})", ""]
         for cmd in summary["commands"]:
             md += [f"- `{cmd['command']}` on {machine_line(cmd['machine'])}"]
         for title, keys in SECTIONS:
-            present = [k for k in keys if (out / f"{k}.md").exists()]
+            present = [k for k in keys if k in summary["results"] and (out / f"{k}.md").exists()]
             if present:
                 md += ["", f"## {title}", ""]
                 for k in present:
