@@ -307,6 +307,7 @@ def run_quality(cfg: QualityConfig, work: Path, out: Path, progress) -> tuple[di
             if stale.is_dir() and stale.name != "logs":
                 shutil.rmtree(stale)
         shutil.rmtree(work / "logs", ignore_errors=True)
+        (work / "lowdata.npz").unlink(missing_ok=True)
     fingerprint.write_text(json.dumps(asdict(cfg)))
     progress(f"quality: preparing the brain MRI slices at {cfg.image_size} px")
     data = prepare_brain(work, cfg.image_size, limit=cfg.limit, seed=cfg.seed)
@@ -321,7 +322,8 @@ def run_quality(cfg: QualityConfig, work: Path, out: Path, progress) -> tuple[di
         last = sorted((info["run"] / "samples").glob("round-*.png"))[-1]
         shutil.copyfile(last, grids / f"{arm}.png")
     result = {"config": asdict(cfg), "data": str(data), "training_seconds": {a: r["seconds"] for a, r in runs.items()},
-              "fidelity": fid, "audits": aud, "lowdata": low, "seconds": time.perf_counter() - started}
+              "fidelity": fid, "audits": aud, "lowdata": low,
+              "seconds_this_invocation": time.perf_counter() - started}  # finished arms reused are not counted
     write(out, "quality", result, markdown(result))  # before the plots: a plotting error loses no figure
     try:
         plots(result, out)
