@@ -217,3 +217,16 @@ def test_cli_audits_a_synthetic_slice_set_and_never_overwrites(tmp_path) -> None
     wrong = runner.invoke(app, ["audit", "--data", str(real_path), "--synthetic", str(tmp_path / "nope.npz"),
                                 "--out", str(tmp_path / "other")])
     assert wrong.exit_code == 1 and "nope.npz" in wrong.output
+
+
+def test_an_audit_with_too_few_synthetic_images_for_any_utility_condition_still_finishes(
+        tmp_path, brain_split, spaces) -> None:
+    # 40 synthetic images cannot fill any real+synthetic condition for ~1,700 training
+    # slices: each is skipped with its reason, the audit ends, and no gain figure is drawn.
+    train, holdout, fresh = brain_split
+    options = AuditOptions(utility=True, utility_seeds=1, utility_steps=5, encoder_steps=300, threads=2)
+    audit = run_audit(_inputs(train, holdout, fresh.images[:40], fresh.labels[:40]), tmp_path, options,
+                      spaces_fitted=spaces)
+    skipped = audit["utility"]["skipped"]
+    assert "real+synthetic-1x" in skipped and "needs" in skipped["real+synthetic-1x"]
+    assert "utility_gain" not in audit["figures"] and (tmp_path / "audit.json").is_file()

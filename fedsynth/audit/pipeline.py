@@ -173,12 +173,14 @@ def run_audit(
         if dp["ledger"]:
             figures["epsilon_rounds"] = str(plot_epsilon(dp["ledger"], out / FIGURES / "epsilon_rounds.png")
                                             .relative_to(out))
-        # No figure when every synthetic condition was skipped (too few synthetic images):
-        # the skipped reasons are in audit.json and the report.
-        if "conditions" in util and any(c != "real" and not c.startswith("real+resampled") for c in util["gains"]):
-            from .utility import plot_gain_vs_ratio
+        if "conditions" in util:
+            from .utility import CONTROL, plot_gain_vs_ratio
 
-            figures["utility_gain"] = str(plot_gain_vs_ratio(util, out / FIGURES / "utility_gain.png").relative_to(out))
+            # No figure when every synthetic condition was skipped (too few synthetic
+            # images): the skipped reasons are in audit.json and the report.
+            if set(util["gains"]) - {CONTROL}:
+                figures["utility_gain"] = str(plot_gain_vs_ratio(util, out / FIGURES / "utility_gain.png")
+                                              .relative_to(out))
     finally:
         torch.set_num_threads(previous_threads)
 
