@@ -130,20 +130,15 @@ def draw(run_dir: Path, n: int, proportions: np.ndarray, seed: int) -> tuple[np.
     """``n`` images from a run's last generator, classes in ``proportions`` (the real
     data's mix, so FD is not biased against conditional generators); labels None for an
     unconditional generator."""
-    from fedsynth.shared.checkpoint import load_checkpoint
-    from fedsynth.shared.models import build_gan
+    from fedsynth.audit.utility import _largest_remainder
+    from fedsynth.server.bookkeeping import build_global_models, restore_round
     from fedsynth.shared.rundir import RunDir
     from fedsynth.shared.sampling import generate
-    from fedsynth.shared.weights import load_weights, split_model
 
-    share = proportions / proportions.sum() * n
-    counts = np.floor(share).astype(int)
-    counts[np.argsort(-(share - counts))[: n - counts.sum()]] += 1
-    labels = np.repeat(np.arange(len(counts)), counts)
+    labels = np.repeat(np.arange(len(proportions)), _largest_remainder(n, proportions))
     run = RunDir(run_dir)
-    cfg = run.load_config()
-    gen, _ = build_gan(cfg.model, image_size=cfg.data.image_size, num_classes=len(cfg.data.classes))
-    load_weights(gen, split_model(load_checkpoint(run.checkpoint(run.resolve_round(None)))[0])[0])
+    gen, _ = build_global_models(run.load_config())
+    restore_round(run, run.resolve_round(None), gen, None)
     conditional = bool(getattr(gen, "conditional", False))
     # an unconditional generator ignores the labels: they are not its images' classes
     return generate(gen, labels, seed=seed), (labels if conditional else None)
