@@ -216,3 +216,30 @@ def test_hospitals_reporting_different_metrics_are_still_averaged() -> None:
     arrays, _ = strategy.aggregate_train(1, [_reply(1, "hospital-a", _weights(1.0), 10), dp])
     assert arrays is not None and np.allclose(arrays["generator.w"].numpy(), 2.0)
     assert strategy.last_report.hospitals["hospital-a"]["d-loss"] == 0.5
+
+
+def test_server_momentum_steps_along_the_accumulated_update_and_leaves_statistics_averaged() -> None:
+    """FedAvgM: round 1 moves the model to the average; in round 2 the same-sized
+    average step is taken plus half of round 1's (momentum 0.5), so the server overshoots
+    the hospitals' average in the direction it keeps moving. BatchNorm statistics are the
+    plain average."""
+    shapes = {"generator.w": (2, 3), "generator.bn.running_mean": (3,)}
+    strategy = GeneratorFedAvg(expected_shapes=shapes, server_step=(0.5, 1.0, {"generator.w"}))
+
+    def round_(number: int, start: float, sent: float) -> dict[str, np.ndarray]:
+        strategy.current = {k: np.full(s, start, np.float32) for k, s in shapes.items()}
+        update = {k: np.full(s, sent, np.float32) for k, s in shapes.items()}
+        arrays, _ = strategy.aggregate_train(number, [_reply(1, "hospital-a", update), _reply(2, "hospital-b", update)])
+        assert arrays is not None
+        return {k: v.numpy() for k, v in arrays.items()}
+
+    first = round_(1, 0.0, 1.0)
+    assert np.allclose(first["generator.w"], 1.0)
+    second = round_(2, 1.0, 2.0)
+    assert np.allclose(second["generator.w"], 1.0 + 1.0 + 0.5 * 1.0)
+    assert np.allclose(second["generator.bn.running_mean"], 2.0), "statistics: the average, no momentum"
+    plain = GeneratorFedAvg(expected_shapes=shapes, server_step=(0.0, 1.0, {"generator.w"}))
+    plain.current = {k: np.full(s, 1.0, np.float32) for k, s in shapes.items()}
+    arrays, _ = plain.aggregate_train(2, [_reply(1, "hospital-a", {k: np.full(s, 2.0, np.float32)
+                                                                     for k, s in shapes.items()})])
+    assert arrays is not None and np.allclose(arrays["generator.w"].numpy(), 2.0), "momentum 0 is FedAvg"

@@ -148,14 +148,19 @@ def test_sample_errors_name_the_problem(finished_run: Path, tmp_path: Path) -> N
 
 
 def test_a_hospital_that_fails_is_recorded_and_the_round_goes_on(tmp_path: Path) -> None:
+    """Also: a spent ``federation.time-budget`` ends the run after the round in which it ran
+    out (here the first of 3), as a finished run that says why it stopped early."""
     data = make_slices(n_patients=18).save(tmp_path / "slices.npz")
     run = RunDir(tmp_path / "run")
-    cfg = RunConfig.from_overrides({"simulation.hospitals": 3, "federation.rounds": 1, "train.local-steps": 2,
-                                    "train.batch-size": 8, "model.width": 8, "federation.min-hospitals": 2})
+    cfg = RunConfig.from_overrides({"simulation.hospitals": 3, "federation.rounds": 3, "train.local-steps": 2,
+                                    "train.batch-size": 8, "model.width": 8, "federation.min-hospitals": 2,
+                                    "federation.time-budget": 0.001})
     cfg = prepare_simulation(cfg, data, run)
     (run.hospitals_dir / "hospital-c" / "slices.npz").write_bytes(b"damaged")
     outcome = run_simulation_engine(cfg, run)
     assert outcome.ok, outcome.status
+    assert run.checkpoint_rounds() == [0, 1]
+    assert "time-budget" in outcome.status["stopped_early"]
     record = run.read_rounds()[-1]
     assert set(record["hospitals"]) == {"hospital-a", "hospital-b"}
     assert len(record["failures"]) == 1

@@ -56,7 +56,8 @@ from opacus.validators import ModuleValidator
 from torch import nn
 
 from ..shared.config import DPConfig, TrainConfig
-from .train import RoundStats, generator_loss
+from .augment import diff_augment
+from .train import RoundStats, generator_step
 
 __all__ = [
     "PatientSampler",
@@ -428,7 +429,7 @@ def _train_round_dp(
             fake = gen(z, fake_labels)
         opt_d.zero_grad(set_to_none=True)
         disc.disable_hooks()
-        out_fake = disc(fake, fake_labels)
+        out_fake = disc(diff_augment(fake, cfg.augment, generator), fake_labels)
         loss_fake = _fake_loss(out_fake, cfg.loss)
         loss_fake.backward()
         disc.enable_hooks()
@@ -439,7 +440,10 @@ def _train_round_dp(
         idx = sampler.sample().to(device)
         noisy = [torch.normal(0.0, sigma * C, size=p.shape, generator=noise_generator).to(device) for p in params]
         if len(idx):
-            real, real_labels = images[idx].requires_grad_(True), labels[idx]
+            # Augmented per slice (from public randomness), before the per-sample clip:
+            # each augmented slice depends on that slice alone, so the accounting holds.
+            real = diff_augment(images[idx], cfg.augment, generator).requires_grad_(True)
+            real_labels = labels[idx]
             out_real = disc(real, real_labels)
             per_sample = _real_loss_per_sample(out_real, real_labels, cfg.loss)
             disc.backward_real(per_sample, real)
@@ -454,11 +458,7 @@ def _train_round_dp(
         disc.disable_hooks()
         disc._module.requires_grad_(False)
         g_labels = torch.randint(num_classes, (expected,), generator=generator).to(device)
-        z = torch.randn(expected, gen.latent_dim, generator=generator).to(device)
-        opt_g.zero_grad(set_to_none=True)
-        loss_g = generator_loss(disc(gen(z, g_labels), g_labels), g_labels, cfg.loss)
-        loss_g.backward()
-        opt_g.step()
+        loss_g = generator_step(gen, disc, opt_g, g_labels, cfg, generator=generator)
         disc._module.requires_grad_(True)
         disc.enable_hooks()
         g_losses.append(loss_g.detach())

@@ -72,6 +72,7 @@ def federate(grid: Grid, cfg: RunConfig) -> RunDir:
 
 def _federate(grid: Grid, cfg: RunConfig, run: RunDir) -> str | None:
     """The rounds; returns why the run stopped before its last round, if it did."""
+    started = time.perf_counter()
     gen, disc = build_global_models(cfg)
     last = run.last_round()
     if cfg.output.resume and last is not None:
@@ -88,10 +89,10 @@ def _federate(grid: Grid, cfg: RunConfig, run: RunDir) -> str | None:
         start = 1
     arrays = pack_model(gen, disc)
     client_dp = None
+    trainable = {f"{GENERATOR}.{k}" for k, _ in gen.named_parameters()}
+    if disc is not None:
+        trainable |= {f"{DISCRIMINATOR}.{k}" for k, _ in disc.named_parameters()}
     if cfg.federation.client_dp_noise_multiplier > 0:
-        trainable = {f"{GENERATOR}.{k}" for k, _ in gen.named_parameters()}
-        if disc is not None:
-            trainable |= {f"{DISCRIMINATOR}.{k}" for k, _ in disc.named_parameters()}
         client_dp = (cfg.federation.client_dp_noise_multiplier, cfg.federation.client_dp_clip, trainable)
     strategy = GeneratorFedAvg(
         expected_shapes={k: tuple(v.shape) for k, v in arrays.items()},
@@ -99,6 +100,7 @@ def _federate(grid: Grid, cfg: RunConfig, run: RunDir) -> str | None:
         max_update_norm=cfg.federation.max_update_norm,
         node_names=run.node_names(),
         client_dp=client_dp,
+        server_step=(cfg.federation.server_momentum, cfg.federation.server_lr, trainable),
         fraction_train=cfg.federation.fraction_train,
         fraction_evaluate=0.0,
         min_train_nodes=cfg.federation.min_hospitals,
@@ -137,6 +139,10 @@ def _federate(grid: Grid, cfg: RunConfig, run: RunDir) -> str | None:
         if report.declined and cfg.dp.on_budget_exhausted == "stop":
             names = ", ".join(d["hospital"] for d in report.declined)
             return f"round {round_}: {names} declined for privacy budget and dp.on-budget-exhausted is 'stop'"
+        spent = time.perf_counter() - started
+        if cfg.federation.time_budget and spent >= cfg.federation.time_budget and round_ < cfg.federation.rounds:
+            return (f"round {round_}: federation.time-budget of {cfg.federation.time_budget:g} s spent "
+                    f"({spent:.0f} s)")
     return None
 
 

@@ -55,11 +55,14 @@ class GeneratorFedAvg(FedAvg):
         expected_shapes: dict[str, tuple[int, ...]],
         expected_dtypes: dict[str, np.dtype] | None = None,
         client_dp: tuple[float, float, set[str]] | None = None,
+        server_step: tuple[float, float, set[str]] | None = None,
         max_update_norm: float = 0.0,
         node_names: dict[int, str] | None = None,
         **kwargs: Any,
     ) -> None:
         """``client_dp``: (noise multiplier, clip, names of the trainable tensors), or None.
+        ``server_step``: (momentum, step size, names of the trainable tensors) for FedAvgM,
+        or None for plain averaging.
         ``max_update_norm``: largest ||update - global|| / ||global|| accepted (0: no bound).
         ``node_names``: the names hospitals were registered under, by SuperNode id; they
         win over the name a reply declares, and name nodes that fail before replying."""
@@ -71,6 +74,9 @@ class GeneratorFedAvg(FedAvg):
         self.node_names: dict[int, str] = dict(self.registered)
         self.sent: list[Message] = []
         self.client_dp = client_dp
+        self.server_step = server_step
+        # FedAvgM's velocity; starts at zero (also after a resume: it is not checkpointed).
+        self.velocity: dict[str, np.ndarray] = {}
         # Client-level DP noise from the operating system's entropy: a seed from the run
         # config would let every hospital (they all have it) subtract the noise.
         self.rng = np.random.default_rng()
@@ -148,14 +154,35 @@ class GeneratorFedAvg(FedAvg):
         if not accepted:
             return None, None
         if self.client_dp is not None:
-            return self._aggregate_client_dp(accepted, report), None
+            return self._server_step(self._aggregate_client_dp(accepted, report)), None
         # Hospitals report different metrics (a DP hospital adds its spend and withholds
         # its discriminator's losses), and Flower's FedAvg refuses replies whose metric
         # keys differ. The metrics are kept in the report already; FedAvg needs only the
         # weight of each update.
         for msg in accepted:
             msg.content[METRICS] = MetricRecord({"num-examples": msg.content[METRICS]["num-examples"]})
-        return super().aggregate_train(server_round, accepted)
+        averaged, metrics = super().aggregate_train(server_round, accepted)
+        return (self._server_step(averaged) if averaged is not None else None), metrics
+
+    def _server_step(self, averaged: ArrayRecord) -> ArrayRecord:
+        """FedAvgM (Hsu et al. 2019): the server treats the averaged update as a gradient
+        and steps along its momentum, ``v = beta v + (avg - global)``, ``global += lr v``.
+        Only trainable tensors move this way; BatchNorm statistics are the plain average."""
+        if self.server_step is None or not self.current:
+            return averaged
+        momentum, lr, trainable = self.server_step
+        if momentum == 0 and lr == 1:
+            return averaged
+        avg = arrays_to_numpy(averaged)
+        out = {}
+        for k, value in avg.items():
+            if k in trainable:
+                delta = value.astype(np.float64) - self.current[k]
+                velocity = momentum * self.velocity.get(k, 0.0) + delta
+                self.velocity[k] = velocity
+                value = (self.current[k] + lr * velocity).astype(value.dtype)
+            out[k] = value
+        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in out.items()})
 
     def _aggregate_client_dp(self, accepted: list[Message], report: RoundReport) -> ArrayRecord:
         """DP-FedAvg (McMahan et al. 2018): each hospital's update of the trainable tensors
