@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import platform
 import statistics
@@ -83,6 +84,22 @@ def run(cmd: list[str], *, cwd: Path | None = None, log: Path | None = None) -> 
         tail = (proc.stdout + proc.stderr)[-3000:]
         raise SystemExit(f"benchmark step failed ({proc.returncode}): {' '.join(cmd)}\n{tail}")
     return time.perf_counter() - start
+
+
+def forget_other_config(work: Path, config: dict[str, Any], progress, label: str, files: tuple[str, ...] = ()) -> None:  # type: ignore[no-untyped-def]
+    """Start ``work`` afresh (every folder, and ``files``) when it holds runs of another
+    configuration than ``config``; then record ``config`` as its own."""
+    work.mkdir(parents=True, exist_ok=True)
+    fingerprint = work / "config.json"
+    wanted = json.loads(json.dumps(config))
+    if fingerprint.exists() and json.loads(fingerprint.read_text()) != wanted:
+        progress(f"{label}: {work} holds arms of another configuration; training them again")
+        for stale in [*work.iterdir()]:
+            if stale.is_dir():
+                shutil.rmtree(stale)
+        for name in files:
+            (work / name).unlink(missing_ok=True)
+    fingerprint.write_text(json.dumps(wanted))
 
 
 def write(out: Path, name: str, result: dict[str, Any], lines: list[str]) -> None:

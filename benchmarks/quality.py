@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from .common import FEDSYNTH, prepare_brain, run, write
+from .common import FEDSYNTH, forget_other_config, prepare_brain, run, write
 
 
 @dataclass(frozen=True)
@@ -291,19 +291,8 @@ def lowdata(cfg: QualityConfig, data: Path, runs: dict[str, dict[str, Any]], pro
 
 
 def run_quality(cfg: QualityConfig, work: Path, out: Path, progress) -> tuple[dict[str, Any], list[str]]:  # type: ignore[no-untyped-def]
-    import json
-
     started = time.perf_counter()
-    work.mkdir(parents=True, exist_ok=True)
-    fingerprint = work / "config.json"
-    if fingerprint.exists() and json.loads(fingerprint.read_text()) != json.loads(json.dumps(asdict(cfg))):
-        progress(f"quality: {work} holds arms of another configuration; training them again")
-        for stale in [*work.iterdir()]:
-            if stale.is_dir() and stale.name != "logs":
-                shutil.rmtree(stale)
-        shutil.rmtree(work / "logs", ignore_errors=True)
-        (work / "lowdata.npz").unlink(missing_ok=True)
-    fingerprint.write_text(json.dumps(asdict(cfg)))
+    forget_other_config(work, asdict(cfg), progress, "quality", files=("lowdata.npz",))
     progress(f"quality: preparing the brain MRI slices at {cfg.image_size} px")
     data = prepare_brain(work, cfg.image_size, limit=cfg.limit, seed=cfg.seed)
     runs = train_arms(cfg, data, work, progress)

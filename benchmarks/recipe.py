@@ -41,7 +41,8 @@ from typing import Any
 
 import numpy as np
 
-from .common import FEDSYNTH, HERE, machine, machine_line, prepare_brain, run, write
+from .common import FEDSYNTH, HERE, forget_other_config, machine, machine_line, prepare_brain, run, write
+from .quality import _ci, _f
 
 HOSPITALS = ("hospital-a", "hospital-b", "hospital-c")
 
@@ -294,14 +295,7 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
 
 def run_recipe(cfg: RecipeConfig, work: Path, out: Path, progress) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     started = time.perf_counter()
-    work.mkdir(parents=True, exist_ok=True)
-    fingerprint = work / "config.json"
-    if fingerprint.exists() and json.loads(fingerprint.read_text()) != json.loads(json.dumps(asdict(cfg))):
-        progress(f"recipe: {work} holds arms of another configuration; training them again")
-        for stale in [*work.iterdir()]:
-            if stale.is_dir():
-                shutil.rmtree(stale)
-    fingerprint.write_text(json.dumps(asdict(cfg)))
+    forget_other_config(work, asdict(cfg), progress, "recipe")
     progress(f"recipe: preparing the brain MRI slices at {cfg.image_size} px")
     data = prepare_brain(work, cfg.image_size, limit=cfg.limit, seed=cfg.seed)
     arms = plan_arms(cfg, data, work)
@@ -324,19 +318,11 @@ def run_recipe(cfg: RecipeConfig, work: Path, out: Path, progress) -> dict[str, 
     return result
 
 
-def _f(value: float | None, spec: str = ".3g") -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
 def _near(row: dict[str, Any]) -> str:
     if row.get("near_copy_share") is None:
         return "-"
     return (f"{row['near_copy_share']:.1%} ({row['near_copy_null_rate']:.1%}"
             f"{', p = ' + format(row['near_copy_p'], '.2g') if row.get('near_copy_p') is not None else ''})")
-
-
-def _ci(v: dict[str, Any] | None) -> str:
-    return "n/a" if not v else f"{v['mean']:+.3f} ({v['ci_low']:+.3f} to {v['ci_high']:+.3f})"
 
 
 def markdown(result: dict[str, Any]) -> list[str]:
