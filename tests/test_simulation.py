@@ -68,6 +68,31 @@ def test_run_directory_holds_what_the_readme_promises(finished_run: Path) -> Non
     assert manifest["data"]["privacy_unit"] == "patient"
 
 
+def test_every_round_is_scored_on_validation_patients_and_best_picks_the_lowest(
+    finished_run: Path, tmp_path: Path,
+) -> None:
+    run = RunDir(finished_run)
+    held = {}
+    for hospital in ("hospital-a", "hospital-b"):
+        slices = SliceSet.load(finished_run / "hospitals" / hospital / "slices.npz")
+        validation = set(slices.patient_ids[slices.split == "validation"])
+        assert not validation & set(slices.patient_ids[slices.split == "train"]), "validation patients never train"
+        held[hospital] = int((slices.split == "validation").sum())
+    assert sum(held.values()) > 0, "simulate keeps validation patients (simulation.validation, default 10%)"
+    records = run.read_rounds()
+    for record in records:
+        scores = record["validation"]["hospitals"]
+        assert {h for h, n in held.items() if n >= 2} == set(scores), "every hospital with validation slices scores"
+        assert all(scores[h]["n"] == held[h] and np.isfinite(scores[h]["fd"]) for h in scores)
+        assert np.isfinite(record["validation"]["fd"])
+    best = min(records, key=lambda r: r["validation"]["fd"])["round"]
+    assert run.best_round() == best
+    result = runner.invoke(app, ["sample", "--run", str(finished_run), "--n", "4", "--round", "best",
+                                 "--out", str(tmp_path / "best"), "--format", "npz"])
+    assert result.exit_code == 0, result.output
+    assert SliceSet.load(tmp_path / "best" / "synthetic.npz").meta["round"] == best
+
+
 def test_global_generator_changes_every_round(finished_run: Path) -> None:
     run = RunDir(finished_run)
     weights = [load_checkpoint(run.checkpoint(r))[0] for r in range(4)]

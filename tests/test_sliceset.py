@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedsynth.shared.sliceset import SliceSet, SliceSetError, assign_split_by_patient
+from fedsynth.shared.sliceset import SliceSet, SliceSetError, assign_split_by_patient, with_validation
 
 from .conftest import make_slices
 
@@ -36,6 +36,25 @@ def test_split_is_by_patient_and_stratified() -> None:
     assert sorted(np.bincount(held_labels).tolist()) == [5, 5]
 
 
+def test_validation_takes_whole_training_patients_per_class_and_is_kept_once_drawn(tmp_path: Path) -> None:
+    slices = make_slices(n_patients=60, per_patient=3)
+    drawn = with_validation(slices, 0.1, seed=0)
+    assert np.array_equal(drawn.split == "holdout", slices.split == "holdout"), "the holdout is untouched"
+    val_patients = set(drawn.patient_ids[drawn.split == "validation"])
+    train_patients = set(drawn.patient_ids[drawn.split == "train"])
+    assert not val_patients & train_patients
+    before = len(set(slices.patient_ids[slices.split == "train"]))
+    assert abs(len(val_patients) - 0.1 * before) <= 2
+    loaded = SliceSet.load(drawn.save(tmp_path / "v.npz"))
+    assert np.array_equal(with_validation(loaded, 0.3, seed=5).split, drawn.split), "an existing split is kept"
+    assert with_validation(slices, 0.0) is slices
+    leak = drawn.split.copy()
+    train_row = np.flatnonzero(drawn.split == "train")[0]
+    leak[np.flatnonzero(drawn.patient_ids == drawn.patient_ids[train_row])[1:]] = "validation"
+    with pytest.raises(SliceSetError, match="both train and validation"):
+        replace(drawn, split=leak)
+
+
 def test_a_patient_in_both_splits_is_refused(slices: SliceSet) -> None:
     split = slices.split.copy()
     patient = slices.patient_ids[0]
@@ -49,7 +68,7 @@ def test_a_patient_in_both_splits_is_refused(slices: SliceSet) -> None:
     ("field", "value", "message"),
     [
         ("labels", np.full(48, 5), "'labels' must lie in 0..1"),
-        ("split", np.full(48, "validation"), "'split' has unknown values"),
+        ("split", np.full(48, "val"), "'split' has unknown values"),
         ("patient_ids", np.array(["p"] * 3), "'patient_ids' has shape"),
     ],
 )

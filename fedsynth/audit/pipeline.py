@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -170,6 +171,10 @@ def run_audit(
         dp["ledger_read"] = privacy_ledger is not None
         checks = _checks(memo, mia, fid, util, dp)
         figures = _figures(inputs, distances, mia, out, options)
+        curves = (context or {}).get("curves")
+        if curves and Path(curves).is_file():  # the run's training curves, shown in the report
+            shutil.copyfile(curves, out / FIGURES / "training_curves.png")
+            figures["training_curves"] = f"{FIGURES}/training_curves.png"
         if dp["ledger"]:
             figures["epsilon_rounds"] = str(plot_epsilon(dp["ledger"], out / FIGURES / "epsilon_rounds.png")
                                             .relative_to(out))

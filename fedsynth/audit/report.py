@@ -313,7 +313,7 @@ def build_report_html(audit: Mapping[str, Any], folder: Path) -> str:
     sections = [
         ("Executive summary", _executive(audit, unit, local=bool(hospital))),
         ("Scope and data", _scope(audit, unit)),
-        ("Model and training", _model(audit)),
+        ("Model and training", _model(audit, folder)),
         ("Formal privacy guarantee", _formal(audit, folder, unit)),
         ("Empirical privacy", _empirical(audit, folder, unit, local=True)),
         ("Fidelity", _fidelity(audit, folder)),
@@ -355,7 +355,7 @@ def _scope(audit: Mapping[str, Any], unit: str) -> str:
     return text + table + source + prep
 
 
-def _model(audit: Mapping[str, Any]) -> str:
+def _model(audit: Mapping[str, Any], folder: Path | None = None) -> str:
     inputs, ctx = audit["inputs"], audit.get("context") or {}
     cfg, run, model = ctx.get("config") or {}, ctx.get("run") or {}, ctx.get("model") or {}
     train, fed, dp = cfg.get("train", {}), cfg.get("federation", {}), cfg.get("dp", {})
@@ -382,7 +382,14 @@ def _model(audit: Mapping[str, Any]) -> str:
             f"{esc(name)}: {esc(space.get('kind', ''))} <code>{esc(str(space.get('sha256', ''))[:16])}</code>"
             for name, space in audit.get("feature_spaces", {}).items() if space.get("kind"))),
     ]
+    if ctx.get("best_round") is not None:
+        rows.insert(5, ("best round by validation", f"round {_num(ctx['best_round'])} (lowest Fréchet distance to the "
+                                                    "hospitals' validation patients; the audit holdout is not used)"))
     table = _table(["", ""], [[f"<b>{esc(k)}</b>", v] for k, v in rows])
+    if folder is not None:
+        table += _figure(folder, audit.get("figures", {}).get("training_curves"),
+                         "Training over rounds, per hospital: discriminator and generator loss, the validation "
+                         "Fréchet distance (with the best round) and, for DP runs, epsilon spent.")
     yaml_text = ctx.get("config_yaml")
     return table + (f"<h3>Configuration</h3><pre>{esc(yaml_text)}</pre>" if yaml_text else "")
 

@@ -16,7 +16,7 @@ from ..shared.config import RunConfig
 from ..shared.rundir import HOSPITALS_MANIFEST
 from ..shared.records import ARRAYS, CONFIG, HOSPITAL, METRICS, record_to_tensors, tensors_to_record
 from ..shared.weights import DISCRIMINATOR, GENERATOR, split_model
-from .hospital import HospitalSite, run_local_round
+from .hospital import HospitalSite, run_local_round, score_validation
 
 __all__ = ["app", "site_from_context"]
 
@@ -103,3 +103,18 @@ def train(msg: Message, context: Context) -> Message:
         HOSPITAL: ConfigRecord(hospital),
     })
     return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Score the received global generator on this hospital's validation slices; only
+    the score (and how many slices it rests on) leaves."""
+    cfg = RunConfig.from_run_config(context.run_config)
+    site = site_from_context(context, cfg)
+    gen_state, _ = split_model(record_to_tensors(msg.content[ARRAYS]))
+    try:
+        scores = score_validation(site, cfg, gen_state)
+    except Exception as err:
+        raise RuntimeError(f"{site.name}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+    return Message(content=RecordDict({METRICS: MetricRecord(scores), HOSPITAL: ConfigRecord({"name": site.name})}),
+                   reply_to=msg)

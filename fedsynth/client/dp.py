@@ -56,6 +56,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 
 from ..shared.config import DPConfig, TrainConfig
+from ..shared.models import gradient_penalty
 from .augment import diff_augment
 from .train import RoundStats, generator_step
 
@@ -224,6 +225,15 @@ def check_dp_discriminator(disc: nn.Module) -> None:
     PrivacyError
         Naming each offending layer (BatchNorm, in-place activations, ...).
     """
+    reparametrised = sorted({name.rsplit(".parametrizations", 1)[0] for name, _ in disc.named_modules()
+                             if name.endswith(".parametrizations")})
+    if reparametrised:
+        raise PrivacyError(
+            f"the discriminator cannot be trained with DP-SGD: spectral normalisation on {', '.join(reparametrised[:3])}"
+            f"{' ...' if len(reparametrised) > 3 else ''} computes each weight from its parameter by a power "
+            "iteration that has no per-sample gradient rule; set model.spectral-norm=false (the gradient penalty "
+            "still constrains the critic)"
+        )
     errors = ModuleValidator.validate(disc, strict=False)
     if errors:
         detail = "; ".join(str(e).split("\n")[0] for e in errors[:5])
@@ -353,13 +363,18 @@ class PerSampleClipper(GradSampleModuleFastGradientClipping):
 
 
 def _real_loss_per_sample(out, labels: torch.Tensor, kind: str) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    loss = F.relu(1 - out.adv) if kind == "hinge" else F.softplus(-out.adv)
+    if kind == "wgan-gp":
+        loss = -out.adv
+    else:
+        loss = F.relu(1 - out.adv) if kind == "hinge" else F.softplus(-out.adv)
     if out.class_logits is not None:
         loss = loss + F.cross_entropy(out.class_logits, labels, reduction="none")
     return loss
 
 
 def _fake_loss(out, kind: str) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    if kind == "wgan-gp":
+        return out.adv.mean()
     return F.relu(1 + out.adv).mean() if kind == "hinge" else F.softplus(out.adv).mean()
 
 
@@ -378,7 +393,8 @@ def train_round_dp(
     generator: torch.Generator,
     noise_generator: torch.Generator | None = None,
 ) -> RoundStats:
-    """``cfg.local_steps`` GAN steps with DP-SGD on the discriminator's real term.
+    """``cfg.local_steps`` GAN steps with DP-SGD on the discriminator's real term
+    (``cfg.critic_steps_per_step`` DP discriminator steps per generator step).
 
     ``generator`` draws the public noise (latent codes, fake labels) and may be seeded
     for reproducibility. The DP noise comes from ``noise_generator``, which must not be
@@ -421,39 +437,56 @@ def _train_round_dp(
     C, sigma, expected = plan.max_grad_norm, plan.noise_multiplier, plan.expected_batch
     g_losses, d_fake = [], []
     start = time.perf_counter()
+    kind = cfg.objective
     for _ in range(cfg.local_steps):
-        # --- fake term: public, ordinary gradient ---
-        fake_labels = torch.randint(num_classes, (expected,), generator=generator).to(device)
-        z = torch.randn(expected, gen.latent_dim, generator=generator).to(device)
-        with torch.no_grad():
-            fake = gen(z, fake_labels)
-        opt_d.zero_grad(set_to_none=True)
-        disc.disable_hooks()
-        out_fake = disc(diff_augment(fake, cfg.augment, generator), fake_labels)
-        loss_fake = _fake_loss(out_fake, cfg.loss)
-        loss_fake.backward()
-        disc.enable_hooks()
-        fake_grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
-        for p in params:
-            p.grad = None
-        # --- real term: per-sample clip, sum, noise ---
-        idx = sampler.sample().to(device)
-        noisy = [torch.normal(0.0, sigma * C, size=p.shape, generator=noise_generator).to(device) for p in params]
-        if len(idx):
-            # Augmented per slice (from public randomness), before the per-sample clip:
-            # each augmented slice depends on that slice alone, so the accounting holds.
-            real = diff_augment(images[idx], cfg.augment, generator).requires_grad_(True)
-            real_labels = labels[idx]
-            out_real = disc(real, real_labels)
-            per_sample = _real_loss_per_sample(out_real, real_labels, cfg.loss)
-            disc.backward_real(per_sample, real)
-            clipped = disc.clipped_sum()
-            for n, p in zip(noisy, params, strict=True):
-                n += clipped[p]
-        for p, fg, n in zip(params, fake_grads, noisy, strict=True):
-            p.grad = fg + n / expected
-        opt_d.step()
-        d_fake.append(out_fake.adv.detach().mean())
+        for _ in range(cfg.critic_steps_per_step):
+            # --- fake term: public, ordinary gradient ---
+            fake_labels = torch.randint(num_classes, (expected,), generator=generator).to(device)
+            z = torch.randn(expected, gen.latent_dim, generator=generator).to(device)
+            with torch.no_grad():
+                fake = gen(z, fake_labels)
+            opt_d.zero_grad(set_to_none=True)
+            disc.disable_hooks()
+            out_fake = disc(diff_augment(fake, cfg.augment, generator), fake_labels)
+            loss_fake = _fake_loss(out_fake, kind)
+            if kind == "wgan-gp" and cfg.gp_weight > 0:
+                # The gradient penalty at points between two independent batches of
+                # *generated* images: it reads no patient data (only public noise and the
+                # generator, itself post-processing of this DP discriminator), so its
+                # gradient needs no clipping or noise and the accounting is unchanged. The
+                # usual penalty between real and generated images differentiates D at real
+                # images, a per-sample second-order gradient that neither Opacus nor this
+                # clipper can bound; it is not used under DP. The price: the 1-Lipschitz
+                # constraint is enforced only on the generator's support (Gulrajani et al.
+                # penalise between the two distributions).
+                with torch.no_grad():
+                    other = gen(torch.randn(expected, gen.latent_dim, generator=generator).to(device), fake_labels)
+                loss_fake = loss_fake + cfg.gp_weight * gradient_penalty(
+                    disc, diff_augment(other, cfg.augment, generator), diff_augment(fake, cfg.augment, generator),
+                    fake_labels, generator=generator)
+            loss_fake.backward()
+            disc.enable_hooks()
+            fake_grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+            for p in params:
+                p.grad = None
+            # --- real term: per-sample clip, sum, noise ---
+            idx = sampler.sample().to(device)
+            noisy = [torch.normal(0.0, sigma * C, size=p.shape, generator=noise_generator).to(device) for p in params]
+            if len(idx):
+                # Augmented per slice (from public randomness), before the per-sample clip:
+                # each augmented slice depends on that slice alone, so the accounting holds.
+                real = diff_augment(images[idx], cfg.augment, generator).requires_grad_(True)
+                real_labels = labels[idx]
+                out_real = disc(real, real_labels)
+                per_sample = _real_loss_per_sample(out_real, real_labels, kind)
+                disc.backward_real(per_sample, real)
+                clipped = disc.clipped_sum()
+                for n, p in zip(noisy, params, strict=True):
+                    n += clipped[p]
+            for p, fg, n in zip(params, fake_grads, noisy, strict=True):
+                p.grad = fg + n / expected
+            opt_d.step()
+            d_fake.append(out_fake.adv.detach().mean())
         # --- generator: through the discriminator, hooks off, weights frozen ---
         disc.disable_hooks()
         disc._module.requires_grad_(False)
@@ -471,9 +504,9 @@ def _train_round_dp(
     # were sampled) would leave the hospital without noise: withheld (NaN = not
     # reported). The generator loss and D(fake) only read public noise and DP weights.
     stats = RoundStats(
-        steps=cfg.local_steps, num_examples=len(images), images_seen=cfg.local_steps * cfg.batch_size,  # nominal
+        steps=cfg.local_steps, num_examples=len(images), images_seen=cfg.critic_steps * cfg.batch_size,  # nominal
         d_loss=math.nan, g_loss=mean(g_losses), d_real=math.nan, d_fake=mean(d_fake),
-        seconds=seconds, images_per_second=cfg.local_steps * expected / seconds if seconds > 0 else math.nan,
+        seconds=seconds, images_per_second=cfg.critic_steps * expected / seconds if seconds > 0 else math.nan,
     )
     if not np.isfinite([stats.g_loss]).all():
         raise FloatingPointError(f"DP training diverged (g-loss {stats.g_loss}); lower train.lr-g / train.lr-d")

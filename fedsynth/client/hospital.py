@@ -12,11 +12,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..audit.features import PixelSpace
+from ..audit.fidelity import frechet_distance
 from ..shared.checkpoint import load_checkpoint, load_torch_tensors, save_checkpoint, save_torch_atomic
 from ..shared.config import RunConfig
 from ..shared.device import pick_device
 from ..shared.models import build_gan
-from ..shared.sliceset import TRAIN, SliceSet, SliceSetError
+from ..shared.sampling import generate
+from ..shared.sliceset import TRAIN, VALIDATION, SliceSet, SliceSetError
 from ..shared.weights import exchanged_state, load_weights
 from .dp import (
     PatientSampler,
@@ -188,7 +191,7 @@ def run_local_round(
             except PrivacyError as err:  # a budget no noise can meet: decline, saying why
                 log.warning("%s declines round %d: %s", site.name, server_round, err)
                 return LocalRoundResult(None, None, None, privacy=None, declined=f"privacy budget: {err}")
-            step = (plan.noise_multiplier, plan.sample_rate, cfg.train.local_steps)
+            step = (plan.noise_multiplier, plan.sample_rate, cfg.train.critic_steps)
             after = privacy.epsilon(extra=step)
             if plan.target_epsilon > 0 and after > plan.target_epsilon + 1e-9:
                 reason = (f"privacy budget: another round would spend epsilon {after:.3g} > "
@@ -233,6 +236,36 @@ def run_local_round(
     )
 
 
+VALIDATION_SAMPLES = 256  # generated images per validation score
+VALIDATION_COMPONENTS = 16  # pixel PCA dimensions of the score's feature space
+
+
+def score_validation(site: HospitalSite, cfg: RunConfig, global_generator: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The Fréchet distance between the generator's images and this hospital's validation
+    slices, in a pixel space (PCA, 16 components) fitted on its training slices.
+
+    The same noise, labels (drawn from the validation slices' classes) and feature space
+    every round, so scores of successive rounds compare. Validation patients are never
+    trained on: the score chooses a checkpoint without touching the holdout the audit
+    uses. Returns ``{"val-n": 0}`` when the hospital has fewer than 2 validation slices.
+    """
+    cfg = site.config(cfg)
+    slices = load_hospital_slices(site, cfg)
+    validation = slices.only(VALIDATION)
+    if len(validation) < 2:
+        return {"val-n": len(validation)}
+    gen, _ = build_gan(cfg.model, image_size=cfg.data.image_size, num_classes=len(slices.class_names))
+    load_weights(gen, global_generator)
+    rng = np.random.default_rng(derive_seed(cfg.train.seed, site.name, "validation"))
+    labels = rng.choice(validation.labels, size=VALIDATION_SAMPLES) if getattr(gen, "conditional", False) \
+        else np.zeros(VALIDATION_SAMPLES, dtype=np.int64)
+    fake = generate(gen, labels, seed=derive_seed(cfg.train.seed, site.name, "validation-noise"))
+    reference = slices.only(TRAIN).images if (slices.split == TRAIN).sum() >= 2 else validation.images
+    space = PixelSpace(components=min(VALIDATION_COMPONENTS, len(validation) - 1)).fit(reference)
+    fd = frechet_distance(space.transform(validation.images), space.transform(fake))
+    return {"val-fd": float(fd), "val-n": len(validation)}
+
+
 def _unit_ids(train: SliceSet) -> np.ndarray:
     """Privacy unit of each training slice: its patient, or itself where ids are unknown."""
     if train.patient_ids_known:
@@ -249,7 +282,7 @@ def _privacy_plan(cfg: RunConfig, train: SliceSet, privacy: PrivacyState, run_ke
     steps stay within the target.
     """
     units = len(np.unique(_unit_ids(train)))
-    planned = cfg.federation.rounds * cfg.train.local_steps
+    planned = cfg.federation.rounds * cfg.train.critic_steps  # DP steps: one per critic update
 
     def plan_with(sigma: float | None):  # type: ignore[no-untyped-def]
         dp = cfg.dp if sigma is None else cfg.dp.model_copy(update={"noise_multiplier": sigma})

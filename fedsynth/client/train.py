@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..shared.config import TrainConfig
-from ..shared.models import DiscriminatorOutput
+from ..shared.models import DiscriminatorOutput, gradient_penalty
 from .augment import diff_augment
 
 __all__ = [
@@ -84,9 +84,13 @@ class BatchSource:
 
 
 def discriminator_loss(real: DiscriminatorOutput, fake: DiscriminatorOutput, labels: torch.Tensor, kind: str) -> torch.Tensor:
-    """Adversarial loss of the discriminator (+ class loss on real images for AC heads)."""
-    if kind == "hinge":
+    """Adversarial loss of the discriminator (+ class loss on real images for AC heads).
+    For ``wgan-gp`` the Wasserstein critic loss E[D(fake)] - E[D(real)]; the gradient
+    penalty is added by the caller, which holds the inputs."""
+    if kind in ("hinge", "auto"):
         loss = F.relu(1 - real.adv).mean() + F.relu(1 + fake.adv).mean()
+    elif kind == "wgan-gp":
+        loss = fake.adv.mean() - real.adv.mean()
     else:  # non-saturating BCE on logits
         loss = F.softplus(-real.adv).mean() + F.softplus(fake.adv).mean()
     if real.class_logits is not None:
@@ -95,8 +99,9 @@ def discriminator_loss(real: DiscriminatorOutput, fake: DiscriminatorOutput, lab
 
 
 def generator_loss(fake: DiscriminatorOutput, labels: torch.Tensor, kind: str) -> torch.Tensor:
-    """Adversarial loss of the generator (+ class loss on its images for AC heads)."""
-    loss = -fake.adv.mean() if kind == "hinge" else F.softplus(-fake.adv).mean()
+    """Adversarial loss of the generator (+ class loss on its images for AC heads); for
+    hinge and wgan-gp alike -E[D(G(z))]."""
+    loss = F.softplus(-fake.adv).mean() if kind == "bce" else -fake.adv.mean()
     if fake.class_logits is not None:
         loss = loss + F.cross_entropy(fake.class_logits, labels)
     return loss
@@ -130,7 +135,7 @@ def generator_step(
     z = torch.randn(n, gen.latent_dim, generator=generator).to(device)
     opt_g.zero_grad(set_to_none=True)
     fake = gen(z, labels)
-    loss = generator_loss(disc(diff_augment(fake, cfg.augment, generator), labels), labels, cfg.loss)
+    loss = generator_loss(disc(diff_augment(fake, cfg.augment, generator), labels), labels, cfg.objective)
     total = loss
     if cfg.diversity_weight > 0 and n >= 2:
         total = loss + cfg.diversity_weight * mode_seeking_loss(fake, z)
@@ -160,10 +165,12 @@ def train_round(
 ) -> RoundStats:
     """Train G and D for ``cfg.local_steps`` alternating steps.
 
-    Each step: one discriminator update on a real batch and as many generated images
-    (conditioned on the real batch's labels, so fakes follow this hospital's class mix),
-    both through the same DiffAugment policy (``cfg.augment``), then one generator update
-    through the discriminator with its weights frozen (``generator_step``).
+    Each step: ``cfg.critic_steps_per_step`` discriminator updates (1, or ``n-critic``
+    for WGAN-GP), each on a fresh real batch and as many generated images (conditioned
+    on the real batch's labels, so fakes follow this hospital's class mix), both through
+    the same DiffAugment policy (``cfg.augment``), with the gradient penalty at points
+    between them for ``wgan-gp``; then one generator update through the discriminator
+    with its weights frozen (``generator_step``).
 
     Parameters
     ----------
@@ -184,18 +191,24 @@ def train_round(
     start = time.perf_counter()
     latent = gen.latent_dim
     for _ in range(cfg.local_steps):
-        real, labels = batches.next()
-        n = len(real)
-        # --- discriminator ---
-        z = torch.randn(n, latent, generator=generator).to(device)
-        with torch.no_grad():
-            fake = gen(z, labels)
-        opt_d.zero_grad(set_to_none=True)
-        out_real = disc(diff_augment(real, cfg.augment, generator), labels)
-        out_fake = disc(diff_augment(fake, cfg.augment, generator), labels)
-        loss_d = discriminator_loss(out_real, out_fake, labels, cfg.loss)
-        loss_d.backward()
-        opt_d.step()
+        for _ in range(cfg.critic_steps_per_step):
+            real, labels = batches.next()
+            n = len(real)
+            # --- discriminator ---
+            z = torch.randn(n, latent, generator=generator).to(device)
+            with torch.no_grad():
+                fake = gen(z, labels)
+            opt_d.zero_grad(set_to_none=True)
+            real_aug = diff_augment(real, cfg.augment, generator)
+            fake_aug = diff_augment(fake, cfg.augment, generator)
+            out_real = disc(real_aug, labels)
+            out_fake = disc(fake_aug, labels)
+            loss_d = discriminator_loss(out_real, out_fake, labels, cfg.objective)
+            if cfg.objective == "wgan-gp" and cfg.gp_weight > 0:
+                loss_d = loss_d + cfg.gp_weight * gradient_penalty(disc, real_aug, fake_aug, labels,
+                                                                   generator=generator)
+            loss_d.backward()
+            opt_d.step()
         # --- generator (discriminator frozen: no weight gradients needed) ---
         disc.requires_grad_(False)
         loss_g = generator_step(gen, disc, opt_g, labels, cfg, generator=generator)
@@ -205,7 +218,7 @@ def train_round(
         d_real.append(out_real.adv.detach().mean())
         d_fake.append(out_fake.adv.detach().mean())
     seconds = time.perf_counter() - start
-    images_seen = cfg.local_steps * batches.batch_size
+    images_seen = cfg.critic_steps * batches.batch_size
 
     def mean(values: list[torch.Tensor]) -> float:
         return float(torch.stack(values).mean().cpu())

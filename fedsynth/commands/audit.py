@@ -39,7 +39,7 @@ def audit(
     hospital: str = typer.Option(None, help="Whose data this is: a simulated hospital of --run (its slices, plus the white-box attack with its discriminator), or, with --data, the name the share and the local report carry."),
     synthetic: Path = typer.Option(None, "--synthetic", help="Audit these synthetic slices (a slice set, e.g. from `fedsynth sample --format npz`) instead of drawing from --run."),
     n_synthetic: int = typer.Option(None, "--n-synthetic", help="Synthetic images to draw from the run [default: twice the training images (at most 20,000), for the 2x utility condition]."),
-    round_: str = typer.Option("last", "--round", help="Round whose generator to audit: a number or 'last'."),
+    round_: str = typer.Option("last", "--round", help="Round whose generator to audit: a number, 'last', or 'best' (the lowest validation score)."),
     inception_weights: Path = typer.Option(None, "--inception-weights", help="pytorch-fid Inception-v3 weights (pt_inception-2015-12-05-6726825d.pth) for FID; without them FID is reported as not computed."),
     utility: bool = typer.Option(True, "--utility/--no-utility", help="Train diagnostic classifiers with and without synthetic images (the slowest part)."),
     seeds: int = typer.Option(5, help="Classifier seeds per utility condition."),
@@ -67,8 +67,8 @@ def audit(
         raise CommandError("give --run (a run to draw synthetic images from) or --synthetic (a slice set of them)")
     if (out / AUDIT_FILE).exists() or (out / CONSORTIUM_DIR / CONSORTIUM_FILE).exists():
         raise CommandError(f"{out} already holds an audit; choose another --out (nothing is overwritten)")
-    if round_ != "last" and not round_.isdigit():
-        raise CommandError(f"--round {round_!r}: a round number or 'last'")
+    if round_ not in ("last", "best") and not round_.isdigit():
+        raise CommandError(f"--round {round_!r}: a round number, 'last' or 'best'")
     if utility_model not in ("cnn", "resnet18"):
         raise CommandError(f"--utility-model {utility_model!r}: use cnn or resnet18")
     options = AuditOptions(seed=seed, encoder_steps=encoder_steps,
@@ -112,7 +112,7 @@ def _audit_one(run: RunDir | None, real: SliceSet, source: str, out: Path, optio
         if tuple(cfg.data.classes) != real.class_names:
             raise CommandError(f"{source}: classes {real.class_names} differ from the run's {tuple(cfg.data.classes)}")
         syn_images, labels, _, used_round, conditional = sample_images(
-            run, n=n, label=None, round_=None if round_ == "last" else int(round_), seed=seed)
+            run, n=n, label=None, round_=round_, seed=seed)
         syn_labels = labels.astype(np.int64) if conditional else None
         provenance |= {"run": str(run.root), "round": used_round,
                        "checkpoint_sha256": file_sha256(run.checkpoint(used_round)), "synthetic_seed": seed}
@@ -230,6 +230,11 @@ def _context(run: RunDir | None, real: SliceSet, hospital: str | None) -> dict:
         gen, disc = build_gan(cfg.model, image_size=cfg.data.image_size, num_classes=len(cfg.data.classes))
         context["model"] = {"name": cfg.model.name, "generator_parameters": count_parameters(gen),
                             "discriminator_parameters": count_parameters(disc)}
+    if run.curves_path.is_file():
+        context["curves"] = str(run.curves_path)
+    best = run.best_round()
+    if best is not None:
+        context["best_round"] = best
     return context
 
 

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from ..shared.ingest import DataCard, detect_source_kind, ingest_image_folder, summarize_unreadable
 from ..shared.volumes import ingest_volumes, parse_mask_classes
+from ..shared.sliceset import with_validation
 from .common import CommandError, console, user_errors
 
 __all__ = ["prepare", "card_path_for"]
@@ -44,7 +45,10 @@ def prepare(
     out: Path = typer.Option(..., "--out", "-o", help="Slice set to write (.npz); the data card goes beside it as .card.json."),
     size: int = typer.Option(64, help="Output side in pixels (32, 64 or 128 for the built-in models)."),
     holdout: float = typer.Option(0.2, help="Share of patients held out for audits, stratified by class."),
-    seed: int = typer.Option(0, help="Seed of the train/holdout draw."),
+    validation: float = typer.Option(
+        0.1, help="Share of the training patients kept out of training, stratified by class, to choose a "
+        "checkpoint (`fedsynth sample --round best`) without touching the holdout; 0: none."),
+    seed: int = typer.Option(0, help="Seed of the train/validation/holdout draw."),
     keep_folder_split: bool = typer.Option(False, help="Image folders: use the folder's own split (Testing/test/holdout/val become holdout) instead of drawing one."),
     near_duplicates: float = typer.Option(0.01, "--near-duplicates", help="Image folders: images whose 32x32 thumbnails differ by less than this RMS share of the intensity range are one image (re-encoded or resized copies); 0 keeps them."),
     window: str = typer.Option("ct-abdomen", help="Volumes: intensity window, a preset (ct-abdomen W400/L40, ct-lung W1500/L-600, ct-brain W80/L40, mri = per-volume 0.5-99.5 percentiles) or WIDTH,LEVEL in HU."),
@@ -95,6 +99,12 @@ def prepare(
                 keep_slices_with=_parse_ints(keep_slices_with, "--keep-slices-with"),
                 masks_dir=masks, pairs=_parse_pairs(pair), holdout_fraction=holdout, seed=seed, progress=report,
             )
+    if not 0 <= validation < 1:
+        raise CommandError(f"--validation {validation}: use a share in [0, 1)")
+    if validation > 0:
+        slices = with_validation(slices, validation, seed=seed)
+        card.fill_from(slices)
+        card.split_rule += f"; then {validation:.0%} of the training patients kept for validation (checkpoint choice)"
     slices.save(out)
     card.output = str(out)
     card_path = card.write(card_path_for(out))

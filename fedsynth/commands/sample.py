@@ -20,7 +20,7 @@ from .common import CommandError, console, user_errors
 __all__ = ["load_synthetic", "sample", "sample_images"]
 
 
-def sample_images(run: RunDir, *, n: int, label: str | None, round_: int | None, seed: int) -> tuple[np.ndarray, np.ndarray, list[str], int, bool]:
+def sample_images(run: RunDir, *, n: int, label: str | None, round_: int | str | None, seed: int) -> tuple[np.ndarray, np.ndarray, list[str], int, bool]:
     """Draw ``n`` images from a run's generator.
 
     Returns (images, labels, class names, round used, conditional). Without a label,
@@ -72,7 +72,7 @@ def sample(
     run_dir: Path = typer.Option(..., "--run", "-r", help="Run directory of a finished (or partial) run."),
     n: int = typer.Option(64, "--n", help="Number of synthetic slices."),
     label: str = typer.Option(None, help="Class to draw (a class name of the run); default: all classes in equal shares."),
-    round_: str = typer.Option("last", "--round", help="Round whose global generator to use: a number or 'last'."),
+    round_: str = typer.Option("last", "--round", help="Round whose global generator to use: a number, 'last', or 'best' (the lowest validation score)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder."),
     output_format: str = typer.Option("png", "--format", help="png (one file per slice plus grid.png), npz (a slice set marked synthetic), nifti (synthetic.nii.gz, one slice per axial position) or dicom (dicom/, a Secondary Capture series whose headers say SYNTHETIC)."),
     seed: int = typer.Option(0, help="Seed of the noise; the same seed gives the same images."),
@@ -82,13 +82,13 @@ def sample(
         raise CommandError("--n must be at least 1")
     if output_format not in ("png", "npz", "nifti", "dicom"):
         raise CommandError(f"--format {output_format!r}: use png, npz, nifti or dicom")
-    if round_ != "last" and not round_.isdigit():
-        raise CommandError(f"--round {round_!r}: a round number or 'last'")
+    if round_ not in ("last", "best") and not round_.isdigit():
+        raise CommandError(f"--round {round_!r}: a round number, 'last' or 'best'")
     if (out / "manifest.json").exists():
         raise CommandError(f"{out} already holds a sample (manifest.json); choose another --out (nothing is overwritten)")
     run = RunDir(run_dir)
     images, labels, classes, used_round, conditional = sample_images(
-        run, n=n, label=label, round_=None if round_ == "last" else int(round_), seed=seed,
+        run, n=n, label=label, round_=round_, seed=seed,
     )
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = run.checkpoint(used_round)

@@ -10,9 +10,11 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ..client.dp import PrivacyError, check_dp_discriminator
 from ..server.launcher import EngineError, RunOutcome, run_simulation_engine
 from ..server.simulate import hospital_summary, prepare_simulation, resume_config
 from ..shared.config import RunConfig, parse_overrides
+from ..shared.models import build_gan
 from ..shared.rundir import RunDir
 from .common import CommandError, console, setup_logging, user_errors
 
@@ -56,11 +58,24 @@ def simulate(
         if data is None:
             raise CommandError("--data is required (a slice set from `fedsynth prepare`)")
         cfg = RunConfig.from_yaml(config, overrides) if config else RunConfig.from_overrides(overrides)
-        cfg = prepare_simulation(cfg, data, run, hospital_settings=parse_hospital_settings(hospital_set))
+        settings = parse_hospital_settings(hospital_set)
+        if cfg.dp.enabled or any(k.startswith("dp.") for s in settings.values() for k in s):
+            refuse_unsupported_dp(cfg)
+        cfg = prepare_simulation(cfg, data, run, hospital_settings=settings)
         print_hospitals(run)
     outcome_ok = run_with_progress(cfg, run)
     if not outcome_ok:
         raise typer.Exit(1)
+
+
+def refuse_unsupported_dp(cfg: RunConfig) -> None:
+    """Stop before anything starts when DP-SGD cannot train this model's discriminator
+    (the hospitals would refuse it at their first round anyway)."""
+    _, disc = build_gan(cfg.model, image_size=cfg.data.image_size, num_classes=2)
+    try:
+        check_dp_discriminator(disc)
+    except PrivacyError as err:
+        raise CommandError(f"DP with model.name={cfg.model.name}: {err}") from None
 
 
 def parse_hospital_settings(items: list[str]) -> dict[str, dict[str, object]]:
@@ -83,11 +98,11 @@ def parse_hospital_settings(items: list[str]) -> dict[str, dict[str, object]]:
 
 def print_hospitals(run: RunDir) -> None:
     table = Table(title="simulated hospitals", title_justify="left")
-    for column in ("hospital", "train slices", "holdout slices", "train per class"):
+    for column in ("hospital", "train slices", "validation slices", "holdout slices", "train per class"):
         table.add_column(column)
     for name, counts in hospital_summary(run).items():
         per_class = ", ".join(f"{k} {v}" for k, v in counts["train_per_class"].items())
-        table.add_row(name, str(counts["train"]), str(counts["holdout"]), per_class)
+        table.add_row(name, str(counts["train"]), str(counts.get("validation", 0)), str(counts["holdout"]), per_class)
     console.print(table)
 
 
@@ -113,6 +128,11 @@ def _round_line(record: dict, total: int, privacy: list[dict] | None = None) -> 
         parts.append(f"[red]{rejected['hospital']} rejected: {rejected['reason']}[/]")
     for declined in record.get("declined", []):
         parts.append(f"[yellow]{declined['hospital']}{eps(declined['hospital'])} declined: {declined['reason']}[/]")
+    validation = record.get("validation") or {}
+    if "fd" in validation:
+        parts.append(f"validation FD {validation['fd']:.1f}")
+    for failure in validation.get("failures", []):
+        parts.append(f"[yellow]{failure['hospital']} could not score validation: {failure['reason']}[/]")
     line = f"round {record['round']}/{total} ({record.get('seconds', 0):.1f} s): " + " | ".join(parts)
     if spent:
         first = next(iter(spent.values()))
@@ -183,6 +203,10 @@ def run_with_progress(
     real = "; real.png for comparison" if (run.root / "samples" / "real.png").is_file() else ""
     console.print(f"  sample grids  {run.grid(last)}  (one per round{real})")
     console.print(f"  metrics       {run.rounds_path}, {run.curves_path}")
+    best = run.best_round()
+    if best is not None:
+        console.print(f"  best round    {best} by the hospitals' validation score "
+                      f"(fedsynth sample --run {run.root} --round best)")
     if run.privacy_path.is_file():
         console.print(f"  privacy       {run.privacy_path}  (epsilon per hospital per round)")
     if run.client_privacy_path.is_file():

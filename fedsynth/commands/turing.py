@@ -42,7 +42,7 @@ def make_sheet(
     out: Path = typer.Option(Path("turing-test"), "--out", "-o", help="Folder for the expert: sheet.html, sheet.pdf and answers.csv."),
     key: Path = typer.Option(None, "--key", show_default="OUT-key.json beside OUT", help="Answer key (JSON), kept by the organiser; must lie outside --out."),
     seed: int = typer.Option(0, help="Seed of the synthetic draw, the choice of images and the shuffle."),
-    round_: str = typer.Option("last", "--round", help="Round whose generator to use with --run: a number or 'last'."),
+    round_: str = typer.Option("last", "--round", help="Round whose generator to use with --run: a number, 'last', or 'best' (the lowest validation score)."),
 ) -> None:
     """Visual Turing test: can an expert tell real slices from synthetic ones?
 
@@ -56,8 +56,8 @@ def make_sheet(
         raise CommandError("--data is required: the real slice set to draw real images from")
     if (run_dir is None) == (synthetic is None):
         raise CommandError("give one of --run (a run to draw synthetic images from) or --synthetic (a slice set of them)")
-    if round_ != "last" and not round_.isdigit():
-        raise CommandError(f"--round {round_!r}: a round number or 'last'")
+    if round_ not in ("last", "best") and not round_.isdigit():
+        raise CommandError(f"--round {round_!r}: a round number, 'last' or 'best'")
     if n < 1:
         raise CommandError("--n must be at least 1")
     key = key if key is not None else out.parent / f"{out.name}-key.json"
@@ -72,7 +72,7 @@ def make_sheet(
         if classes != real.class_names:
             raise CommandError(f"{data}: classes {real.class_names} differ from the run's {classes}")
         syn_images, labels, _, used_round, conditional = sample_images(
-            run, n=n, label=None, round_=None if round_ == "last" else int(round_), seed=seed)
+            run, n=n, label=None, round_=round_, seed=seed)
         syn_labels = labels if conditional else None
         provenance |= {"run": str(run.root), "round": used_round,
                        "checkpoint_sha256": file_sha256(run.checkpoint(used_round)), "synthetic_seed": seed}

@@ -163,7 +163,9 @@ def record_client_privacy(run: RunDir, cfg: RunConfig, round_: int, report: Any)
 
 
 def plot_curves(run: RunDir) -> None:
-    """``curves.png``: discriminator and generator loss per hospital over rounds."""
+    """``curves.png``: discriminator and generator loss per hospital over rounds; the
+    validation Fréchet distance per hospital and overall, with the best round marked,
+    when the hospitals score one; epsilon spent per hospital for DP runs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -172,31 +174,53 @@ def plot_curves(run: RunDir) -> None:
 
     rounds = run.read_rounds()
     series: dict[str, dict[str, list[tuple[int, float]]]] = {}
+
+    def add(key: str, name: str, round_: int, value: Any) -> None:
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            series.setdefault(key, {}).setdefault(name, []).append((round_, float(value)))
+
     for record in rounds:
         for name, metrics in record.get("hospitals", {}).items():
             for key in ("d-loss", "g-loss"):
-                value = metrics.get(key)
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    series.setdefault(key, {}).setdefault(name, []).append((record["round"], value))
-    if not series:
+                add(key, name, record["round"], metrics.get(key))
+        validation = record.get("validation") or {}
+        for name, score in validation.get("hospitals", {}).items():
+            add("val-fd", name, record["round"], score.get("fd"))
+        add("val-fd", "all (weighted)", record["round"], validation.get("fd"))
+    for row in run.read_privacy():
+        add("epsilon", str(row.get("hospital")), int(row.get("round", 0)), row.get("epsilon_rdp"))
+    if not series.get("g-loss"):
         return
-    # One colour per hospital in both panels (a DP hospital has no D loss to show).
-    names = sorted({name for per_key in series.values() for name in per_key})
+    panels = [("d-loss", "discriminator loss"), ("g-loss", "generator loss")]
+    if series.get("val-fd"):
+        panels.append(("val-fd", "validation FD (pixels; lower is better)"))
+    if series.get("epsilon"):
+        panels.append(("epsilon", "epsilon spent (RDP)"))
+    # One colour per hospital in every panel (a DP hospital has no D loss to show).
+    names = sorted({name for per_key in series.values() for name in per_key} - {"all (weighted)"})
     colours = {name: f"C{i % 10}" for i, name in enumerate(names)}
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), constrained_layout=True)
-    for ax, key, title in zip(axes, ("d-loss", "g-loss"), ("discriminator loss", "generator loss"), strict=True):
+    colours["all (weighted)"] = "black"
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), constrained_layout=True)
+    for ax, (key, title) in zip(axes, panels, strict=True):
         for name, points in sorted(series.get(key, {}).items()):
             xs, ys = zip(*points, strict=True)
-            ax.plot(xs, ys, marker="o", label=name, color=colours[name])
+            ax.plot(xs, ys, marker="o", label=name, color=colours[name],
+                    linewidth=2.2 if name == "all (weighted)" else 1.2)
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(title)
+        ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
+        if key != "d-loss" and series.get(key):
+            ax.legend(fontsize=7)
+    best = run.best_round()
+    if best is not None and "val-fd" in series:
+        ax = axes[[k for k, _ in panels].index("val-fd")]
+        ax.axvline(best, color="0.4", linestyle="--", linewidth=1)
+        ax.text(best, ax.get_ylim()[0], f" best: round {best}", fontsize=8, va="bottom", color="0.3")
     withheld = sorted(set(series.get("g-loss", {})) - set(series.get("d-loss", {})))
     if withheld:
         axes[0].text(0.02, 0.02, f"withheld under DP: {', '.join(withheld)}", transform=axes[0].transAxes,
                      fontsize=8, color="0.35")
-    axes[1].legend(fontsize=8)
     tmp = run.curves_path.with_name(".curves.tmp.png")
     fig.savefig(tmp, dpi=100)
     plt.close(fig)

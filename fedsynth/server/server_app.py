@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
+from typing import Any
 
-from flwr.app import ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from ..shared.config import RunConfig
-from ..shared.records import pack_model, unpack_model
+from ..shared.records import HOSPITAL, METRICS, pack_model, unpack_model
 from ..shared.rundir import RunDir
 from ..shared.weights import DISCRIMINATOR, GENERATOR, load_weights
 from .bookkeeping import (
@@ -102,7 +104,7 @@ def _federate(grid: Grid, cfg: RunConfig, run: RunDir) -> str | None:
         client_dp=client_dp,
         server_step=(cfg.federation.server_momentum, cfg.federation.server_lr, trainable),
         fraction_train=cfg.federation.fraction_train,
-        fraction_evaluate=0.0,
+        fraction_evaluate=1.0,  # every hospital scores the new global generator on its validation slices
         min_train_nodes=cfg.federation.min_hospitals,
         min_available_nodes=cfg.federation.min_hospitals,
     )
@@ -130,10 +132,11 @@ def _federate(grid: Grid, cfg: RunConfig, run: RunDir) -> str | None:
             recompute_batchnorm(gen, len(cfg.data.classes), seed=cfg.train.seed + round_)
             arrays = pack_model(gen, disc)
             record_client_privacy(run, cfg, round_, report)
+        validation = _validate(strategy, round_, arrays, grid, cfg, run)
         record_round(
             run, cfg, round_, gen, disc,
             report={"hospitals": report.hospitals, "failures": report.failures, "rejected": report.rejected,
-                    "declined": report.declined},
+                    "declined": report.declined, "validation": validation},
             seconds=time.perf_counter() - began,
         )
         if report.declined and cfg.dp.on_budget_exhausted == "stop":
@@ -144,6 +147,39 @@ def _federate(grid: Grid, cfg: RunConfig, run: RunDir) -> str | None:
             return (f"round {round_}: federation.time-budget of {cfg.federation.time_budget:g} s spent "
                     f"({spent:.0f} s)")
     return None
+
+
+def _validate(strategy: GeneratorFedAvg, round_: int, arrays: ArrayRecord, grid: Grid, cfg: RunConfig,
+              run: RunDir) -> dict[str, Any]:
+    """Every hospital scores the new global generator on its own validation slices
+    (patients it never trains on); only the score comes back. The round's score is the
+    hospitals' Fréchet distances averaged with their validation slice counts as weights;
+    `fedsynth sample --round best` takes the round with the lowest. A hospital that
+    fails to score is listed, and never stops the run."""
+    messages = list(strategy.configure_evaluate(round_, arrays, ConfigRecord(), grid))
+    names = run.node_names()
+    scores: dict[str, dict[str, float]] = {}
+    failures: list[dict[str, Any]] = []
+    for reply in grid.send_and_receive(messages, timeout=cfg.federation.round_timeout):
+        node = int(reply.metadata.src_node_id)
+        if reply.has_error():
+            failures.append({"node": node, "hospital": names.get(node, f"node-{node}"),
+                             "reason": str(reply.error.reason).splitlines()[0] if reply.error.reason else "error"})
+            continue
+        metrics = reply.content[METRICS] if METRICS in reply.content.metric_records else {}
+        info = reply.content[HOSPITAL] if HOSPITAL in reply.content.config_records else {}
+        name = names.get(node) or str(info.get("name", f"node-{node}"))
+        n = int(metrics.get("val-n", 0))
+        fd = metrics.get("val-fd")
+        if n > 0 and fd is not None and math.isfinite(float(fd)):
+            scores[name] = {"fd": float(fd), "n": n}
+    out: dict[str, Any] = {"hospitals": scores}
+    if scores:
+        total = sum(v["n"] for v in scores.values())
+        out["fd"] = sum(v["fd"] * v["n"] for v in scores.values()) / total
+    if failures:
+        out["failures"] = failures
+    return out
 
 
 def _describe_failure(report: RoundReport, needed: int) -> str:

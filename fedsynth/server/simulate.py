@@ -14,7 +14,7 @@ from ..shared.config import ConfigError, RunConfig
 from ..shared.partition import partition
 from ..shared.rundir import HOSPITALS_MANIFEST, RunDir, RunDirError, collect_manifest
 from ..shared.sampling import save_grid
-from ..shared.sliceset import TRAIN, SliceSet
+from ..shared.sliceset import HOLDOUT, TRAIN, VALIDATION, SliceSet, with_validation
 
 __all__ = ["hospital_summary", "prepare_simulation", "resume_config", "write_real_grid"]
 
@@ -45,6 +45,10 @@ def prepare_simulation(
     classes = ",".join(slices.class_names)
     if cfg.data.class_names and cfg.data.class_names != classes:
         raise ConfigError(f"data.class-names {cfg.data.class_names!r} differs from {data_path}'s classes {classes!r}")
+    # Patients kept out of training to score each round's generator (checkpoint choice),
+    # drawn before partitioning so every hospital holds some; a slice set with its own
+    # validation split (`fedsynth prepare --validation`) keeps it.
+    slices = with_validation(slices, cfg.simulation.validation, seed=cfg.train.seed)
     parts = partition(slices, cfg.simulation.partition, cfg.simulation.hospitals, seed=cfg.train.seed)
     overrides = {
         "data.image-size": slices.image_size,
@@ -70,7 +74,8 @@ def prepare_simulation(
             (run.hospitals_dir / name / "hospital.yaml").write_text(yaml.safe_dump(hospital_settings[name]))
         counts[name] = {
             "train": int((part.split == TRAIN).sum()),
-            "holdout": int((part.split != TRAIN).sum()),
+            "validation": int((part.split == VALIDATION).sum()),
+            "holdout": int((part.split == HOLDOUT).sum()),
             "train_per_class": part.only(TRAIN).class_counts(),
         }
     run.write_json(run.hospitals_dir / HOSPITALS_MANIFEST, {

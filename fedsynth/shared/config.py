@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
     "ConfigError",
@@ -16,6 +16,7 @@ __all__ = [
     "FederationConfig",
     "ModelConfig",
     "OutputConfig",
+    "PRESETS",
     "RunConfig",
     "SimulationConfig",
     "TrainConfig",
@@ -29,6 +30,22 @@ class ConfigError(ValueError):
 
 # DiffAugment transformations (fedsynth/client/augment.py), by name.
 AUGMENTATIONS = ("color", "translation", "cutout")
+
+
+# Named recipes: `model.name: PRESET` expands to these keys (explicit keys win).
+PRESETS: dict[str, dict[str, Any]] = {
+    # Seed 003 (MedScanGAN): residual blocks, spectral normalisation, WGAN-GP (lambda 10),
+    # two-time-scale learning rates G 1e-4 / D 4e-4, a 256-d latent, an auxiliary-classifier
+    # critic, 5 critic steps per generator step. The paper gives no Adam betas; (0, 0.9) are
+    # Gulrajani et al.'s for WGAN-GP. It used no differentiable augmentation.
+    "medscangan": {
+        "model.name": "wgan-gp", "model.spectral-norm": True, "model.residual": True,
+        "model.latent-dim": 256, "model.conditioning": "ac",
+        "train.loss": "wgan-gp", "train.n-critic": 5, "train.gp-weight": 10.0,
+        "train.lr-g": 1e-4, "train.lr-d": 4e-4, "train.beta1": 0.0, "train.beta2": 0.9,
+        "train.augment": "none", "train.diversity-weight": 0.0,
+    },
+}
 
 
 def _kebab(name: str) -> str:
@@ -49,7 +66,9 @@ class DataConfig(_Section):
     """What the generator produces. Filled from the slice set in simulation; set by
     the coordinator in a deployment, where the server never sees data."""
 
-    image_size: Literal[32, 64, 128] = Field(64, description="slice side in pixels")
+    image_size: Literal[32, 64, 128, 256] = Field(
+        64, description="slice side in pixels (256: on a GPU in practice; CPU runs, slowly)"
+    )
     class_names: str = Field(
         "", description="comma-separated class names, in label order"
     )
@@ -62,8 +81,8 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     """Which GAN family and how large."""
 
-    name: Literal["cdcgan", "vanilla-gan"] = Field(
-        "cdcgan", description="model family (see `fedsynth models`)"
+    name: Literal["cdcgan", "vanilla-gan", "wgan-gp"] = Field(
+        "cdcgan", description="model family (see `fedsynth models`); medscangan is a preset of wgan-gp"
     )
     latent_dim: int = Field(64, ge=1, le=1024, description="noise vector length")
     width: int = Field(32, ge=4, le=512, description="base channel count")
@@ -72,6 +91,11 @@ class ModelConfig(_Section):
         description="class conditioning of the discriminator: projection head, "
         "auxiliary classifier, or none (unconditional)",
     )
+    spectral_norm: bool = Field(
+        True, description="wgan-gp: spectral normalisation on the critic's layers (not under DP: Opacus "
+        "has no per-sample gradient through it)",
+    )
+    residual: bool = Field(True, description="wgan-gp: residual blocks in generator and critic")
 
 
 class TrainConfig(_Section):
@@ -88,9 +112,16 @@ class TrainConfig(_Section):
     lr_d: float = Field(2e-4, gt=0, description="discriminator learning rate (Adam)")
     beta1: float = Field(0.5, ge=0, lt=1)
     beta2: float = Field(0.999, ge=0, lt=1)
-    loss: Literal["hinge", "bce"] = Field(
-        "hinge", description="adversarial loss: hinge or non-saturating BCE"
+    loss: Literal["auto", "hinge", "bce", "wgan-gp"] = Field(
+        "auto", description="adversarial loss: hinge, non-saturating BCE, or Wasserstein with gradient "
+        "penalty (auto: wgan-gp for the wgan-gp family, hinge for the others)"
     )
+    n_critic: int = Field(
+        0, ge=0, le=20,
+        description="discriminator (critic) steps per generator step (0: 5 for the wgan-gp loss, else 1); "
+        "train.local-steps counts generator steps",
+    )
+    gp_weight: float = Field(10.0, ge=0, description="wgan-gp: gradient penalty weight lambda")
     augment: str = Field(
         "translation,cutout",
         description="DiffAugment policy applied to every image the discriminator sees, real and "
@@ -108,6 +139,21 @@ class TrainConfig(_Section):
     threads: int = Field(0, ge=0, description="torch CPU threads (0: torch default)")
     seed: int = Field(0, ge=0, description="base seed; each hospital and round derive theirs")
 
+
+    @property
+    def critic_steps_per_step(self) -> int:
+        """Discriminator updates per generator update."""
+        return self.n_critic or (5 if self.loss == "wgan-gp" else 1)
+
+    @property
+    def objective(self) -> str:
+        """The loss actually trained (``auto`` outside a RunConfig means hinge)."""
+        return "hinge" if self.loss == "auto" else self.loss
+
+    @property
+    def critic_steps(self) -> int:
+        """Discriminator updates per local round: under DP, the steps charged to the ledger."""
+        return self.local_steps * self.critic_steps_per_step
 
     @field_validator("augment")
     @classmethod
@@ -213,6 +259,11 @@ class SimulationConfig(_Section):
         "more than that shares the cores)",
     )
     client_gpus: float = Field(0.0, ge=0, description="GPU share per simulated hospital")
+    validation: float = Field(
+        0.1, ge=0, lt=1,
+        description="share of the training patients kept out of training to score every round's generator "
+        "(fedsynth sample --round best), when the slice set has no validation split of its own (0: none)",
+    )
 
     @field_validator("partition")
     @classmethod
@@ -239,6 +290,33 @@ class RunConfig(_Section):
     dp: DPConfig = Field(default_factory=DPConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     simulation: SimulationConfig = Field(default_factory=SimulationConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_presets(cls, raw: Any) -> Any:
+        """``model.name: medscangan`` is seed 003's recipe on the wgan-gp family; keys the
+        user gives explicitly win over the preset's."""
+        if not isinstance(raw, dict):
+            return raw
+        model = raw.get("model")
+        if not isinstance(model, dict) or model.get("name") not in PRESETS:
+            return raw
+        raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+        preset = PRESETS[raw["model"].pop("name")]
+        for dotted, value in preset.items():
+            section, key = dotted.split(".")
+            node = raw.setdefault(section, {})
+            if not isinstance(node, dict):
+                continue  # reported by validation
+            if key not in node and key.replace("-", "_") not in node:
+                node[key] = value
+        return raw
+
+    @model_validator(mode="after")
+    def _resolve_loss(self) -> RunConfig:
+        if self.train.loss == "auto":
+            self.train.loss = "wgan-gp" if self.model.name == "wgan-gp" else "hinge"
+        return self
 
     # --- construction -------------------------------------------------------------
     @classmethod

@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .neighbours import nearest
 from .rundir import write_text_atomic
-from .sliceset import HOLDOUT, TRAIN, SliceSet, assign_split_by_patient
+from .sliceset import HOLDOUT, TRAIN, VALIDATION, SliceSet, assign_split_by_patient
 
 __all__ = [
     "NEAR_DUPLICATE_RMS",
@@ -93,8 +93,11 @@ class DataCard:
         self.images_per_class = slices.class_counts()
         self.patient_ids_known = slices.patient_ids_known
         self.privacy_unit = slices.privacy_unit
-        for name in (TRAIN, HOLDOUT):
+        self.split = {}
+        for name in (TRAIN, VALIDATION, HOLDOUT):
             part = slices.only(name)
+            if name == VALIDATION and not len(part):
+                continue
             self.split[name] = {
                 "slices": len(part),
                 "patients": int(len(np.unique(part.patient_ids))),

@@ -102,19 +102,38 @@ class RunDir:
         rounds = self.checkpoint_rounds()
         return rounds[-1] if rounds else None
 
-    def resolve_round(self, round_: int | None) -> int:
-        """``None`` means the last checkpointed round.
+    def best_round(self) -> int | None:
+        """The round whose global generator scored the lowest validation Fréchet distance
+        (``validation.fd`` in ``rounds.jsonl``) among rounds with a checkpoint, or None."""
+        have = set(self.checkpoint_rounds())
+        scored = [(r["validation"]["fd"], r["round"]) for r in self.read_rounds()
+                  if r.get("round") in have and isinstance(r.get("validation"), dict) and "fd" in r["validation"]]
+        return min(scored)[1] if scored else None
+
+    def resolve_round(self, round_: int | str | None) -> int:
+        """A round number, ``"last"`` (or None: the last checkpointed round) or ``"best"``
+        (the best validation score).
 
         Raises
         ------
         RunDirError
-            No checkpoint, or not for that round.
+            No checkpoint, not for that round, or no validation scores for ``best``.
         """
         rounds = self.checkpoint_rounds()
         if not rounds:
             raise RunDirError(f"{self.root}: no checkpoints (is this a fedsynth run directory?)")
-        if round_ is None:
+        if round_ is None or round_ == "last":
             return rounds[-1]
+        if round_ == "best":
+            best = self.best_round()
+            if best is None:
+                raise RunDirError(f"{self.root}: no round has a validation score (the hospitals hold no validation "
+                                  "slices: prepare with --validation, or simulate with simulation.validation > 0)")
+            return best
+        if isinstance(round_, str):
+            if not round_.isdigit():
+                raise RunDirError(f"round {round_!r}: a round number, 'last' or 'best'")
+            round_ = int(round_)
         if round_ not in rounds:
             raise RunDirError(
                 f"{self.root}: no checkpoint for round {round_} (have {rounds[0]}..{rounds[-1]})"

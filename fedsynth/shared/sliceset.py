@@ -17,14 +17,16 @@ __all__ = [
     "SPLITS",
     "SYNTHETIC",
     "TRAIN",
+    "VALIDATION",
     "SliceSet",
     "SliceSetError",
     "assign_split_by_patient",
+    "with_validation",
 ]
 
 FORMAT_VERSION = 1
-TRAIN, HOLDOUT, SYNTHETIC = "train", "holdout", "synthetic"
-SPLITS = (TRAIN, HOLDOUT, SYNTHETIC)
+TRAIN, VALIDATION, HOLDOUT, SYNTHETIC = "train", "validation", "holdout", "synthetic"
+SPLITS = (TRAIN, VALIDATION, HOLDOUT, SYNTHETIC)
 
 _REQUIRED = ("images", "labels", "class_names", "patient_ids", "split", "source", "meta")
 
@@ -43,7 +45,8 @@ class SliceSet:
     labels : (N,) int64 array of indices into ``class_names``.
     class_names : class names in label order.
     patient_ids : (N,) str array; one id per image where patients are unknown.
-    split : (N,) str array of ``train``, ``holdout`` or ``synthetic``.
+    split : (N,) str array of ``train``, ``validation`` (patients kept out of training to
+        choose a checkpoint), ``holdout`` (patients kept for the audit) or ``synthetic``.
     source : (N,) str array, the file (and slice) each image came from.
     site : (N,) str array or None, the acquiring site when known.
     meta : free-form provenance (preprocessing, whether patient ids are real, ...).
@@ -205,14 +208,30 @@ def _problems(s: SliceSet) -> list[str]:
 
 
 def _split_leaks(patient_ids: np.ndarray, split: np.ndarray) -> list[str]:
-    """A patient must sit wholly in train or wholly in holdout."""
-    train_patients = set(patient_ids[split == TRAIN].tolist())
-    holdout_patients = set(patient_ids[split == HOLDOUT].tolist())
-    both = sorted(train_patients & holdout_patients)
-    if both:
-        shown = ", ".join(both[:3]) + (" ..." if len(both) > 3 else "")
-        return [f"{len(both)} patient(s) appear in both train and holdout ({shown})"]
-    return []
+    """A patient must sit wholly in one of train, validation and holdout."""
+    problems = []
+    for a, b in ((TRAIN, HOLDOUT), (TRAIN, VALIDATION), (VALIDATION, HOLDOUT)):
+        both = sorted(set(patient_ids[split == a].tolist()) & set(patient_ids[split == b].tolist()))
+        if both:
+            shown = ", ".join(both[:3]) + (" ..." if len(both) > 3 else "")
+            problems.append(f"{len(both)} patient(s) appear in both {a} and {b} ({shown})")
+    return problems
+
+
+def with_validation(slices: SliceSet, fraction: float, *, seed: int = 0) -> SliceSet:
+    """Move ``fraction`` of the training patients (stratified by class, whole patients) to
+    a ``validation`` split, used to choose a checkpoint without touching the holdout.
+    A slice set that already has validation slices, or ``fraction`` 0, is returned as is."""
+    if fraction <= 0 or (slices.split == VALIDATION).any():
+        return slices
+    train = slices.split == TRAIN
+    if not train.any():
+        return slices
+    drawn = assign_split_by_patient(slices.patient_ids[train], slices.labels[train],
+                                    holdout_fraction=fraction, seed=seed)
+    split = slices.split.astype("<U10").copy()
+    split[np.flatnonzero(train)[drawn == HOLDOUT]] = VALIDATION
+    return replace(slices, split=split)
 
 
 def assign_split_by_patient(

@@ -10,6 +10,7 @@ from torch import nn
 from ..config import ModelConfig
 from .dcgan import ConditionalGenerator, DiscriminatorOutput, ProjectionDiscriminator
 from .vanilla import VanillaDiscriminator, VanillaGenerator
+from .wgan import ResidualCritic, ResidualGenerator, gradient_penalty
 
 __all__ = [
     "MODEL_FAMILIES",
@@ -17,6 +18,7 @@ __all__ = [
     "ModelFamily",
     "build_gan",
     "count_parameters",
+    "gradient_penalty",
 ]
 
 
@@ -29,6 +31,7 @@ class ModelFamily:
     sizes: tuple[int, ...]
     conditional: bool
     build: Callable[[ModelConfig, int, int], tuple[nn.Module, nn.Module]]
+    dp: str  # what DP-SGD on the discriminator supports, in a phrase
 
 
 def _cdcgan(cfg: ModelConfig, image_size: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
@@ -50,16 +53,36 @@ def _vanilla(cfg: ModelConfig, image_size: int, num_classes: int) -> tuple[nn.Mo
     )
 
 
+def _wgan(cfg: ModelConfig, image_size: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
+    conditional = cfg.conditioning != "none"
+    gen = ResidualGenerator(
+        image_size=image_size, num_classes=num_classes, latent_dim=cfg.latent_dim, width=cfg.width,
+        conditional=conditional, residual=cfg.residual,
+    )
+    critic = ResidualCritic(
+        image_size=image_size, num_classes=num_classes, width=cfg.width, head=cfg.conditioning,
+        residual=cfg.residual, spectral_norm=cfg.spectral_norm,
+    )
+    return gen, critic
+
+
 MODEL_FAMILIES: dict[str, ModelFamily] = {
     "cdcgan": ModelFamily(
         "cdcgan",
         "conditional DCGAN; GroupNorm discriminator with projection or auxiliary-classifier head",
-        (32, 64, 128), True, _cdcgan,
+        (32, 64, 128, 256), True, _cdcgan, "yes",
     ),
     "vanilla-gan": ModelFamily(
         "vanilla-gan",
         "seed 001's fully-connected GAN (unconditional baseline)",
-        (32, 64, 128), False, _vanilla,
+        (32, 64, 128, 256), False, _vanilla, "yes",
+    ),
+    "wgan-gp": ModelFamily(
+        "wgan-gp",
+        "seed 003's family: residual generator (upsample+conv) and residual critic with spectral norm, "
+        "Wasserstein loss + gradient penalty, n-critic steps; preset medscangan",
+        (32, 64, 128, 256), True, _wgan,
+        "without spectral norm (penalty on generated images)",
     ),
 }
 

@@ -17,7 +17,7 @@ from torch import nn
 
 __all__ = ["ConditionalGenerator", "DiscriminatorOutput", "ProjectionDiscriminator"]
 
-SUPPORTED_SIZES = (32, 64, 128)
+SUPPORTED_SIZES = (32, 64, 128, 256)
 
 
 class DiscriminatorOutput(NamedTuple):
