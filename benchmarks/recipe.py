@@ -123,7 +123,7 @@ def train(cfg: RecipeConfig, arms: list[Arm], work: Path, progress) -> dict[str,
         if arm.rounds_from:
             rounds = int(done[arm.rounds_from]["rounds"])
         steps = cfg.central_steps if arm.hospitals == 1 else cfg.federated_steps
-        progress(f"recipe: arm {i}/{len(arms)}: {arm.name} ({cfg.budget:g} s, {steps} steps per round)")
+        progress(f"arm {i}/{len(arms)}: {arm.name} ({cfg.budget:g} s, {steps} steps per round)")
         timing = work / "logs" / f"train-{arm.name}.seconds"
         if not (_status(out).get("state") == "finished" and timing.exists()):
             shutil.rmtree(out, ignore_errors=True)
@@ -165,7 +165,10 @@ def _lowdata_indices(train_labels: np.ndarray, fraction: float, seed: int) -> np
     return np.sort(np.concatenate(keep))
 
 
-def evaluate(cfg: RecipeConfig, data: Path, runs: dict[str, dict[str, Any]], progress) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+def evaluate(cfg: RecipeConfig, data: Path, runs: dict[str, dict[str, Any]], progress,  # type: ignore[no-untyped-def]
+             utility_arms: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Fidelity of every arm, and low-data utility for ``utility_arms`` (default: the
+    headline and DP arms)."""
     from fedsynth.audit.features import AutoencoderSpace, PixelSpace
     from fedsynth.audit.fidelity import frechet_distance, kernel_inception_distance, precision_recall_density_coverage
     from fedsynth.audit.memorization import closer_to_train_share, measure_distances, near_copies
@@ -177,7 +180,7 @@ def evaluate(cfg: RecipeConfig, data: Path, runs: dict[str, dict[str, Any]], pro
     slices = SliceSet.load(data)
     train, holdout = slices.only("train"), slices.only("holdout")
     proportions = np.bincount(train.labels, minlength=len(train.class_names)).astype(float)
-    progress("recipe: fitting the shared feature spaces on all real slices")
+    progress("fitting the shared feature spaces on all real slices")
     real = np.concatenate([train.images, holdout.images])
     spaces = {"encoder": AutoencoderSpace(steps=cfg.encoder_steps, seed=cfg.seed, threads=cfg.threads).fit(real),
               "pixels": PixelSpace(components=64, seed=cfg.seed).fit(real)}
@@ -204,7 +207,7 @@ def evaluate(cfg: RecipeConfig, data: Path, runs: dict[str, dict[str, Any]], pro
     utility: dict[str, Any] = {"fraction": cfg.lowdata_fraction, "train_slices": len(low), "seeds": cfg.lowdata_seeds,
                                "steps": cfg.lowdata_steps, "holdout_size": len(holdout), "arms": {}}
     for arm, info in runs.items():
-        progress(f"recipe: measuring {arm}")
+        progress(f"measuring {arm}")
         images, labels = draw(info["run"], cfg.n_synthetic, proportions, cfg.seed)
         row = measure(images)
         d = measure_distances("encoder", spaces["encoder"].transform, synthetic=images, train=train.images,
@@ -218,8 +221,8 @@ def evaluate(cfg: RecipeConfig, data: Path, runs: dict[str, dict[str, Any]], pro
                     "near_copy_null_rate": copies["null_rate"], "near_copy_p": copies["p_value"],
                     "exact_copies": copies["exact_copies"]})
         out["arms"][arm] = row
-        if arm in UTILITY_ARMS or "-dp-" in arm:
-            progress(f"recipe: low-data classifiers with {arm}'s images ({cfg.lowdata_seeds} seeds)")
+        if (arm in utility_arms) if utility_arms is not None else (arm in UTILITY_ARMS or "-dp-" in arm):
+            progress(f"low-data classifiers with {arm}'s images ({cfg.lowdata_seeds} seeds)")
             n = max(len(low), 400)
             images, labels = draw(info["run"], n, np.ones(len(train.class_names)), cfg.seed + 1)
             study = utility_study(train.images[low], train.labels[low], holdout.images, holdout.labels, images,

@@ -51,3 +51,35 @@ def test_unknown_family_or_size_is_refused() -> None:
         build_gan(ModelConfig.model_construct(name="stylegan9"), image_size=32, num_classes=2)
     with pytest.raises(ValueError, match="48"):
         build_gan(ModelConfig(), image_size=48, num_classes=2)
+
+
+# The configuration under which each family may train with DP-SGD (what `fedsynth models` says).
+DP_READY = {"cdcgan": {}, "vanilla-gan": {}, "wgan-gp": {"spectral_norm": False}, "stylegan2-lite": {"mbstd_group": 0}}
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_FAMILIES))
+def test_each_family_in_its_dp_configuration_gets_clipped_per_slice_gradients(name: str) -> None:
+    from fedsynth.client.dp import PerSampleClipper, check_dp_discriminator
+
+    _, disc = build_gan(ModelConfig(name=name, width=8, **DP_READY[name]), image_size=32, num_classes=2)
+    check_dp_discriminator(disc)
+    clipper = PerSampleClipper(disc, max_grad_norm=1.0)
+    x = torch.randn(4, 1, 32, 32, requires_grad=True)
+    out = clipper(x, torch.tensor([0, 1, 0, 1]))
+    clipper.backward_real(out.adv, x)
+    summed = clipper.clipped_sum()
+    assert set(summed) == {p for p in disc.parameters() if p.requires_grad}
+    total = torch.sqrt(sum(g.pow(2).sum() for g in summed.values()))
+    assert total <= 4 * 1.0 + 1e-4, "a sum of 4 slices' gradients, each clipped to 1"
+
+
+def test_models_command_lists_every_family_and_preset_with_its_dp_support() -> None:
+    from typer.testing import CliRunner
+
+    from fedsynth.cli import app
+
+    result = CliRunner().invoke(app, ["models", "--size", "32"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    for name in (*MODEL_FAMILIES, "medscangan (preset)"):
+        assert name in result.output
+    assert "without spectral norm" in result.output and "no (spectral norm)" in result.output

@@ -217,14 +217,28 @@ class PrivacyState:
         os.replace(tmp, path)
 
 
-def check_dp_discriminator(disc: nn.Module) -> None:
-    """Refuse, before any training, a discriminator Opacus cannot make private.
+def check_dp_discriminator(disc: nn.Module, train: TrainConfig | None = None) -> None:
+    """Refuse, before any training, a discriminator Opacus cannot make private, or a
+    regulariser (``train``) that reads real images outside the per-sample clip.
 
     Raises
     ------
     PrivacyError
-        Naming each offending layer (BatchNorm, in-place activations, ...).
+        Naming each offending layer (BatchNorm, spectral norm, minibatch std, in-place
+        activations, ...) or setting.
     """
+    mixing = sorted(name for name, m in disc.named_modules() if getattr(m, "mixes_samples", False))
+    if mixing:
+        raise PrivacyError(
+            f"the discriminator cannot be trained with DP-SGD: {', '.join(mixing)} (minibatch standard deviation) "
+            "makes each image's output depend on the other real images in its batch, so no per-sample gradient "
+            "exists to clip; set model.mbstd-group=0"
+        )
+    if train is not None and getattr(disc, "wants_r1", False) and train.r1_gamma > 0:
+        raise PrivacyError(
+            "R1 differentiates the discriminator at each real image, a second-order per-sample gradient that "
+            "DP-SGD's clipping does not bound (it would leak unaccounted); set train.r1-gamma=0"
+        )
     reparametrised = sorted({name.rsplit(".parametrizations", 1)[0] for name, _ in disc.named_modules()
                              if name.endswith(".parametrizations")})
     if reparametrised:

@@ -183,7 +183,7 @@ def run_local_round(
     state = _LocalState(site.state_dir)
     privacy = plan = None
     if cfg.dp.enabled:
-        check_dp_discriminator(disc)
+        check_dp_discriminator(disc, cfg.train)
         with PrivacyState.lock(site.ledger_path):
             privacy = PrivacyState.load(site.ledger_path)
             try:

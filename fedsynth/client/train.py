@@ -25,6 +25,7 @@ __all__ = [
     "generator_step",
     "make_optimizers",
     "mode_seeking_loss",
+    "r1_penalty",
     "train_round",
 ]
 
@@ -141,7 +142,17 @@ def generator_step(
         total = loss + cfg.diversity_weight * mode_seeking_loss(fake, z)
     total.backward()
     opt_g.step()
+    if hasattr(gen, "update_ema"):  # stylegan2-lite keeps an EMA of its weights for sampling
+        gen.update_ema()
     return loss.detach()
+
+
+def r1_penalty(disc: nn.Module, real: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mescheder et al.'s R1: E ||grad_x D(x)||^2 at real images, differentiable in D's
+    weights (the caller scales it by gamma / 2 and, lazily applied, by the interval)."""
+    x = real.detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(disc(x, labels).adv.sum(), x, create_graph=True)
+    return grad.pow(2).flatten(1).sum(1).mean()
 
 
 def make_optimizers(gen: nn.Module, disc: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Adam, torch.optim.Adam]:
@@ -190,8 +201,11 @@ def train_round(
     d_losses, g_losses, d_real, d_fake = [], [], [], []
     start = time.perf_counter()
     latent = gen.latent_dim
+    r1 = cfg.r1_gamma if getattr(disc, "wants_r1", False) else 0.0
+    d_step = 0
     for _ in range(cfg.local_steps):
         for _ in range(cfg.critic_steps_per_step):
+            d_step += 1
             real, labels = batches.next()
             n = len(real)
             # --- discriminator ---
@@ -207,6 +221,8 @@ def train_round(
             if cfg.objective == "wgan-gp" and cfg.gp_weight > 0:
                 loss_d = loss_d + cfg.gp_weight * gradient_penalty(disc, real_aug, fake_aug, labels,
                                                                    generator=generator)
+            if r1 > 0 and d_step % cfg.r1_interval == 0:
+                loss_d = loss_d + r1_penalty(disc, real_aug, labels) * (r1 / 2 * cfg.r1_interval)
             loss_d.backward()
             opt_d.step()
         # --- generator (discriminator frozen: no weight gradients needed) ---

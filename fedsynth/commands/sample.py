@@ -20,7 +20,8 @@ from .common import CommandError, console, user_errors
 __all__ = ["load_synthetic", "sample", "sample_images"]
 
 
-def sample_images(run: RunDir, *, n: int, label: str | None, round_: int | str | None, seed: int) -> tuple[np.ndarray, np.ndarray, list[str], int, bool]:
+def sample_images(run: RunDir, *, n: int, label: str | None, round_: int | str | None, seed: int,
+                  truncation: float = 1.0) -> tuple[np.ndarray, np.ndarray, list[str], int, bool]:
     """Draw ``n`` images from a run's generator.
 
     Returns (images, labels, class names, round used, conditional). Without a label,
@@ -29,7 +30,8 @@ def sample_images(run: RunDir, *, n: int, label: str | None, round_: int | str |
     Raises
     ------
     CommandError
-        Unknown label, or a label asked of an unconditional model.
+        Unknown label, a label asked of an unconditional model, or truncation asked of
+        a model without it.
     """
     cfg = run.load_config()
     round_ = run.resolve_round(round_)
@@ -38,6 +40,8 @@ def sample_images(run: RunDir, *, n: int, label: str | None, round_: int | str |
     tensors, _ = load_checkpoint(run.checkpoint(round_))
     load_weights(gen, split_model(tensors)[0])
     conditional = bool(getattr(gen, "conditional", False))
+    if truncation != 1.0 and not getattr(gen, "supports_truncation", False):
+        raise CommandError(f"--truncation: model {cfg.model.name!r} has no truncation trick (stylegan2-lite has)")
     if label is not None:
         if label not in classes:
             raise CommandError(f"--label {label!r}: not a class of this run (classes: {', '.join(classes)})")
@@ -46,7 +50,7 @@ def sample_images(run: RunDir, *, n: int, label: str | None, round_: int | str |
         labels = np.full(n, classes.index(label))
     else:
         labels = np.arange(n) % len(classes)
-    return generate(gen, labels, seed=seed), labels, classes, round_, conditional
+    return generate(gen, labels, seed=seed, truncation=truncation), labels, classes, round_, conditional
 
 
 def load_synthetic(path: Path, class_names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray | None, dict[str, str]]:
@@ -76,6 +80,9 @@ def sample(
     out: Path = typer.Option(..., "--out", "-o", help="Output folder."),
     output_format: str = typer.Option("png", "--format", help="png (one file per slice plus grid.png), npz (a slice set marked synthetic), nifti (synthetic.nii.gz, one slice per axial position) or dicom (dicom/, a Secondary Capture series whose headers say SYNTHETIC)."),
     seed: int = typer.Option(0, help="Seed of the noise; the same seed gives the same images."),
+    truncation: float = typer.Option(
+        1.0, help="stylegan2-lite: pull each style towards its class's average (the truncation trick); "
+        "below 1 trades diversity for typicality, e.g. 0.7. 1: off."),
 ) -> None:
     """Write synthetic slices from a run's global generator (the final round by default)."""
     if n < 1:
@@ -84,11 +91,13 @@ def sample(
         raise CommandError(f"--format {output_format!r}: use png, npz, nifti or dicom")
     if round_ not in ("last", "best") and not round_.isdigit():
         raise CommandError(f"--round {round_!r}: a round number, 'last' or 'best'")
+    if not 0 < truncation <= 1:
+        raise CommandError(f"--truncation {truncation}: use a value in (0, 1]")
     if (out / "manifest.json").exists():
         raise CommandError(f"{out} already holds a sample (manifest.json); choose another --out (nothing is overwritten)")
     run = RunDir(run_dir)
     images, labels, classes, used_round, conditional = sample_images(
-        run, n=n, label=label, round_=round_, seed=seed,
+        run, n=n, label=label, round_=round_, seed=seed, truncation=truncation,
     )
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = run.checkpoint(used_round)
@@ -98,6 +107,7 @@ def sample(
         "round": used_round,
         "checkpoint_sha256": file_sha256(checkpoint),
         "seed": seed,
+        "truncation": truncation,
         "n": n,
         "label": label,
         "conditional": conditional,

@@ -73,7 +73,7 @@ def refuse_unsupported_dp(cfg: RunConfig) -> None:
     (the hospitals would refuse it at their first round anyway)."""
     _, disc = build_gan(cfg.model, image_size=cfg.data.image_size, num_classes=2)
     try:
-        check_dp_discriminator(disc)
+        check_dp_discriminator(disc, cfg.train)
     except PrivacyError as err:
         raise CommandError(f"DP with model.name={cfg.model.name}: {err}") from None
 

@@ -130,6 +130,8 @@ def _federate(grid: Grid, cfg: RunConfig, run: RunDir) -> str | None:
             load_weights(disc, disc_state)
         if client_dp is not None:
             recompute_batchnorm(gen, len(cfg.data.classes), seed=cfg.train.seed + round_)
+            if hasattr(gen, "reset_buffers_from_weights"):  # stylegan2-lite: EMA and average styles, from noised weights
+                gen.reset_buffers_from_weights(seed=cfg.train.seed + round_)
             arrays = pack_model(gen, disc)
             record_client_privacy(run, cfg, round_, report)
         validation = _validate(strategy, round_, arrays, grid, cfg, run)

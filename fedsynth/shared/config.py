@@ -81,7 +81,7 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     """Which GAN family and how large."""
 
-    name: Literal["cdcgan", "vanilla-gan", "wgan-gp"] = Field(
+    name: Literal["cdcgan", "vanilla-gan", "wgan-gp", "stylegan2-lite"] = Field(
         "cdcgan", description="model family (see `fedsynth models`); medscangan is a preset of wgan-gp"
     )
     latent_dim: int = Field(64, ge=1, le=1024, description="noise vector length")
@@ -96,6 +96,11 @@ class ModelConfig(_Section):
         "has no per-sample gradient through it)",
     )
     residual: bool = Field(True, description="wgan-gp: residual blocks in generator and critic")
+    mapping_layers: int = Field(4, ge=1, le=8, description="stylegan2-lite: layers of the mapping network")
+    mbstd_group: int = Field(
+        4, ge=0, le=32,
+        description="stylegan2-lite: minibatch standard deviation group size in D (0: off; required off under DP)",
+    )
 
 
 class TrainConfig(_Section):
@@ -114,7 +119,7 @@ class TrainConfig(_Section):
     beta2: float = Field(0.999, ge=0, lt=1)
     loss: Literal["auto", "hinge", "bce", "wgan-gp"] = Field(
         "auto", description="adversarial loss: hinge, non-saturating BCE, or Wasserstein with gradient "
-        "penalty (auto: wgan-gp for the wgan-gp family, hinge for the others)"
+        "penalty (auto: wgan-gp for the wgan-gp family, bce (logistic) for stylegan2-lite, hinge for the others)"
     )
     n_critic: int = Field(
         0, ge=0, le=20,
@@ -122,6 +127,10 @@ class TrainConfig(_Section):
         "train.local-steps counts generator steps",
     )
     gp_weight: float = Field(10.0, ge=0, description="wgan-gp: gradient penalty weight lambda")
+    r1_gamma: float = Field(
+        0.1, ge=0, description="stylegan2-lite: R1 penalty weight gamma on real images (0: off; required off under DP)"
+    )
+    r1_interval: int = Field(16, ge=1, le=64, description="stylegan2-lite: lazy R1, every this many D steps")
     augment: str = Field(
         "translation,cutout",
         description="DiffAugment policy applied to every image the discriminator sees, real and "
@@ -315,7 +324,9 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _resolve_loss(self) -> RunConfig:
         if self.train.loss == "auto":
-            self.train.loss = "wgan-gp" if self.model.name == "wgan-gp" else "hinge"
+            self.train.loss = {"wgan-gp": "wgan-gp", "stylegan2-lite": "bce"}.get(self.model.name, "hinge")
+        if self.model.name == "stylegan2-lite" and self.model.conditioning == "ac":
+            raise ValueError("model.conditioning: stylegan2-lite supports projection or none, not ac")
         return self
 
     # --- construction -------------------------------------------------------------
@@ -445,7 +456,9 @@ def _describe(err: ValidationError, source: str) -> str:
     lines = []
     for item in err.errors():
         key = ".".join(str(p) for p in item["loc"])
-        if item["type"] == "extra_forbidden":
+        if not key:  # a rule across keys (model validator): its message names them
+            lines.append(str(item["msg"]).removeprefix("Value error, "))
+        elif item["type"] == "extra_forbidden":
             hint = difflib.get_close_matches(key, known, n=1)
             suffix = f" (did you mean {hint[0]}?)" if hint else ""
             lines.append(f"{key}: unknown key{suffix}")

@@ -20,6 +20,7 @@ def generate(
     seed: int,
     device: torch.device | str = "cpu",
     batch_size: int = 256,
+    truncation: float = 1.0,
 ) -> np.ndarray:
     """Images for the given class labels as a (N, H, W) uint8 array.
 
@@ -35,7 +36,9 @@ def generate(
     for start in range(0, len(labels_t), batch_size):
         zb = z[start : start + batch_size].to(device)
         yb = labels_t[start : start + batch_size].to(device)
-        out.append(gen(zb, yb).float().cpu())
+        extra = {"truncation": truncation} if truncation != 1.0 else {}
+        with torch.no_grad():
+            out.append(gen(zb, yb, **extra).float().cpu())
     gen.train(was_training)
     images = torch.cat(out) if out else torch.zeros(0, 1, gen.image_size, gen.image_size)
     return to_uint8(images)

@@ -10,6 +10,7 @@ from torch import nn
 from ..config import ModelConfig
 from .dcgan import ConditionalGenerator, DiscriminatorOutput, ProjectionDiscriminator
 from .vanilla import VanillaDiscriminator, VanillaGenerator
+from .stylegan import StyleDiscriminator, StyleGenerator
 from .wgan import ResidualCritic, ResidualGenerator, gradient_penalty
 
 __all__ = [
@@ -66,6 +67,15 @@ def _wgan(cfg: ModelConfig, image_size: int, num_classes: int) -> tuple[nn.Modul
     return gen, critic
 
 
+def _stylegan(cfg: ModelConfig, image_size: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
+    conditional = cfg.conditioning != "none"
+    gen = StyleGenerator(image_size=image_size, num_classes=num_classes, latent_dim=cfg.latent_dim,
+                         width=cfg.width, conditional=conditional, mapping_layers=cfg.mapping_layers)
+    disc = StyleDiscriminator(image_size=image_size, num_classes=num_classes, width=cfg.width,
+                              head=cfg.conditioning, mbstd_group=cfg.mbstd_group)
+    return gen, disc
+
+
 MODEL_FAMILIES: dict[str, ModelFamily] = {
     "cdcgan": ModelFamily(
         "cdcgan",
@@ -83,6 +93,13 @@ MODEL_FAMILIES: dict[str, ModelFamily] = {
         "Wasserstein loss + gradient penalty, n-critic steps; preset medscangan",
         (32, 64, 128, 256), True, _wgan,
         "without spectral norm (penalty on generated images)",
+    ),
+    "stylegan2-lite": ModelFamily(
+        "stylegan2-lite",
+        "StyleGAN2-style: mapping network with class input, modulated/demodulated convs, per-layer noise, "
+        "style mixing, EMA of G, truncation; residual D with minibatch std, lazy R1",
+        (32, 64, 128, 256), True, _stylegan,
+        "without minibatch std and R1 (model.mbstd-group=0, train.r1-gamma=0)",
     ),
 }
 
