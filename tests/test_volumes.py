@@ -20,7 +20,6 @@ from fedsynth.shared.sliceset import SliceSet
 from fedsynth.shared.volumes import MaskClasses, ingest_volumes, parse_mask_classes
 
 from .conftest import CT_VOLUMES, SMALL_HOSPITALS, require
-from .conftest import SMALL_HOSPITALS
 
 runner = CliRunner()
 LIVER_TS = 5  # TotalSegmentator's "total" map: 5 = liver
