@@ -77,6 +77,41 @@ def test_r1_is_the_squared_input_gradient_and_feeds_the_discriminator() -> None:
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in disc.parameters())
 
 
+def test_lazy_r1_fires_every_interval_counted_over_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rounds of 10 discriminator steps with r1-interval 16: R1 fires at steps 16 and 32
+    of the run, not never (a per-round counter would never reach 16)."""
+    from fedsynth.client import train as train_module
+
+    cfg, gen, disc = _build(**{"train.local-steps": 10, "train.batch-size": 8, "train.r1-interval": 16})
+    calls: list[int] = []
+    original = train_module.r1_penalty
+    monkeypatch.setattr(train_module, "r1_penalty", lambda *a: calls.append(1) or original(*a))
+    slices = make_slices(n_patients=8, per_patient=2)
+    images, labels = torch.from_numpy(slices.as_float()), torch.from_numpy(slices.labels)
+    opt_g, opt_d = make_optimizers(gen, disc, cfg.train)
+    rng = torch.Generator().manual_seed(0)
+    for expected in (0, 1, 1, 2):  # after 10, 20, 30, 40 steps
+        train_round(gen, disc, opt_g, opt_d, BatchSource(images, labels, batch_size=8, generator=rng), cfg.train,
+                    generator=rng)
+        assert len(calls) == expected
+
+
+def test_server_reset_releases_no_averaged_buffer() -> None:
+    """With client-level DP the server noises the weights; the EMA and the average
+    styles (averaged, un-noised) are rebuilt from the noised weights."""
+    _, gen, _ = _build()
+    with torch.no_grad():
+        for p in gen.core.parameters():
+            p.add_(0.1)
+    gen.reset_buffers_from_weights(seed=0)
+    buffers = dict(gen.named_buffers())
+    assert all(torch.equal(p, buffers["ema__" + n.replace(".", "__")]) for n, p in gen.core.named_parameters())
+    with torch.no_grad():
+        z = torch.randn(512, 16, generator=torch.Generator().manual_seed(0))
+        want = gen.core.mapping(z, torch.zeros(512, dtype=torch.long)).mean(0)
+    assert torch.allclose(gen.core.w_avg[0], want, atol=1e-5)
+
+
 def test_dp_refuses_minibatch_std_and_r1_and_accepts_the_plain_discriminator() -> None:
     cfg, _, disc = _build()
     with pytest.raises(PrivacyError, match="minibatch standard deviation.*model.mbstd-group=0"):

@@ -98,7 +98,10 @@ def test_medscangan_preset_is_seed_003s_recipe_and_explicit_keys_win() -> None:
     assert any(name.endswith("parametrizations") for name, _ in critic.named_modules()), "spectral norm is on"
     assert not any(isinstance(m, nn.ConvTranspose2d) for m in gen.modules()), "upsample + conv, no checkerboard"
     # The default family keeps its own loss; a Flower run config round-trips the preset.
-    assert RunConfig().train.loss == "hinge"
+    assert RunConfig().train.objective == "hinge"
+    # Through Flower's flat run config (every key filled with its default) the preset still applies.
+    flat = {**RunConfig().to_run_config(), "model.name": "medscangan", "train.lr-g": 3e-4}
+    assert RunConfig.from_run_config(flat) == cfg
     assert RunConfig.from_run_config(cfg.to_run_config()) == cfg
 
 
@@ -152,24 +155,26 @@ def test_dp_wgan_gp_penalty_reads_only_generated_images(monkeypatch: pytest.Monk
 
 @pytest.mark.slow
 def test_wgan_gp_federates_and_samples(tmp_path: Path) -> None:
-    """medscangan at 32 px, two hospitals, two rounds through Flower's simulation engine;
-    then `fedsynth sample` draws from it."""
+    """medscangan at 32 px, one hospital (the pooled case: its validation round must not
+    wait for a second), two rounds through Flower's simulation engine; then `fedsynth
+    sample --round best` draws from it."""
     data = make_slices(n_patients=12).save(tmp_path / "slices.npz")
     out = tmp_path / "run"
-    result = runner.invoke(app, ["simulate", "--data", str(data), "--hospitals", "2", "--rounds", "2",
+    result = runner.invoke(app, ["simulate", "--data", str(data), "--hospitals", "1", "--rounds", "2",
                                  "--local-steps", "2", "--out", str(out), "--set", "model.name=medscangan",
                                  "--set", "model.width=4", "--set", "model.latent-dim=16",
                                  "--set", "train.batch-size=8", "--set", "output.grid-per-class=2"])
     assert result.exit_code == 0, result.output
     run = RunDir(out)
     rounds = run.read_rounds()
-    assert [r["round"] for r in rounds] == [1, 2] and all(len(r["hospitals"]) == 2 for r in rounds)
+    assert [r["round"] for r in rounds] == [1, 2] and all(len(r["hospitals"]) == 1 for r in rounds)
     assert all(m["images-seen"] == 2 * 5 * 8 for r in rounds for m in r["hospitals"].values())
+    assert all(set(r["validation"]["hospitals"]) == {"hospital-a"} for r in rounds)
     saved = (out / "config.yaml").read_text()
     assert "wgan-gp" in saved and "medscangan" not in saved
     assert (out / "samples" / "round-0002.png").exists() and (out / "curves.png").exists()
     result = runner.invoke(app, ["sample", "--run", str(out), "--n", "6", "--out", str(tmp_path / "s"),
-                                 "--format", "npz"])
+                                 "--format", "npz", "--round", "best"])
     assert result.exit_code == 0, result.output
     synthetic = np.load(tmp_path / "s" / "synthetic.npz")
     assert synthetic["images"].shape == (6, 32, 32)
@@ -196,3 +201,5 @@ def test_wgan_gp_under_dp_keeps_a_ledger_and_medscangan_is_refused(tmp_path: Pat
         ledger = json.loads((out / "hospitals" / hospital / "state" / "privacy.json").read_text())
         assert sum(steps for _, _, steps in ledger["history"]) == 2 * 2 * 5, "every critic step is a DP step"
     assert "ε=" in result.output
+    # The validation score would leave without noise: off under DP unless asked for.
+    assert all("validation" not in r for r in RunDir(out).read_rounds())

@@ -180,6 +180,7 @@ def run_local_round(
     seed = derive_seed(cfg.train.seed, site.name, server_round)
     torch.manual_seed(derive_seed(cfg.train.seed, site.name, "init"))
     gen, disc = build_gan(cfg.model, image_size=cfg.data.image_size, num_classes=len(train.class_names))
+    torch.manual_seed(seed)  # what draws from torch's global generator (stylegan2-lite's noise) differs per round
     state = _LocalState(site.state_dir)
     privacy = plan = None
     if cfg.dp.enabled:
@@ -242,7 +243,8 @@ VALIDATION_COMPONENTS = 16  # pixel PCA dimensions of the score's feature space
 
 def score_validation(site: HospitalSite, cfg: RunConfig, global_generator: dict[str, torch.Tensor]) -> dict[str, Any]:
     """The Fréchet distance between the generator's images and this hospital's validation
-    slices, in a pixel space (PCA, 16 components) fitted on its training slices.
+    slices, in a pixel space (PCA, up to 16 components) fitted on the validation slices
+    themselves, so the score reads no training slice.
 
     The same noise, labels (drawn from the validation slices' classes) and feature space
     every round, so scores of successive rounds compare. Validation patients are never
@@ -250,6 +252,8 @@ def score_validation(site: HospitalSite, cfg: RunConfig, global_generator: dict[
     uses. Returns ``{"val-n": 0}`` when the hospital has fewer than 2 validation slices.
     """
     cfg = site.config(cfg)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
     slices = load_hospital_slices(site, cfg)
     validation = slices.only(VALIDATION)
     if len(validation) < 2:
@@ -260,8 +264,7 @@ def score_validation(site: HospitalSite, cfg: RunConfig, global_generator: dict[
     labels = rng.choice(validation.labels, size=VALIDATION_SAMPLES) if getattr(gen, "conditional", False) \
         else np.zeros(VALIDATION_SAMPLES, dtype=np.int64)
     fake = generate(gen, labels, seed=derive_seed(cfg.train.seed, site.name, "validation-noise"))
-    reference = slices.only(TRAIN).images if (slices.split == TRAIN).sum() >= 2 else validation.images
-    space = PixelSpace(components=min(VALIDATION_COMPONENTS, len(validation) - 1)).fit(reference)
+    space = PixelSpace(components=min(VALIDATION_COMPONENTS, len(validation) - 1)).fit(validation.images)
     fd = frechet_distance(space.transform(validation.images), space.transform(fake))
     return {"val-fd": float(fd), "val-n": len(validation)}
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import math
-
+import contextlib
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..shared.config import TrainConfig
+from ..shared.device import autocast_for
 from ..shared.models import DiscriminatorOutput, gradient_penalty
 from .augment import diff_augment
 
@@ -122,7 +123,7 @@ def mode_seeking_loss(images: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
 def generator_step(
     gen: nn.Module, disc: nn.Module, opt_g: torch.optim.Optimizer, labels: torch.Tensor, cfg: TrainConfig,
-    *, generator: torch.Generator,
+    *, generator: torch.Generator, autocast: contextlib.AbstractContextManager | None = None,
 ) -> torch.Tensor:
     """One generator update through the (frozen) discriminator, with the same
     augmentation as the discriminator sees and, if ``cfg.diversity_weight``, the
@@ -135,16 +136,26 @@ def generator_step(
         labels = torch.cat([labels[:half], labels[:half], labels[2 * half :]])
     z = torch.randn(n, gen.latent_dim, generator=generator).to(device)
     opt_g.zero_grad(set_to_none=True)
-    fake = gen(z, labels)
-    loss = generator_loss(disc(diff_augment(fake, cfg.augment, generator), labels), labels, cfg.objective)
-    total = loss
-    if cfg.diversity_weight > 0 and n >= 2:
-        total = loss + cfg.diversity_weight * mode_seeking_loss(fake, z)
-    total.backward()
+    with autocast or contextlib.nullcontext():
+        fake = gen(z, labels)
+        loss = generator_loss(disc(diff_augment(fake, cfg.augment, generator), labels), labels, cfg.objective)
+        total = loss
+        if cfg.diversity_weight > 0 and n >= 2:
+            total = loss + cfg.diversity_weight * mode_seeking_loss(fake.float(), z)
+    total.float().backward()
     opt_g.step()
     if hasattr(gen, "update_ema"):  # stylegan2-lite keeps an EMA of its weights for sampling
         gen.update_ema()
     return loss.detach()
+
+
+def _optimizer_steps(opt: torch.optim.Optimizer) -> int:
+    for group in opt.param_groups:
+        for p in group["params"]:
+            step = opt.state.get(p, {}).get("step")
+            if step is not None:
+                return int(step)
+    return 0
 
 
 def r1_penalty(disc: nn.Module, real: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -196,13 +207,17 @@ def train_round(
     RoundStats with means over the round's steps.
     """
     device = batches.images.device
+    mixed = autocast_for(device, cfg.mixed_precision)
     gen.train()
     disc.train()
     d_losses, g_losses, d_real, d_fake = [], [], [], []
     start = time.perf_counter()
     latent = gen.latent_dim
     r1 = cfg.r1_gamma if getattr(disc, "wants_r1", False) else 0.0
-    d_step = 0
+    # Lazy R1 counts the discriminator's steps over the whole run (Adam's step count,
+    # which the hospital keeps between rounds), so it fires every r1-interval steps even
+    # when a round has fewer.
+    d_step = _optimizer_steps(opt_d)
     for _ in range(cfg.local_steps):
         for _ in range(cfg.critic_steps_per_step):
             d_step += 1
@@ -210,29 +225,30 @@ def train_round(
             n = len(real)
             # --- discriminator ---
             z = torch.randn(n, latent, generator=generator).to(device)
-            with torch.no_grad():
-                fake = gen(z, labels)
+            with torch.no_grad(), mixed:
+                fake = gen(z, labels).float()
             opt_d.zero_grad(set_to_none=True)
             real_aug = diff_augment(real, cfg.augment, generator)
             fake_aug = diff_augment(fake, cfg.augment, generator)
-            out_real = disc(real_aug, labels)
-            out_fake = disc(fake_aug, labels)
-            loss_d = discriminator_loss(out_real, out_fake, labels, cfg.objective)
-            if cfg.objective == "wgan-gp" and cfg.gp_weight > 0:
-                loss_d = loss_d + cfg.gp_weight * gradient_penalty(disc, real_aug, fake_aug, labels,
-                                                                   generator=generator)
-            if r1 > 0 and d_step % cfg.r1_interval == 0:
-                loss_d = loss_d + r1_penalty(disc, real_aug, labels) * (r1 / 2 * cfg.r1_interval)
-            loss_d.backward()
+            with mixed:
+                out_real = disc(real_aug, labels)
+                out_fake = disc(fake_aug, labels)
+                loss_d = discriminator_loss(out_real, out_fake, labels, cfg.objective)
+                if cfg.objective == "wgan-gp" and cfg.gp_weight > 0:
+                    loss_d = loss_d + cfg.gp_weight * gradient_penalty(disc, real_aug, fake_aug, labels,
+                                                                       generator=generator)
+                if r1 > 0 and d_step % cfg.r1_interval == 0:
+                    loss_d = loss_d + r1_penalty(disc, real_aug, labels) * (r1 / 2 * cfg.r1_interval)
+            loss_d.float().backward()
             opt_d.step()
         # --- generator (discriminator frozen: no weight gradients needed) ---
         disc.requires_grad_(False)
-        loss_g = generator_step(gen, disc, opt_g, labels, cfg, generator=generator)
+        loss_g = generator_step(gen, disc, opt_g, labels, cfg, generator=generator, autocast=mixed)
         disc.requires_grad_(True)
-        d_losses.append(loss_d.detach())
-        g_losses.append(loss_g.detach())
-        d_real.append(out_real.adv.detach().mean())
-        d_fake.append(out_fake.adv.detach().mean())
+        d_losses.append(loss_d.detach().float())
+        g_losses.append(loss_g.detach().float())
+        d_real.append(out_real.adv.detach().float().mean())
+        d_fake.append(out_fake.adv.detach().float().mean())
     seconds = time.perf_counter() - start
     images_seen = cfg.critic_steps * batches.batch_size
 

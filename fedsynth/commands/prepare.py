@@ -43,7 +43,7 @@ def _parse_pairs(items: list[str]) -> dict[str, str]:
 def prepare(
     source: Path = typer.Argument(..., help="An image folder (<split>/<class>/*.jpg|png or <class>/*), or a folder of NIfTI volumes and/or DICOM series with masks (pairing rules below)."),
     out: Path = typer.Option(..., "--out", "-o", help="Slice set to write (.npz); the data card goes beside it as .card.json."),
-    size: int = typer.Option(64, help="Output side in pixels (32, 64 or 128 for the built-in models)."),
+    size: int = typer.Option(64, help="Output side in pixels (32, 64, 128 or 256 for the built-in models; 256 is practical on a GPU)."),
     holdout: float = typer.Option(0.2, help="Share of patients held out for audits, stratified by class."),
     validation: float = typer.Option(
         0.1, help="Share of the training patients kept out of training, stratified by class, to choose a "
@@ -75,7 +75,7 @@ def prepare(
     label in their name are masks, never images.
     """
     if size < 8:
-        raise CommandError(f"--size {size}: too small (use 32, 64 or 128)")
+        raise CommandError(f"--size {size}: too small (use 32, 64, 128 or 256)")
     if out.suffix != ".npz":
         raise CommandError(f"--out {out}: the slice set file must end in .npz")
     kind = detect_source_kind(source)

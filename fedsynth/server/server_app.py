@@ -8,7 +8,7 @@ import time
 import uuid
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from ..shared.config import RunConfig
@@ -23,7 +23,7 @@ from .bookkeeping import (
     record_round,
     restore_round,
 )
-from .strategy import GeneratorFedAvg, RoundReport
+from .strategy import GeneratorFedAvg, RoundReport, _first_line
 
 __all__ = ["RoundFailed", "app", "federate"]
 
@@ -104,7 +104,7 @@ def _federate(grid: Grid, cfg: RunConfig, run: RunDir) -> str | None:
         client_dp=client_dp,
         server_step=(cfg.federation.server_momentum, cfg.federation.server_lr, trainable),
         fraction_train=cfg.federation.fraction_train,
-        fraction_evaluate=1.0,  # every hospital scores the new global generator on its validation slices
+        fraction_evaluate=0.0,  # validation messages are sent by _validate, to the hospitals that trained
         min_train_nodes=cfg.federation.min_hospitals,
         min_available_nodes=cfg.federation.min_hospitals,
     )
@@ -134,11 +134,13 @@ def _federate(grid: Grid, cfg: RunConfig, run: RunDir) -> str | None:
                 gen.reset_buffers_from_weights(seed=cfg.train.seed + round_)
             arrays = pack_model(gen, disc)
             record_client_privacy(run, cfg, round_, report)
-        validation = _validate(strategy, round_, arrays, grid, cfg, run)
+        trained = [node for node, name in strategy.node_names.items() if name in report.hospitals]
+        validation = (_validate(strategy, round_, arrays, grid, cfg, trained)
+                      if validation_enabled(cfg) else None)
         record_round(
             run, cfg, round_, gen, disc,
             report={"hospitals": report.hospitals, "failures": report.failures, "rejected": report.rejected,
-                    "declined": report.declined, "validation": validation},
+                    "declined": report.declined, **({"validation": validation} if validation else {})},
             seconds=time.perf_counter() - began,
         )
         if report.declined and cfg.dp.on_budget_exhausted == "stop":
@@ -151,30 +153,47 @@ def _federate(grid: Grid, cfg: RunConfig, run: RunDir) -> str | None:
     return None
 
 
+def validation_enabled(cfg: RunConfig) -> bool:
+    """Whether hospitals score each round on their validation slices: ``auto`` is on
+    unless DP is on (the score leaves without noise, outside any privacy ledger)."""
+    if cfg.federation.validation_score != "auto":
+        return cfg.federation.validation_score == "on"
+    return not (cfg.dp.enabled or cfg.federation.client_dp_noise_multiplier > 0)
+
+
 def _validate(strategy: GeneratorFedAvg, round_: int, arrays: ArrayRecord, grid: Grid, cfg: RunConfig,
-              run: RunDir) -> dict[str, Any]:
-    """Every hospital scores the new global generator on its own validation slices
-    (patients it never trains on); only the score comes back. The round's score is the
-    hospitals' Fréchet distances averaged with their validation slice counts as weights;
-    `fedsynth sample --round best` takes the round with the lowest. A hospital that
-    fails to score is listed, and never stops the run."""
-    messages = list(strategy.configure_evaluate(round_, arrays, ConfigRecord(), grid))
-    names = run.node_names()
+              trained: list[int]) -> dict[str, Any]:
+    """The hospitals that trained this round score the new global generator on their own
+    validation slices (patients they never train on); only the score comes back. The
+    round's score is their Fréchet distances averaged with their validation slice counts
+    as weights; `fedsynth sample --round best` compares rounds scored by the same
+    hospitals. A hospital that fails or does not answer is listed and never stops the run;
+    the server waits at most 10 minutes (or federation.round-timeout, if shorter)."""
+    if not trained:
+        return {"hospitals": {}}
+    record = RecordDict({strategy.arrayrecord_key: arrays,
+                         strategy.configrecord_key: ConfigRecord({"server-round": round_})})
+    messages = [Message(content=record, dst_node_id=node, message_type=MessageType.EVALUATE) for node in trained]
     scores: dict[str, dict[str, float]] = {}
     failures: list[dict[str, Any]] = []
-    for reply in grid.send_and_receive(messages, timeout=cfg.federation.round_timeout):
-        node = int(reply.metadata.src_node_id)
+    answered: set[int] = set()
+    replies = list(grid.send_and_receive(messages, timeout=min(cfg.federation.round_timeout, 600.0)))
+    asked = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in messages}
+    for reply in replies:
+        node = asked.get(reply.metadata.reply_to_message_id, int(reply.metadata.src_node_id))
+        answered.add(node)
+        name = strategy.node_names.get(node, f"node-{node}")
         if reply.has_error():
-            failures.append({"node": node, "hospital": names.get(node, f"node-{node}"),
-                             "reason": str(reply.error.reason).splitlines()[0] if reply.error.reason else "error"})
+            failures.append({"node": node, "hospital": name, "reason": _first_line(reply.error.reason)})
             continue
         metrics = reply.content[METRICS] if METRICS in reply.content.metric_records else {}
-        info = reply.content[HOSPITAL] if HOSPITAL in reply.content.config_records else {}
-        name = names.get(node) or str(info.get("name", f"node-{node}"))
         n = int(metrics.get("val-n", 0))
         fd = metrics.get("val-fd")
         if n > 0 and fd is not None and math.isfinite(float(fd)):
             scores[name] = {"fd": float(fd), "n": n}
+    for node in sorted(set(trained) - answered):
+        failures.append({"node": node, "hospital": strategy.node_names.get(node, f"node-{node}"),
+                         "reason": "no reply"})
     out: dict[str, Any] = {"hospitals": scores}
     if scores:
         total = sum(v["n"] for v in scores.values())

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 __all__ = [
     "ConfigError",
@@ -145,19 +145,28 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto picks CUDA when present, else CPU"
     )
+    mixed_precision: Literal["auto", "on", "off"] = Field(
+        "auto", description="bfloat16 autocast in training steps: auto = on a CUDA GPU only (not under DP, whose "
+        "per-sample clipping stays in float32); on also forces it on the CPU",
+    )
     threads: int = Field(0, ge=0, description="torch CPU threads (0: torch default)")
     seed: int = Field(0, ge=0, description="base seed; each hospital and round derive theirs")
 
 
+    _family: str = PrivateAttr(default="cdcgan")  # model.name, set by RunConfig (resolves "auto")
+
     @property
     def critic_steps_per_step(self) -> int:
         """Discriminator updates per generator update."""
-        return self.n_critic or (5 if self.loss == "wgan-gp" else 1)
+        return self.n_critic or (5 if self.objective == "wgan-gp" else 1)
 
     @property
     def objective(self) -> str:
-        """The loss actually trained (``auto`` outside a RunConfig means hinge)."""
-        return "hinge" if self.loss == "auto" else self.loss
+        """The loss actually trained: ``auto`` is wgan-gp for the wgan-gp family, bce (the
+        logistic loss) for stylegan2-lite and hinge otherwise."""
+        if self.loss != "auto":
+            return self.loss
+        return {"wgan-gp": "wgan-gp", "stylegan2-lite": "bce"}.get(self._family, "hinge")
 
     @property
     def critic_steps(self) -> int:
@@ -201,6 +210,11 @@ class FederationConfig(_Section):
         "update (0: plain FedAvg)",
     )
     server_lr: float = Field(1.0, gt=0, le=10, description="server step size on the averaged update (FedAvgM)")
+    validation_score: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="each round, hospitals score the new generator on their validation slices (only the score "
+        "leaves); auto: on unless DP (dp.* or client-level) is on, since the score is released without noise",
+    )
     max_update_norm: float = Field(
         3.0, ge=0,
         description="reject a hospital's update whose change ||update - global|| exceeds this multiple of "
@@ -322,9 +336,8 @@ class RunConfig(_Section):
         return raw
 
     @model_validator(mode="after")
-    def _resolve_loss(self) -> RunConfig:
-        if self.train.loss == "auto":
-            self.train.loss = {"wgan-gp": "wgan-gp", "stylegan2-lite": "bce"}.get(self.model.name, "hinge")
+    def _link_sections(self) -> RunConfig:
+        self.train._family = self.model.name  # `train.loss: auto` depends on the family
         if self.model.name == "stylegan2-lite" and self.model.conditioning == "ac":
             raise ValueError("model.conditioning: stylegan2-lite supports projection or none, not ac")
         return self
@@ -372,9 +385,16 @@ class RunConfig(_Section):
     def from_run_config(cls, run_config: dict[str, Any]) -> RunConfig:
         """Build from Flower's flat run config (``"train.local-steps": 50``).
 
-        Keys Flower passes but fedsynth does not know are errors, as elsewhere.
+        Keys Flower passes but fedsynth does not know are errors, as elsewhere. Flower
+        passes every key (the app's defaults filled in), so with a preset name in
+        ``model.name`` the keys still at their default value are left to the preset.
         """
-        return cls.from_overrides(dict(run_config), source="run config")
+        flat = dict(run_config)
+        if flat.get("model.name") in PRESETS:
+            defaults = RunConfig().to_run_config()
+            flat = {k: v for k, v in flat.items()
+                    if k == "model.name" or k not in PRESETS[flat["model.name"]] or v != defaults.get(k)}
+        return cls.from_overrides(flat, source="run config")
 
     # --- export ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -104,11 +104,19 @@ class RunDir:
 
     def best_round(self) -> int | None:
         """The round whose global generator scored the lowest validation Fréchet distance
-        (``validation.fd`` in ``rounds.jsonl``) among rounds with a checkpoint, or None."""
+        (``validation.fd`` in ``rounds.jsonl``) among rounds with a checkpoint, or None.
+        Only rounds scored by the same hospitals compete (those scored by the set of
+        hospitals that scored most often): a round in which a badly scoring hospital
+        failed to answer would otherwise look better than it is."""
         have = set(self.checkpoint_rounds())
-        scored = [(r["validation"]["fd"], r["round"]) for r in self.read_rounds()
+        scored = [(r["validation"]["fd"], r["round"], frozenset(r["validation"].get("hospitals", {})))
+                  for r in self.read_rounds()
                   if r.get("round") in have and isinstance(r.get("validation"), dict) and "fd" in r["validation"]]
-        return min(scored)[1] if scored else None
+        if not scored:
+            return None
+        sets = [who for _, _, who in scored]
+        usual = max(set(sets), key=lambda who: (sets.count(who), len(who)))
+        return min((fd, round_) for fd, round_, who in scored if who == usual)[1]
 
     def resolve_round(self, round_: int | str | None) -> int:
         """A round number, ``"last"`` (or None: the last checkpointed round) or ``"best"``
