@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.serverapp import Grid, ServerApp
 
 from ..shared.config import RunConfig
-from ..shared.records import HOSPITAL, METRICS, pack_model, unpack_model
+from ..shared.records import METRICS, pack_model, unpack_model
 from ..shared.rundir import RunDir
 from ..shared.weights import DISCRIMINATOR, GENERATOR, load_weights
 from .bookkeeping import (
