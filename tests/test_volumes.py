@@ -64,6 +64,34 @@ def test_real_ct_gives_one_slice_per_axial_position_labelled_from_its_mask(tmp_p
     assert np.array_equal(slices.images[z], want)
 
 
+def test_keep_masks_stores_each_slices_label_map_aligned_with_it(tmp_path: Path) -> None:
+    """`prepare --keep-masks` on the real CT: every slice's label map, in the same display
+    orientation, resized by nearest neighbour (only the mask's own labels appear), kept
+    through save, load and subsets; a volume without a mask is named and skipped."""
+    ct = require(CT_VOLUMES)
+    _link(ct / "example_ct_sm.nii.gz", tmp_path / "in" / "ct.nii.gz")
+    _link(ct / "example_seg.nii.gz", tmp_path / "in" / "ct_seg.nii.gz")
+    _link(ct / "example_ct_sm.nii.gz", tmp_path / "in" / "other" / "unpaired.nii.gz")
+    out = tmp_path / "ct.npz"
+    result = runner.invoke(app, ["prepare", str(tmp_path / "in"), "--out", str(out), "--size", "64",
+                                 "--label-from-mask", "5", "--min-voxels", "50", "--keep-masks"])
+    assert result.exit_code == 0, result.output
+    card = json.loads((tmp_path / "ct.card.json").read_text())
+    assert [Path(u["file"]).name for u in card["unreadable"]] == ["unpaired.nii.gz"]
+    assert "--keep-masks" in card["unreadable"][0]["reason"]
+    slices = SliceSet.load(out)
+    seg = np.asarray(nib.load(ct / "example_seg.nii.gz").dataobj)
+    assert slices.masks is not None and slices.masks.shape == (30, 64, 64)
+    assert set(np.unique(slices.masks)) <= set(np.unique(seg).astype(int)), "no label invented by resizing"
+    z = 15
+    assert np.array_equal(slices.masks[z], resize_square(axial_display(seg[:, :, z]).astype(np.uint8), 64,
+                                                         nearest=True))
+    # Aligned with the image: the liver (5) in the mask is where the windowed CT shows soft tissue.
+    liver = slices.masks[z] == 5
+    assert liver.sum() > 20 and slices.images[z][liver].mean() > slices.images[z][slices.masks[z] == 0].mean()
+    assert np.array_equal(slices.only("train").masks, slices.masks[slices.split == "train"])
+
+
 def test_named_mask_classes_and_keep_slices_with(tmp_path: Path) -> None:
     ct = require(CT_VOLUMES)
     _link(ct / "example_ct_sm.nii.gz", tmp_path / "in" / "volume-7.nii.gz")

@@ -45,6 +45,9 @@ def prepare(
     out: Path = typer.Option(..., "--out", "-o", help="Slice set to write (.npz); the data card goes beside it as .card.json."),
     size: int = typer.Option(64, help="Output side in pixels (32, 64, 128 or 256 for the built-in models; 256 is practical on a GPU)."),
     holdout: float = typer.Option(0.2, help="Share of patients held out for audits, stratified by class."),
+    keep_masks: bool = typer.Option(
+        False, "--keep-masks", help="Volumes: store each slice's label map beside it (nearest-neighbour resized), "
+        "for mask-to-image models; volumes without a mask are skipped, named."),
     validation: float = typer.Option(
         0.1, help="Share of the training patients kept out of training, stratified by class, to choose a "
         "checkpoint (`fedsynth sample --round best`) without touching the holdout; 0: none."),
@@ -88,6 +91,8 @@ def prepare(
             progress.update(task, completed=done, total=total)
 
         if kind == "image-folder":
+            if keep_masks:
+                raise CommandError(f"--keep-masks: {source} is an image folder, which has no masks (volumes only)")
             slices, card = ingest_image_folder(
                 source, size=size, holdout_fraction=holdout, keep_folder_split=keep_folder_split, seed=seed,
                 near_duplicate_rms=near_duplicates, progress=report,
@@ -98,6 +103,7 @@ def prepare(
                 classes=parse_mask_classes(label_from_mask, names, min_voxels),
                 keep_slices_with=_parse_ints(keep_slices_with, "--keep-slices-with"),
                 masks_dir=masks, pairs=_parse_pairs(pair), holdout_fraction=holdout, seed=seed, progress=report,
+                keep_masks=keep_masks,
             )
     if not 0 <= validation < 1:
         raise CommandError(f"--validation {validation}: use a share in [0, 1)")

@@ -109,9 +109,10 @@ class DataCard:
 
 
 # --- shared image steps -----------------------------------------------------------------
-def resize_square(image: np.ndarray, size: int) -> np.ndarray:
+def resize_square(image: np.ndarray, size: int, *, nearest: bool = False) -> np.ndarray:
     """Pad a 2D uint8 image to a centred square (black border), then resize with
-    anti-aliasing (Lanczos) to ``size`` x ``size``. Aspect ratio is kept."""
+    anti-aliasing (Lanczos) to ``size`` x ``size``, or by nearest neighbour for a label
+    map (``nearest``: no value is invented between labels). Aspect ratio is kept."""
     h, w = image.shape
     side = max(h, w)
     if h != w:
@@ -122,7 +123,8 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     if side == size:
         return image.copy()
     return np.asarray(
-        Image.fromarray(image).resize((size, size), Image.Resampling.LANCZOS), dtype=np.uint8
+        Image.fromarray(image).resize((size, size), Image.Resampling.NEAREST if nearest else Image.Resampling.LANCZOS),
+        dtype=np.uint8,
     )
 
 

@@ -49,6 +49,8 @@ class SliceSet:
         choose a checkpoint), ``holdout`` (patients kept for the audit) or ``synthetic``.
     source : (N,) str array, the file (and slice) each image came from.
     site : (N,) str array or None, the acquiring site when known.
+    masks : (N, H, W) uint8 array or None: each slice's label map (the mask's values,
+        resized by nearest neighbour), kept with ``fedsynth prepare --keep-masks``.
     meta : free-form provenance (preprocessing, whether patient ids are real, ...).
     """
 
@@ -60,6 +62,7 @@ class SliceSet:
     source: np.ndarray
     site: np.ndarray | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    masks: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         problems = _problems(self)
@@ -93,6 +96,7 @@ class SliceSet:
             split=self.split[index],
             source=self.source[index],
             site=None if self.site is None else self.site[index],
+            masks=None if self.masks is None else self.masks[index],
         )
 
     def only(self, split: str) -> SliceSet:
@@ -122,6 +126,8 @@ class SliceSet:
         }
         if self.site is not None:
             arrays["site"] = self.site.astype(str)
+        if self.masks is not None:
+            arrays["masks"] = self.masks
         with atomic_open(path, "wb", suffix=".npz") as handle:
             np.savez_compressed(handle, **arrays)
         return path
@@ -165,6 +171,7 @@ class SliceSet:
                 source=data["source"],
                 site=data.get("site"),
                 meta=meta,
+                masks=data.get("masks"),
             )
         except SliceSetError as err:
             raise SliceSetError(f"{path}: {str(err).removeprefix('slice set: ')}") from None
@@ -186,6 +193,10 @@ def _problems(s: SliceSet) -> list[str]:
             problems.append(
                 f"'{name}' has shape {getattr(value, 'shape', None)} but 'images' has {n} entries"
             )
+    if s.masks is not None and (not isinstance(s.masks, np.ndarray) or s.masks.shape != s.images.shape
+                                or s.masks.dtype != np.uint8):
+        problems.append(f"'masks' must be a uint8 array shaped like 'images' {s.images.shape}, got "
+                        f"{getattr(s.masks, 'shape', None)} {getattr(s.masks, 'dtype', None)}")
     if problems:
         return problems
     if not np.issubdtype(s.labels.dtype, np.integer):

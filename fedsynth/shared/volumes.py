@@ -362,8 +362,12 @@ def ingest_volumes(
     holdout_fraction: float = 0.2,
     seed: int = 0,
     progress: ProgressFn | None = None,
+    keep_masks: bool = False,
 ) -> tuple[SliceSet, DataCard]:
     """Slice NIfTI volumes and DICOM series (with masks) into a labelled slice set.
+
+    ``keep_masks`` stores each slice's label map beside it (same orientation and size,
+    resized by nearest neighbour); a volume without a mask is then skipped, named.
 
     A volume is a patient (DICOM: the hashed PatientID and study, so several series of
     one patient are one privacy unit); its site is the sub-folder it sits in (if any).
@@ -391,12 +395,12 @@ def ingest_volumes(
         raise IngestError(f"{root}: no NIfTI volumes or DICOM series found"
                           + (f" ({len(problems)} unreadable file(s), e.g. {problems[0]['file']}: "
                              f"{problems[0]['reason']})" if problems else ""))
-    needs_mask = bool(classes or keep_slices_with)
-    images, labels, patients, sources, sites = [], [], [], [], []
+    needs_mask = bool(classes or keep_slices_with or keep_masks)
+    images, labels, patients, sources, sites, label_maps = [], [], [], [], [], []
     for done, volume in enumerate(volumes, start=1):
         try:
             if needs_mask and volume.mask_path is None and volume.load_mask is None:
-                raise IngestError("no mask pairs with it, and labels or --keep-slices-with need one")
+                raise IngestError("no mask pairs with it, and labels, --keep-slices-with or --keep-masks need one")
             data, affine = volume.load()
             if data.ndim == 4 and data.shape[3] == 1:
                 data = data[..., 0]
@@ -405,6 +409,8 @@ def ingest_volumes(
             if not np.isfinite(data).all():
                 raise IngestError("volume contains NaN or infinite values")
             mask = _load_mask(volume, data.shape, affine) if needs_mask else None
+            if keep_masks and (mask is None or mask.min() < 0 or mask.max() > 255):
+                raise IngestError("--keep-masks: no mask, or mask labels outside 0..255")
         except Exception as err:  # noqa: BLE001 - any unusable volume is named and skipped
             reason = str(err).strip().split("\n")[0] or type(err).__name__
             card.unreadable.append({"file": str(volume.path), "reason": reason})
@@ -418,6 +424,8 @@ def ingest_volumes(
             if mask is not None and keep_slices_with and not np.isin(mask[:, :, k], keep_slices_with).any():
                 continue
             images.append(resize_square(axial_display(windowed[:, :, k]), size))
+            if keep_masks:
+                label_maps.append(resize_square(axial_display(mask[:, :, k]).astype(np.uint8), size, nearest=True))
             labels.append(classes.label(mask[:, :, k]) if classes and mask is not None else 0)
             patients.append(volume.patient)
             sources.append(f"{volume.name}#z={k}")
@@ -443,6 +451,8 @@ def ingest_volumes(
         card.preprocessing.pop(1)
     if classes:
         card.preprocessing.append(classes.describe())
+    if keep_masks:
+        card.preprocessing.append("each slice's label map kept (masks), resized by nearest neighbour")
     if keep_slices_with:
         card.preprocessing.append(
             f"kept only slices whose mask contains label(s) {', '.join(map(str, keep_slices_with))}")
@@ -460,6 +470,7 @@ def ingest_volumes(
         site=np.array(sites) if any(sites) else None,
         meta={"kind": card.kind, "source_root": str(root), "patient_ids_known": True,
               "preprocessing": card.preprocessing},
+        masks=np.stack(label_maps) if keep_masks else None,
     )
     card.fill_from(slices)
     return slices, card
