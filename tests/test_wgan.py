@@ -183,7 +183,9 @@ def test_wgan_gp_federates_and_samples(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_wgan_gp_under_dp_keeps_a_ledger_and_medscangan_is_refused(tmp_path: Path) -> None:
-    data = make_slices(n_patients=12).save(tmp_path / "slices.npz")
+    # 24 patients: after the holdout and the validation patients each hospital keeps
+    # several training patients (DP needs at least 2 to sample from).
+    data = make_slices(n_patients=24).save(tmp_path / "slices.npz")
     refused = runner.invoke(app, ["simulate", "--data", str(data), "--hospitals", "2", "--rounds", "1",
                                   "--out", str(tmp_path / "no"), "--set", "model.name=medscangan",
                                   "--set", "dp.target-epsilon=10"])
