@@ -102,6 +102,31 @@ def forget_other_config(work: Path, config: dict[str, Any], progress, label: str
     fingerprint.write_text(json.dumps(wanted))
 
 
+def copy_last_grids(runs: dict[str, dict[str, Any]], out: Path) -> None:
+    """``OUT/grids/real.png`` and, per arm, the last round's sample grid as ``ARM.png``."""
+    grids = out / "grids"
+    grids.mkdir(parents=True, exist_ok=True)
+    first = next(iter(runs.values()))["run"]
+    shutil.copyfile(first / "samples" / "real.png", grids / "real.png")
+    for arm, info in runs.items():
+        last = sorted((info["run"] / "samples").glob("round-*.png"))[-1]
+        shutil.copyfile(last, grids / f"{arm}.png")
+
+
+def utility_row(study: dict[str, Any]) -> dict[str, Any]:
+    """One table row from ``utility_study``: balanced accuracy with real slices only, with
+    the re-drawn real control, with synthetic images, and the two gains (with CIs)."""
+    gains = study["gains"].get("real+synthetic-balanced", {})
+    conditions = study["conditions"]
+    return {
+        "real": conditions["real"]["balanced_accuracy"]["mean"],
+        "control": conditions.get("real+resampled-balanced", {}).get("balanced_accuracy", {}).get("mean"),
+        "synthetic": conditions.get("real+synthetic-balanced", {}).get("balanced_accuracy", {}).get("mean"),
+        "over_real": gains.get("over_real", {}).get("balanced_accuracy"),
+        "over_control": gains.get("over_control", {}).get("balanced_accuracy"),
+    }
+
+
 def write(out: Path, name: str, result: dict[str, Any], lines: list[str]) -> None:
     """``OUT/NAME.json`` (the figures) and ``OUT/NAME.md`` (the table)."""
     out.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,6 @@ output.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -38,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from .common import HERE, forget_other_config, machine, machine_line, prepare_brain, write
+from .common import HERE, copy_last_grids, forget_other_config, machine, machine_line, prepare_brain, utility_row, write
 from .quality import _ci, _f
 from .recipe import Arm, RecipeConfig, evaluate, train
 
@@ -87,16 +86,7 @@ def leave_one_hospital_out(cfg: FamiliesConfig, run_dir: Path, progress) -> dict
         study = utility_study(images, labels, test.images, test.labels, synth, synth_labels,
                               class_names=test.class_names, seeds=cfg.loho_seeds, steps=cfg.lowdata_steps,
                               ratios=(1.0,), seed=cfg.seed, threads=cfg.threads)
-        gains = study["gains"].get("real+synthetic-balanced", {})
-        conditions = study["conditions"]
-        out["tested"][held] = {
-            "train_slices": int(len(images)), "test_slices": int(len(test)),
-            "real": conditions["real"]["balanced_accuracy"]["mean"],
-            "control": conditions.get("real+resampled-balanced", {}).get("balanced_accuracy", {}).get("mean"),
-            "synthetic": conditions.get("real+synthetic-balanced", {}).get("balanced_accuracy", {}).get("mean"),
-            "over_real": gains.get("over_real", {}).get("balanced_accuracy"),
-            "over_control": gains.get("over_control", {}).get("balanced_accuracy"),
-        }
+        out["tested"][held] = {"train_slices": int(len(images)), "test_slices": int(len(test)), **utility_row(study)}
     return out
 
 
@@ -117,13 +107,7 @@ def run_families(cfg: FamiliesConfig, work: Path, out: Path, progress) -> dict[s
         result["leave_one_hospital_out"] = leave_one_hospital_out(cfg, runs["cdcgan"]["run"], progress)
     result["throughput"] = {a: _throughput(r["run"]) for a, r in runs.items()}
     result["seconds"] = time.perf_counter() - started
-    grids = out / "grids"
-    grids.mkdir(parents=True, exist_ok=True)
-    first = next(iter(runs.values()))["run"]
-    shutil.copyfile(first / "samples" / "real.png", grids / "real.png")
-    for arm, info in runs.items():
-        last = sorted((info["run"] / "samples").glob("round-*.png"))[-1]
-        shutil.copyfile(last, grids / f"{arm}.png")
+    copy_last_grids(runs, out)
     write(out, "families", result, markdown(result))
     return result
 

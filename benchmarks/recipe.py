@@ -41,7 +41,8 @@ from typing import Any
 
 import numpy as np
 
-from .common import FEDSYNTH, HERE, forget_other_config, machine, machine_line, prepare_brain, run, write
+from .common import (FEDSYNTH, HERE, copy_last_grids, forget_other_config, machine, machine_line, prepare_brain, run,
+                     utility_row, write)
 from .quality import _ci, _f
 
 HOSPITALS = ("hospital-a", "hospital-b", "hospital-c")
@@ -228,16 +229,7 @@ def evaluate(cfg: RecipeConfig, data: Path, runs: dict[str, dict[str, Any]], pro
             study = utility_study(train.images[low], train.labels[low], holdout.images, holdout.labels, images,
                                   labels, class_names=train.class_names, seeds=cfg.lowdata_seeds,
                                   steps=cfg.lowdata_steps, ratios=(1.0,), seed=cfg.seed, threads=cfg.threads)
-            gains = study["gains"].get("real+synthetic-balanced", {})
-            conditions = study["conditions"]
-            utility["arms"][arm] = {
-                "real": conditions["real"]["balanced_accuracy"]["mean"],
-                "control": conditions.get("real+resampled-balanced", {}).get("balanced_accuracy", {}).get("mean"),
-                "synthetic": conditions.get("real+synthetic-balanced", {}).get("balanced_accuracy", {}).get("mean"),
-                "over_real": gains.get("over_real", {}).get("balanced_accuracy"),
-                "over_control": gains.get("over_control", {}).get("balanced_accuracy"),
-                "skipped": study.get("skipped", {}),
-            }
+            utility["arms"][arm] = {**utility_row(study), "skipped": study.get("skipped", {})}
     out["utility"] = utility
     out["holdout_size"], out["train_size"] = len(holdout), len(train)
     return out
@@ -311,12 +303,7 @@ def run_recipe(cfg: RecipeConfig, work: Path, out: Path, progress) -> dict[str, 
     }
     result["gap_closed"] = {s: _gap(fid, s) for s in ("encoder", "pixels")}
     result["targets"] = targets(result)
-    grids = out / "grids"
-    grids.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(runs["reference"]["run"] / "samples" / "real.png", grids / "real.png")
-    for arm, info in runs.items():
-        last = sorted((info["run"] / "samples").glob("round-*.png"))[-1]
-        shutil.copyfile(last, grids / f"{arm}.png")
+    copy_last_grids(runs, out)
     write(out, "recipe", result, markdown(result))
     return result
 
