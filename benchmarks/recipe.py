@@ -95,6 +95,7 @@ class Arm:
     hospitals: int
     settings: dict[str, str] = field(default_factory=dict)
     rounds_from: str | None = None  # DP arms: plan for the rounds this arm completed
+    local_steps: int | None = None  # generator steps per round, if not the config's (slow families)
 
 
 def plan_arms(cfg: RecipeConfig, data: Path, work: Path) -> list[Arm]:
@@ -123,7 +124,7 @@ def train(cfg: RecipeConfig, arms: list[Arm], work: Path, progress) -> dict[str,
         rounds = 10_000
         if arm.rounds_from:
             rounds = int(done[arm.rounds_from]["rounds"])
-        steps = cfg.central_steps if arm.hospitals == 1 else cfg.federated_steps
+        steps = arm.local_steps or (cfg.central_steps if arm.hospitals == 1 else cfg.federated_steps)
         progress(f"arm {i}/{len(arms)}: {arm.name} ({cfg.budget:g} s, {steps} steps per round)")
         timing = work / "logs" / f"train-{arm.name}.seconds"
         if not (_status(out).get("state") == "finished" and timing.exists()):

@@ -11,7 +11,9 @@ thread counts, repeats each setting, and writes the medians and spread to
     python benchmarks/train_throughput.py --families all --sizes 128 256 --device cuda   # on a GPU (bfloat16 autocast)
 
 Images per second count the real slices the discriminator takes in (for WGAN-GP, every
-critic step's batch); generator steps per second are given beside them.
+critic step's batch); generator steps per second are given beside them. pix2pix trains on
+the same slices paired with masks from the shape model (the cost depends on the shapes,
+not on what the masks show).
 """
 
 from __future__ import annotations
@@ -61,7 +63,12 @@ def measure(slices, size: int, threads: int, steps: int, batch: int, repeats: in
     disc.to(dev)
     opt_g, opt_d = make_optimizers(gen, disc, cfg.train)
     rng = torch.Generator().manual_seed(0)
-    batches = BatchSource(torch.from_numpy(slices.as_float()).to(dev), torch.from_numpy(slices.labels).to(dev),
+    condition = torch.from_numpy(slices.labels)
+    if getattr(gen, "paired", False):  # pix2pix: a mask per slice
+        from fedsynth.shared.sampling import shape_masks
+
+        condition = torch.from_numpy(shape_masks(len(slices), size, [1, 2], seed=0).astype("int64"))
+    batches = BatchSource(torch.from_numpy(slices.as_float()).to(dev), condition.to(dev),
                           batch_size=batch, generator=rng)
     warm = cfg.train.model_copy(update={"local_steps": 2})
     train_round(gen, disc, opt_g, opt_d, batches, warm, generator=rng)

@@ -10,8 +10,11 @@ from opacus.validators import ModuleValidator
 from fedsynth.shared.config import ModelConfig
 from fedsynth.shared.models import MODEL_FAMILIES, build_gan
 
+# Families drawn from noise (and a class); pix2pix draws from a mask (tests/test_pix2pix.py).
+NOISE_FAMILIES = sorted(n for n, f in MODEL_FAMILIES.items() if f.condition != "mask")
 
-@pytest.mark.parametrize("name", sorted(MODEL_FAMILIES))
+
+@pytest.mark.parametrize("name", NOISE_FAMILIES)
 @pytest.mark.parametrize("size", [32, 64, 128])
 def test_generator_makes_images_the_discriminator_scores(name: str, size: int) -> None:
     gen, disc = build_gan(ModelConfig(name=name), image_size=size, num_classes=4)
@@ -53,11 +56,22 @@ def test_unknown_family_or_size_is_refused() -> None:
         build_gan(ModelConfig(), image_size=48, num_classes=2)
 
 
-# The configuration under which each family may train with DP-SGD (what `fedsynth models` says).
+# The configuration under which each family may train with DP-SGD (what `fedsynth models`
+# says); pix2pix is refused (tests/test_pix2pix.py).
 DP_READY = {"cdcgan": {}, "vanilla-gan": {}, "wgan-gp": {"spectral_norm": False}, "stylegan2-lite": {"mbstd_group": 0}}
 
 
-@pytest.mark.parametrize("name", sorted(MODEL_FAMILIES))
+def test_every_family_is_either_dp_ready_or_refused() -> None:
+    from fedsynth.client.dp import PrivacyError, check_dp_discriminator
+
+    for name in MODEL_FAMILIES:
+        if name not in DP_READY:
+            _, disc = build_gan(ModelConfig(name=name, width=8), image_size=32, num_classes=2)
+            with pytest.raises(PrivacyError):
+                check_dp_discriminator(disc)
+
+
+@pytest.mark.parametrize("name", sorted(DP_READY))
 def test_each_family_in_its_dp_configuration_gets_clipped_per_slice_gradients(name: str) -> None:
     from fedsynth.client.dp import PerSampleClipper, check_dp_discriminator
 
@@ -83,3 +97,4 @@ def test_models_command_lists_every_family_and_preset_with_its_dp_support() -> N
     for name in (*MODEL_FAMILIES, "medscangan (preset)"):
         assert name in result.output
     assert "without spectral norm" in result.output and "no (spectral norm)" in result.output
+    assert "mask" in result.output, "pix2pix is listed as conditioned on a mask"

@@ -104,6 +104,7 @@ def run_audit(
     discriminators: list[Discriminator] | None = None, progress: Progress | None = None,
     spaces_fitted: tuple[PixelSpace, AutoencoderSpace] | None = None,
     context: dict[str, Any] | None = None, hospital: str | None = None,
+    paired: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Measure everything, judge it, and write ``audit.json``, the figures and the
     share (``share.json``: the aggregate statistics a hospital may send the coordinator,
@@ -112,7 +113,9 @@ def run_audit(
     ``spaces_fitted`` reuses feature spaces from :func:`fit_feature_spaces` on the same
     real slices (several audits of one hospital's data need to train the encoder once).
     ``context`` (the run's configuration, versions, data description) is kept for the
-    report; ``hospital`` names whose data this is, in the share.
+    report; ``hospital`` names whose data this is, in the share. ``paired``: the
+    mask-conditioned fidelity of a pix2pix generator (:mod:`fedsynth.audit.paired`),
+    kept in audit.json and shown in the report.
 
     Returns
     -------
@@ -205,6 +208,7 @@ def run_audit(
         "feature_spaces": {"pixels": {**pixels.describe(), "aligned_shift_pixels": options.align},
                            "encoder": encoder.describe(), "inception": fid.pop("inception_space")},
         "fidelity": fid,
+        **({"paired": paired} if paired else {}),
         "memorization": memo,
         "membership_inference": mia,
         "utility": util,

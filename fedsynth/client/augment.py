@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..shared.config import AUGMENTATIONS as POLICIES
 
-__all__ = ["POLICIES", "diff_augment"]
+__all__ = ["POLICIES", "diff_augment", "diff_augment_paired"]
 
 
 def diff_augment(x: torch.Tensor, policy: str, generator: torch.Generator) -> torch.Tensor:
@@ -42,6 +42,25 @@ def diff_augment(x: torch.Tensor, policy: str, generator: torch.Generator) -> to
         else:
             raise ValueError(f"unknown augmentation {name!r} (choose from {', '.join(POLICIES)})")
     return x
+
+
+def diff_augment_paired(
+    x: torch.Tensor, masks: torch.Tensor, policy: str, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` (N, 1, H, W) and its label maps (N, H, W) through the same draws of the
+    geometric transformations (translation, cutout), so each slice stays aligned with its
+    mask (pix2pix's discriminator judges the pair); colour jitter touches ``x`` only.
+    Pixels moved in from outside or cut out become background (label 0) in the mask."""
+    if policy in ("", "none"):
+        return x, masks
+    names = policy.split(",")
+    if "color" in names:
+        x = _color(x, generator)
+    geometric = ",".join(n for n in names if n != "color")
+    if not geometric:
+        return x, masks
+    stacked = diff_augment(torch.cat([x, masks[:, None].to(x.dtype)], dim=1), geometric, generator)
+    return stacked[:, :1], stacked[:, 1].round().clamp(min=0).long()
 
 
 def _uniform(n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:

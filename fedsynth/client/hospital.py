@@ -111,7 +111,19 @@ def load_hospital_slices(site: HospitalSite, cfg: RunConfig) -> SliceSet:
         )
     if not (slices.split == TRAIN).any():
         raise SliceSetError(f"{site.data_path}: no training slices at {site.name}")
+    if cfg.model.name == "pix2pix" and slices.masks is None:
+        raise SliceSetError(f"{site.data_path}: model.name=pix2pix needs each slice's mask; prepare the volumes with "
+                            "`fedsynth prepare ... --keep-masks`")
     return slices
+
+
+def conditions(slices: SliceSet, gen: torch.nn.Module) -> np.ndarray:
+    """What the generator is conditioned on for these slices: their masks (N, H, W) for
+    pix2pix, else their class labels (N,)."""
+    if getattr(gen, "paired", False):
+        assert slices.masks is not None  # load_hospital_slices checked
+        return slices.masks.astype(np.int64)
+    return slices.labels
 
 
 class _LocalState:
@@ -213,7 +225,7 @@ def run_local_round(
         load_weights(disc, global_discriminator)
     rng = torch.Generator().manual_seed(seed)
     images = torch.from_numpy(train.as_float()).to(device)
-    labels = torch.from_numpy(train.labels).to(device)
+    labels = torch.from_numpy(conditions(train, gen)).to(device)  # class labels, or masks for pix2pix
     if plan is not None:
         # Which patients are sampled and the noise must be unpredictable: not from the
         # run seed (the server knows it), and different if a round is re-run.
@@ -261,8 +273,12 @@ def score_validation(site: HospitalSite, cfg: RunConfig, global_generator: dict[
     gen, _ = build_gan(cfg.model, image_size=cfg.data.image_size, num_classes=len(slices.class_names))
     load_weights(gen, global_generator)
     rng = np.random.default_rng(derive_seed(cfg.train.seed, site.name, "validation"))
-    labels = rng.choice(validation.labels, size=VALIDATION_SAMPLES) if getattr(gen, "conditional", False) \
-        else np.zeros(VALIDATION_SAMPLES, dtype=np.int64)
+    if getattr(gen, "paired", False):  # pix2pix: the validation slices' own masks
+        labels = conditions(validation, gen)[rng.choice(len(validation), size=VALIDATION_SAMPLES)]
+    elif getattr(gen, "conditional", False):
+        labels = rng.choice(validation.labels, size=VALIDATION_SAMPLES)
+    else:
+        labels = np.zeros(VALIDATION_SAMPLES, dtype=np.int64)
     fake = generate(gen, labels, seed=derive_seed(cfg.train.seed, site.name, "validation-noise"))
     space = PixelSpace(components=min(VALIDATION_COMPONENTS, len(validation) - 1)).fit(validation.images)
     fd = frechet_distance(space.transform(validation.images), space.transform(fake))

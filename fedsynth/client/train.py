@@ -16,7 +16,7 @@ from torch import nn
 from ..shared.config import TrainConfig
 from ..shared.device import autocast_for
 from ..shared.models import DiscriminatorOutput, gradient_penalty
-from .augment import diff_augment
+from .augment import diff_augment, diff_augment_paired
 
 __all__ = [
     "BatchSource",
@@ -26,6 +26,7 @@ __all__ = [
     "generator_step",
     "make_optimizers",
     "mode_seeking_loss",
+    "paired_generator_step",
     "r1_penalty",
     "train_round",
 ]
@@ -46,6 +47,8 @@ class RoundStats:
     d_fake: float  # mean D(fake) logit
     seconds: float
     images_per_second: float
+    l1: float = float("nan")  # pix2pix: mean |generated - real| of the same mask, in [-1, 1] units
+
 
     def as_metrics(self) -> dict[str, float | int]:
         """Kebab-case metric names, with ``num-examples`` for weighted averaging. A NaN
@@ -149,6 +152,33 @@ def generator_step(
     return loss.detach()
 
 
+def paired_generator_step(
+    gen: nn.Module, disc: nn.Module, opt_g: torch.optim.Optimizer, real: torch.Tensor, masks: torch.Tensor,
+    cfg: TrainConfig, *, generator: torch.Generator, autocast: contextlib.AbstractContextManager | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """pix2pix's generator update: the adversarial loss of the (mask, generated slice)
+    pair through the frozen discriminator, plus ``cfg.l1_weight`` x the mean absolute
+    difference to the real slice of the same mask. Returns (adversarial loss, L1)."""
+    opt_g.zero_grad(set_to_none=True)
+    with autocast or contextlib.nullcontext():
+        fake = gen(None, masks)
+        loss = generator_loss(disc(*diff_augment_paired(fake, masks, cfg.augment, generator)), masks, cfg.objective)
+        l1 = (fake.float() - real).abs().mean()
+        total = loss + cfg.l1_weight * l1
+    total.float().backward()
+    opt_g.step()
+    return loss.detach(), l1.detach()
+
+
+def _augment(x: torch.Tensor, condition: torch.Tensor, policy: str, generator: torch.Generator,
+             paired: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """DiffAugment for what the discriminator sees: the slice alone, or for pix2pix the
+    slice and its mask together (same translation and cutout)."""
+    if paired:
+        return diff_augment_paired(x, condition, policy, generator)
+    return diff_augment(x, policy, generator), condition
+
+
 def _optimizer_steps(opt: torch.optim.Optimizer) -> int:
     for group in opt.param_groups:
         for p in group["params"]:
@@ -194,6 +224,11 @@ def train_round(
     between them for ``wgan-gp``; then one generator update through the discriminator
     with its weights frozen (``generator_step``).
 
+    For pix2pix (``gen.paired``) the batch's "labels" are its masks (N, H, W): fakes are
+    generated from the real batch's masks, the discriminator sees (slice, mask) pairs
+    augmented together, and the generator update adds L1 to the real slices
+    (``paired_generator_step``).
+
     Parameters
     ----------
     gen, disc : the networks, already on the device of ``batches``.
@@ -210,7 +245,8 @@ def train_round(
     mixed = autocast_for(device, cfg.mixed_precision)
     gen.train()
     disc.train()
-    d_losses, g_losses, d_real, d_fake = [], [], [], []
+    d_losses, g_losses, d_real, d_fake, l1s = [], [], [], [], []
+    paired = bool(getattr(gen, "paired", False))
     start = time.perf_counter()
     latent = gen.latent_dim
     r1 = cfg.r1_gamma if getattr(disc, "wants_r1", False) else 0.0
@@ -228,11 +264,11 @@ def train_round(
             with torch.no_grad(), mixed:
                 fake = gen(z, labels).float()
             opt_d.zero_grad(set_to_none=True)
-            real_aug = diff_augment(real, cfg.augment, generator)
-            fake_aug = diff_augment(fake, cfg.augment, generator)
+            real_aug, cond_real = _augment(real, labels, cfg.augment, generator, paired)
+            fake_aug, cond_fake = _augment(fake, labels, cfg.augment, generator, paired)
             with mixed:
-                out_real = disc(real_aug, labels)
-                out_fake = disc(fake_aug, labels)
+                out_real = disc(real_aug, cond_real)
+                out_fake = disc(fake_aug, cond_fake)
                 loss_d = discriminator_loss(out_real, out_fake, labels, cfg.objective)
                 if cfg.objective == "wgan-gp" and cfg.gp_weight > 0:
                     loss_d = loss_d + cfg.gp_weight * gradient_penalty(disc, real_aug, fake_aug, labels,
@@ -243,7 +279,12 @@ def train_round(
             opt_d.step()
         # --- generator (discriminator frozen: no weight gradients needed) ---
         disc.requires_grad_(False)
-        loss_g = generator_step(gen, disc, opt_g, labels, cfg, generator=generator, autocast=mixed)
+        if paired:
+            loss_g, l1 = paired_generator_step(gen, disc, opt_g, real, labels, cfg, generator=generator,
+                                               autocast=mixed)
+            l1s.append(l1.float())
+        else:
+            loss_g = generator_step(gen, disc, opt_g, labels, cfg, generator=generator, autocast=mixed)
         disc.requires_grad_(True)
         d_losses.append(loss_d.detach().float())
         g_losses.append(loss_g.detach().float())
@@ -265,6 +306,7 @@ def train_round(
         d_fake=mean(d_fake),
         seconds=seconds,
         images_per_second=images_seen / seconds if seconds > 0 else float("nan"),
+        l1=mean(l1s) if l1s else float("nan"),
     )
     if not np.isfinite([stats.d_loss, stats.g_loss]).all():
         raise FloatingPointError(

@@ -101,6 +101,7 @@ def _audit_one(run: RunDir | None, real: SliceSet, source: str, out: Path, optio
     if len(holdout) == 0:
         raise CommandError(f"{source}: no holdout slices; the audit needs patients never trained on as its reference")
     provenance: dict[str, object] = {"real_slices": source}
+    paired = None
     if synthetic is not None:
         syn_images, syn_labels, where = load_synthetic(synthetic, real.class_names)
         provenance |= where
@@ -111,9 +112,14 @@ def _audit_one(run: RunDir | None, real: SliceSet, source: str, out: Path, optio
         cfg = run.load_config()
         if tuple(cfg.data.classes) != real.class_names:
             raise CommandError(f"{source}: classes {real.class_names} differ from the run's {tuple(cfg.data.classes)}")
-        syn_images, labels, _, used_round, conditional = sample_images(
-            run, n=n, label=None, round_=round_, seed=seed)
-        syn_labels = labels.astype(np.int64) if conditional else None
+        if cfg.model.name == "pix2pix":
+            syn_images, used_round, paired = _pix2pix_samples(run, train, holdout, source, options, n=n,
+                                                              round_=round_)
+            syn_labels = None
+        else:
+            syn_images, labels, _, used_round, conditional = sample_images(
+                run, n=n, label=None, round_=round_, seed=seed)
+            syn_labels = labels.astype(np.int64) if conditional else None
         provenance |= {"run": str(run.root), "round": used_round,
                        "checkpoint_sha256": file_sha256(run.checkpoint(used_round)), "synthetic_seed": seed}
     if syn_images.shape[1:] != train.images.shape[1:]:
@@ -139,7 +145,11 @@ def _audit_one(run: RunDir | None, real: SliceSet, source: str, out: Path, optio
             bar.update(task, description=name, completed=done, total=max(total, 1))
 
         try:
-            white_box = bool(run and hospital and white_box)
+            white_box = bool(run and hospital and white_box) and paired is None
+            if paired is not None and hospital:
+                inputs.provenance["white_box_attack"] = (
+                    "not run: pix2pix's discriminator judges (mask, slice) pairs, and the attack scores slices "
+                    "alone; the paired train-vs-holdout SSIM gap is its membership signal")
             discriminators = _discriminators(run, real, hospital, seed) if white_box else []
             if white_box:
                 inputs.provenance["white_box_attack"] = (
@@ -147,13 +157,50 @@ def _audit_one(run: RunDir | None, real: SliceSet, source: str, out: Path, optio
                     else f"not run: no discriminator state for {hospital} in {run.hospitals_dir}")
             result = run_audit(inputs, out, options, privacy_ledger=ledger, client_privacy=client,
                                discriminators=discriminators, progress=progress,
-                               context=_context(run, real, hospital), hospital=hospital)
+                               context=_context(run, real, hospital), hospital=hospital, paired=paired)
         except (FeatureError, ValueError, KeyError, RuntimeError) as err:
             raise CommandError(f"audit stopped: {err}") from None
     if white_box and not discriminators:
         console.print(f"[yellow]no discriminator state for {hospital} in {run.hospitals_dir}: the white-box "
                       "attack was not run[/]")
     return result
+
+
+PAIRED_TRAIN_MASKS = 1000  # training masks (at most) for the paired train-vs-holdout comparison
+
+
+def _pix2pix_samples(run: RunDir, train: SliceSet, holdout: SliceSet, source: str, options: AuditOptions, *,
+                     n: int, round_: str) -> tuple[np.ndarray, int, dict]:
+    """A pix2pix generator's slices for the audit: ``n`` drawn for the holdout masks in
+    turn (so the distributional checks compare like with like), the paired
+    (mask-conditioned) fidelity over holdout and training masks, and (unless
+    ``--no-utility``) the segmentation utility of its (mask, slice) pairs."""
+    from ..audit.paired import paired_fidelity
+    from ..audit.segmentation import segmentation_utility
+
+    seed = options.seed
+    if holdout.masks is None or train.masks is None:
+        raise CommandError(f"{source}: a pix2pix run is audited against slices with masks (prepare the volumes with "
+                           "`fedsynth prepare ... --keep-masks`)")
+    cycle = np.arange(n) % len(holdout)
+    images, _, _, used_round, _ = sample_images(run, n=n, label=None, round_=round_, seed=seed,
+                                                masks=holdout.masks[cycle])
+    pick = np.random.default_rng(seed).permutation(len(train))[:PAIRED_TRAIN_MASKS]
+    from_train, *_ = sample_images(run, n=len(pick), label=None, round_=used_round, seed=seed + 1,
+                                   masks=train.masks[pick])
+    first = images[: len(holdout)] if n >= len(holdout) else \
+        sample_images(run, n=len(holdout), label=None, round_=used_round, seed=seed, masks=holdout.masks)[0]
+    paired = paired_fidelity(first, holdout.images, from_train, train.images[pick], seed=seed)
+    if options.utility:
+        console.print(f"segmentation utility: {options.utility_seeds} seeds x 3 training sets of a small U-Net")
+
+        def synthesize(masks: np.ndarray, s: int) -> np.ndarray:
+            return sample_images(run, n=len(masks), label=None, round_=used_round, seed=s, masks=masks)[0]
+
+        paired["segmentation"] = segmentation_utility(
+            train.images, train.masks, holdout.images, holdout.masks, synthesize, seeds=options.utility_seeds,
+            steps=options.utility_steps or 300, seed=seed, threads=options.threads)
+    return images, used_round, paired
 
 
 def _report(folder: Path, pdf: bool) -> None:

@@ -18,20 +18,20 @@ def models(size: int = typer.Option(64, help="Image size for the parameter count
         raise typer.BadParameter(f"{size}: use 32, 64, 128 or 256", param_hint="--size")
     table = Table(title=f"model families (parameters at {size} px, default width), set with model.name",
                   title_justify="left")
-    for column in ("name", "sizes", "conditional", "DP-SGD", "G params", "D params", "description"):
+    for column in ("name", "sizes", "conditioned on", "DP-SGD", "G params", "D params", "description"):
         table.add_column(column)
     cfg = RunConfig()
     for family in MODEL_FAMILIES.values():
         model_cfg = cfg.model.model_copy(update={"name": family.name})
         gen, disc = build_gan(model_cfg, image_size=size, num_classes=2)
-        table.add_row(family.name, "/".join(map(str, family.sizes)), "yes" if family.conditional else "no",
+        table.add_row(family.name, "/".join(map(str, family.sizes)), family.condition,
                       family.dp, f"{count_parameters(gen):,}", f"{count_parameters(disc):,}", family.description)
     for name, preset in PRESETS.items():
         preset_cfg = RunConfig.from_overrides({"model.name": name})
         gen, disc = build_gan(preset_cfg.model, image_size=size, num_classes=2)
         family = MODEL_FAMILIES[preset_cfg.model.name]
         settings = ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in preset.items() if k != "model.name")
-        table.add_row(f"{name} (preset)", "/".join(map(str, family.sizes)), "yes", "no (spectral norm)",
+        table.add_row(f"{name} (preset)", "/".join(map(str, family.sizes)), "class", "no (spectral norm)",
                       f"{count_parameters(gen):,}", f"{count_parameters(disc):,}",
                       f"{preset['model.name']} with {settings}")
     console.print(table)

@@ -14,7 +14,7 @@ from ..shared.checkpoint import load_checkpoint, save_checkpoint
 from ..shared.config import RunConfig
 from ..shared.models import build_gan
 from ..shared.rundir import RunDir
-from ..shared.sampling import generate, grid_labels, save_grid
+from ..shared.sampling import generate, grid_labels, paired_grid, save_grid, shape_masks
 from ..shared.weights import load_weights, model_tensors, split_model
 
 __all__ = ["GRID_SEED_OFFSET", "build_global_models", "plot_curves", "record_privacy", "record_round",
@@ -63,14 +63,24 @@ def record_round(
          "class-names": cfg.data.class_names},
     )
     classes = cfg.data.classes
-    images = generate(gen, grid_labels(len(classes), cfg.output.grid_per_class),
-                      seed=cfg.train.seed + GRID_SEED_OFFSET)
-    grid = save_grid(
-        images, run.grid(round_), columns=cfg.output.grid_per_class,
-        row_names=classes if getattr(gen, "conditional", False) else None,
-        title=f"round {round_}" + ("" if getattr(gen, "conditional", False) else " (unconditional)"),
-        scale=max(1, 128 // cfg.data.image_size),
-    )
+    scale = max(1, 128 // cfg.data.image_size)
+    if getattr(gen, "paired", False):
+        # pix2pix: the server holds no masks; the grid's come from the shape model, the
+        # same every round.
+        masks = shape_masks(4 * cfg.output.grid_per_class, cfg.data.image_size, cfg.data.mask_values,
+                            seed=cfg.train.seed + GRID_SEED_OFFSET)
+        images = generate(gen, masks, seed=cfg.train.seed + GRID_SEED_OFFSET)
+        grid = paired_grid(masks, images, run.grid(round_), columns=cfg.output.grid_per_class,
+                           title=f"round {round_} (masks from the shape model)", scale=scale)
+    else:
+        images = generate(gen, grid_labels(len(classes), cfg.output.grid_per_class),
+                          seed=cfg.train.seed + GRID_SEED_OFFSET)
+        grid = save_grid(
+            images, run.grid(round_), columns=cfg.output.grid_per_class,
+            row_names=classes if getattr(gen, "conditional", False) else None,
+            title=f"round {round_}" + ("" if getattr(gen, "conditional", False) else " (unconditional)"),
+            scale=scale,
+        )
     record = {
         "round": round_,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

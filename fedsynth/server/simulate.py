@@ -13,7 +13,7 @@ from ..shared.checkpoint import file_sha256
 from ..shared.config import ConfigError, RunConfig
 from ..shared.partition import partition
 from ..shared.rundir import HOSPITALS_MANIFEST, RunDir, RunDirError, collect_manifest
-from ..shared.sampling import save_grid
+from ..shared.sampling import paired_grid, save_grid
 from ..shared.sliceset import HOLDOUT, TRAIN, VALIDATION, SliceSet, with_validation
 
 __all__ = ["hospital_summary", "prepare_simulation", "resume_config", "write_real_grid"]
@@ -45,6 +45,9 @@ def prepare_simulation(
     classes = ",".join(slices.class_names)
     if cfg.data.class_names and cfg.data.class_names != classes:
         raise ConfigError(f"data.class-names {cfg.data.class_names!r} differs from {data_path}'s classes {classes!r}")
+    if cfg.model.name == "pix2pix" and slices.masks is None:
+        raise ConfigError(f"model.name=pix2pix needs each slice's mask, and {data_path} has none: prepare the volumes "
+                          "with `fedsynth prepare VOLUMES --keep-masks`")
     # Patients kept out of training to score each round's generator (checkpoint choice),
     # drawn before partitioning so every hospital holds some; a slice set with its own
     # validation split (`fedsynth prepare --validation`) keeps it.
@@ -57,6 +60,9 @@ def prepare_simulation(
         "output.resume": False,
         "simulation.hospitals-dir": str(run.hospitals_dir),
     }
+    if cfg.model.name == "pix2pix" and not cfg.data.mask_labels:
+        assert slices.masks is not None
+        overrides["data.mask-labels"] = ",".join(str(v) for v in np.unique(slices.masks) if v != 0)
     if cfg.train.threads == 0:
         overrides["train.threads"] = cfg.simulation.client_cpus
     cfg = cfg.with_overrides(overrides)
@@ -90,14 +96,19 @@ def prepare_simulation(
         hospitals=counts,
     ))
     write_real_grid(slices.only(TRAIN), run.root / "samples" / "real.png", per_class=cfg.output.grid_per_class,
-                    seed=cfg.train.seed)
+                    seed=cfg.train.seed, paired=cfg.model.name == "pix2pix")
     return cfg
 
 
-def write_real_grid(slices: SliceSet, path: Path, *, per_class: int, seed: int) -> Path:
+def write_real_grid(slices: SliceSet, path: Path, *, per_class: int, seed: int, paired: bool = False) -> Path:
     """A grid of randomly drawn (not chosen) real training slices, one row per class, laid
-    out like the generated grids for side-by-side viewing."""
+    out like the generated grids for side-by-side viewing; for pix2pix (``paired``),
+    rows of masks alternating with their slices."""
     rng = np.random.default_rng(seed)
+    if paired and slices.masks is not None:
+        pick = np.sort(rng.choice(len(slices), size=min(4 * per_class, len(slices)), replace=False))
+        return paired_grid(slices.masks[pick], slices.images[pick], path, columns=per_class,
+                           title="real training slices and masks (random)", scale=max(1, 128 // slices.image_size))
     rows = []
     size = slices.image_size
     for label in range(len(slices.class_names)):

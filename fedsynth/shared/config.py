@@ -73,15 +73,32 @@ class DataConfig(_Section):
         "", description="comma-separated class names, in label order"
     )
 
+    mask_labels: str = Field(
+        "", description="pix2pix: comma-separated label values of the masks (e.g. 5,1 for liver and spleen), for "
+        "the server's round grids from the shape model; filled from the slice set in simulation",
+    )
+
     @property
     def classes(self) -> list[str]:
         return [c for c in self.class_names.split(",") if c]
+
+    @property
+    def mask_values(self) -> list[int]:
+        return [int(v) for v in self.mask_labels.split(",") if v.strip()]
+
+    @field_validator("mask_labels")
+    @classmethod
+    def _check_mask_labels(cls, value: str) -> str:
+        parts = [v.strip() for v in str(value).split(",") if v.strip()]
+        if any(not v.isdigit() or int(v) > 255 for v in parts):
+            raise ValueError("must be comma-separated label values 0-255, e.g. 5,1")
+        return ",".join(parts)
 
 
 class ModelConfig(_Section):
     """Which GAN family and how large."""
 
-    name: Literal["cdcgan", "vanilla-gan", "wgan-gp", "stylegan2-lite"] = Field(
+    name: Literal["cdcgan", "vanilla-gan", "wgan-gp", "stylegan2-lite", "pix2pix"] = Field(
         "cdcgan", description="model family (see `fedsynth models`); medscangan is a preset of wgan-gp"
     )
     latent_dim: int = Field(64, ge=1, le=1024, description="noise vector length")
@@ -119,7 +136,8 @@ class TrainConfig(_Section):
     beta2: float = Field(0.999, ge=0, lt=1)
     loss: Literal["auto", "hinge", "bce", "wgan-gp"] = Field(
         "auto", description="adversarial loss: hinge, non-saturating BCE, or Wasserstein with gradient "
-        "penalty (auto: wgan-gp for the wgan-gp family, bce (logistic) for stylegan2-lite, hinge for the others)"
+        "penalty (auto: wgan-gp for the wgan-gp family, bce (logistic) for stylegan2-lite and pix2pix, hinge for "
+        "the others)"
     )
     n_critic: int = Field(
         0, ge=0, le=20,
@@ -129,6 +147,10 @@ class TrainConfig(_Section):
     gp_weight: float = Field(10.0, ge=0, description="wgan-gp: gradient penalty weight lambda")
     r1_gamma: float = Field(
         0.1, ge=0, description="stylegan2-lite: R1 penalty weight gamma on real images (0: off; required off under DP)"
+    )
+    l1_weight: float = Field(
+        100.0, ge=0, description="pix2pix: weight lambda of the L1 distance between the generated and the real slice "
+        "of the same mask in the generator loss",
     )
     r1_interval: int = Field(16, ge=1, le=64, description="stylegan2-lite: lazy R1, every this many D steps")
     augment: str = Field(
@@ -163,10 +185,10 @@ class TrainConfig(_Section):
     @property
     def objective(self) -> str:
         """The loss actually trained: ``auto`` is wgan-gp for the wgan-gp family, bce (the
-        logistic loss) for stylegan2-lite and hinge otherwise."""
+        logistic loss) for stylegan2-lite and pix2pix, and hinge otherwise."""
         if self.loss != "auto":
             return self.loss
-        return {"wgan-gp": "wgan-gp", "stylegan2-lite": "bce"}.get(self._family, "hinge")
+        return {"wgan-gp": "wgan-gp", "stylegan2-lite": "bce", "pix2pix": "bce"}.get(self._family, "hinge")
 
     @property
     def critic_steps(self) -> int:

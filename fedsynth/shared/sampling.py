@@ -9,7 +9,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
-__all__ = ["generate", "grid_labels", "save_grid", "to_uint8"]
+__all__ = ["generate", "grid_labels", "mask_to_uint8", "paired_grid", "save_grid", "shape_masks", "to_uint8"]
 
 
 @torch.no_grad()
@@ -25,7 +25,8 @@ def generate(
     """Images for the given class labels as a (N, H, W) uint8 array.
 
     The same seed, labels and weights give the same images, so grids from successive
-    rounds show the same noise vectors.
+    rounds show the same noise vectors. For pix2pix, ``labels`` are masks (N, H, W) and
+    the seed fixes its dropout noise.
     """
     labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     rng = torch.Generator().manual_seed(seed)
@@ -33,11 +34,14 @@ def generate(
     was_training = gen.training
     gen.eval()
     out = []
-    for start in range(0, len(labels_t), batch_size):
-        zb = z[start : start + batch_size].to(device)
-        yb = labels_t[start : start + batch_size].to(device)
-        extra = {"truncation": truncation} if truncation != 1.0 else {}
-        with torch.no_grad():
+    # Noise drawn inside the generator (per-layer noise, pix2pix's dropout) comes from
+    # torch's global generator: seed it too, without disturbing the caller's stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for start in range(0, len(labels_t), batch_size):
+            zb = z[start : start + batch_size].to(device)
+            yb = labels_t[start : start + batch_size].to(device)
+            extra = {"truncation": truncation} if truncation != 1.0 else {}
             out.append(gen(zb, yb, **extra).float().cpu())
     gen.train(was_training)
     images = torch.cat(out) if out else torch.zeros(0, 1, gen.image_size, gen.image_size)
@@ -48,6 +52,56 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     """[-1, 1] float (N, 1, H, W) to uint8 (N, H, W)."""
     scaled = (images.clamp(-1, 1) + 1) * 127.5
     return scaled.round().to(torch.uint8).squeeze(1).numpy()
+
+
+def shape_masks(n: int, size: int, values: list[int] | tuple[int, ...], *, seed: int) -> np.ndarray:
+    """``n`` label maps (N, size, size) uint8 from a simple shape model that reads no
+    patient data: for each label value, an ellipse (present with probability 0.8) of
+    random centre, semi-axes (8-25% of the side) and angle, later values drawn over
+    earlier ones; at least one label per map. For round grids on the server, which holds
+    no masks, and ``fedsynth sample --random-masks`` where no masks are at hand."""
+    rng = np.random.default_rng(seed)
+    values = [int(v) for v in values] or [1]
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) / size
+    out = np.zeros((n, size, size), dtype=np.uint8)
+    for i in range(n):
+        present = rng.random(len(values)) < 0.8
+        present[rng.integers(len(values))] = True
+        for value, keep in zip(values, present, strict=True):
+            cy, cx = rng.uniform(0.3, 0.7, size=2)
+            ay, ax = rng.uniform(0.08, 0.25, size=2)
+            theta = rng.uniform(0, np.pi)
+            dy, dx = yy - cy, xx - cx
+            u = dx * np.cos(theta) + dy * np.sin(theta)
+            v = -dx * np.sin(theta) + dy * np.cos(theta)
+            if keep:
+                out[i][(u / ax) ** 2 + (v / ay) ** 2 <= 1] = value
+    return out
+
+
+def mask_to_uint8(masks: np.ndarray) -> np.ndarray:
+    """Label maps to grey levels for viewing: background black, each label value present
+    its own evenly spaced level (brightest for the largest value)."""
+    values = [v for v in np.unique(masks) if v != 0]
+    lut = np.zeros(256, dtype=np.uint8)
+    for rank, value in enumerate(values, start=1):
+        lut[value] = int(round(80 + 175 * rank / len(values)))
+    return lut[masks]
+
+
+def paired_grid(masks: np.ndarray, images: np.ndarray, path: str | Path, *, columns: int, title: str | None = None,
+                scale: int = 2) -> Path:
+    """A grid of (mask, slice) pairs: rows alternate masks and the slices for them."""
+    n = len(images)
+    tiles: list[np.ndarray] = []
+    for start in range(0, n, columns):
+        rows_m = list(mask_to_uint8(masks[start : start + columns]))
+        rows_i = list(images[start : start + columns])
+        pad = [np.zeros_like(images[0])] * (columns - len(rows_i))
+        tiles += rows_m + pad + rows_i + pad
+    rows = len(tiles) // columns
+    names = [("masks" if r % 2 == 0 else "slices") for r in range(rows)]
+    return save_grid(np.stack(tiles), path, columns=columns, row_names=names, title=title, scale=scale)
 
 
 def grid_labels(num_classes: int, per_class: int) -> np.ndarray:

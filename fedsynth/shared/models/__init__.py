@@ -10,6 +10,7 @@ from torch import nn
 from ..config import ModelConfig
 from .dcgan import ConditionalGenerator, DiscriminatorOutput, ProjectionDiscriminator
 from .vanilla import VanillaDiscriminator, VanillaGenerator
+from .pix2pix import PatchDiscriminator, UNetGenerator
 from .stylegan import StyleDiscriminator, StyleGenerator
 from .wgan import ResidualCritic, ResidualGenerator, gradient_penalty
 
@@ -30,7 +31,7 @@ class ModelFamily:
     name: str
     description: str
     sizes: tuple[int, ...]
-    conditional: bool
+    condition: str  # what the generator is conditioned on: "class", "none" or "mask"
     build: Callable[[ModelConfig, int, int], tuple[nn.Module, nn.Module]]
     dp: str  # what DP-SGD on the discriminator supports, in a phrase
 
@@ -76,30 +77,43 @@ def _stylegan(cfg: ModelConfig, image_size: int, num_classes: int) -> tuple[nn.M
     return gen, disc
 
 
+def _pix2pix(cfg: ModelConfig, image_size: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
+    del num_classes  # conditioned on a mask, not a class
+    return (UNetGenerator(image_size=image_size, width=cfg.width),
+            PatchDiscriminator(image_size=image_size, width=cfg.width))
+
+
 MODEL_FAMILIES: dict[str, ModelFamily] = {
     "cdcgan": ModelFamily(
         "cdcgan",
         "conditional DCGAN; GroupNorm discriminator with projection or auxiliary-classifier head",
-        (32, 64, 128, 256), True, _cdcgan, "yes",
+        (32, 64, 128, 256), "class", _cdcgan, "yes",
     ),
     "vanilla-gan": ModelFamily(
         "vanilla-gan",
         "seed 001's fully-connected GAN (unconditional baseline)",
-        (32, 64, 128, 256), False, _vanilla, "yes",
+        (32, 64, 128, 256), "none", _vanilla, "yes",
     ),
     "wgan-gp": ModelFamily(
         "wgan-gp",
         "seed 003's family: residual generator (upsample+conv) and residual critic with spectral norm, "
         "Wasserstein loss + gradient penalty, n-critic steps; preset medscangan",
-        (32, 64, 128, 256), True, _wgan,
+        (32, 64, 128, 256), "class", _wgan,
         "without spectral norm (penalty on generated images)",
     ),
     "stylegan2-lite": ModelFamily(
         "stylegan2-lite",
         "StyleGAN2-style: mapping network with class input, modulated/demodulated convs, per-layer noise, "
         "style mixing, EMA of G, truncation; residual D with minibatch std, lazy R1",
-        (32, 64, 128, 256), True, _stylegan,
+        (32, 64, 128, 256), "class", _stylegan,
         "without minibatch std and R1 (model.mbstd-group=0, train.r1-gamma=0)",
+    ),
+    "pix2pix": ModelFamily(
+        "pix2pix",
+        "mask -> slice (seed 000): U-Net generator with dropout as noise, PatchGAN discriminator, "
+        "adversarial + L1 loss; needs slices prepared with --keep-masks",
+        (32, 64, 128, 256), "mask", _pix2pix,
+        "no (the L1 loss reads real slices in the generator's update)",
     ),
 }
 

@@ -1,0 +1,146 @@
+"""pix2pix (Isola et al., CVPR 2017): a label map (mask) to a slice.
+
+A U-Net generator with skip connections and dropout as its only noise, and a PatchGAN
+discriminator that judges overlapping patches of (mask, slice) pairs. Trained with the
+adversarial loss plus lambda * L1 between the generated slice and the real slice of the
+same mask (``train.l1-weight``, 100 as in the paper).
+
+Both networks take the mask as a label map (N, H, W) of integer values (the volume's own
+label numbers, e.g. TotalSegmentator's 5 = liver), embedded per pixel by a learned
+table of 256 rows, so any uint8 label map works without a class list and hospitals
+whose masks use different subsets of labels share one generator.
+
+They keep fedsynth's ``gen(z, condition)`` / ``disc(x, condition)`` interface with the
+mask as the condition: ``latent_dim`` is 0 (pix2pix's noise is dropout, which stays on
+when sampling, as in the paper), and the discriminator's ``adv`` is one logit per patch.
+
+Differences from the paper, and why:
+
+- Upsampling by nearest neighbour + 3x3 convolution instead of transposed convolutions
+  (no checkerboard artefacts; the other fedsynth generators do the same).
+- GroupNorm instead of BatchNorm/InstanceNorm: batch statistics would mix hospitals'
+  slices at aggregation time and single-slice sampling would change the output.
+- The bottleneck is 4x4 (the paper goes to 1x1 at 256 px); the PatchGAN's receptive
+  field is scaled with the image: 70 px at 256, 34 at 128, 16 at 64, about a quarter of
+  the side as in the paper.
+
+Not under DP-SGD: the L1 term reads the real slice in the *generator's* update, so the
+generator (which leaves the hospital) carries gradients of patient images that the
+discriminator's clipping never bounds. ``client.dp.check_dp_discriminator`` refuses it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .dcgan import DiscriminatorOutput, _dcgan_init
+
+__all__ = ["MASK_VALUES", "MaskEmbedding", "PatchDiscriminator", "UNetGenerator"]
+
+MASK_VALUES = 256  # uint8 label maps
+
+
+class MaskEmbedding(nn.Module):
+    """A label map (N, H, W) of ints to (N, C, H, W) learned per-label features."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.table = nn.Embedding(MASK_VALUES, channels)
+        self.channels = channels
+
+    def forward(self, masks: torch.Tensor) -> torch.Tensor:
+        return self.table(masks.long().clamp(0, MASK_VALUES - 1)).permute(0, 3, 1, 2)
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(8, channels // 4) or 1, channels)
+
+
+class UNetGenerator(nn.Module):
+    """Mask (N, H, W) to a 1-channel slice in [-1, 1] through a U-Net.
+
+    Encoder: 4x4 stride-2 convolutions down to 4x4 (channels doubling up to 8 x width).
+    Decoder: nearest upsampling + 3x3 convolution, each level concatenated with the
+    encoder's feature map of the same size (the skip connections); dropout 0.5 on the
+    three innermost decoder levels, applied at sampling time too.
+    """
+
+    paired = True  # conditioned on a mask, trained against the real slice of that mask
+    conditional = False  # no class label
+    latent_dim = 0
+
+    def __init__(self, *, image_size: int, width: int = 32, mask_channels: int = 8, dropout: float = 0.5) -> None:
+        super().__init__()
+        if image_size not in (32, 64, 128, 256):
+            raise ValueError(f"image size {image_size} not supported (use 32, 64, 128, 256)")
+        self.image_size, self.dropout = image_size, dropout
+        self.embed = MaskEmbedding(mask_channels)
+        depth = int(math.log2(image_size)) - 2  # downsamplings to 4x4
+        chans = [min(width * 2**i, width * 8) for i in range(depth)]
+        self.down = nn.ModuleList()
+        previous = mask_channels
+        for i, c in enumerate(chans):
+            layers: list[nn.Module] = [nn.Conv2d(previous, c, 4, 2, 1)]
+            if i > 0:
+                layers.append(_norm(c))
+            layers.append(nn.LeakyReLU(0.2))
+            self.down.append(nn.Sequential(*layers))
+            previous = c
+        self.up = nn.ModuleList()
+        for i in reversed(range(depth)):
+            out = chans[i - 1] if i > 0 else width
+            incoming = previous if i == depth - 1 else previous * 2  # innermost has no skip yet
+            self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                                         nn.Conv2d(incoming, out, 3, 1, 1), _norm(out), nn.ReLU()))
+            previous = out
+        self.out = nn.Conv2d(width + mask_channels, 1, 3, 1, 1)
+        self.apply(_dcgan_init)
+
+    def forward(self, z: torch.Tensor | None, masks: torch.Tensor) -> torch.Tensor:
+        del z  # pix2pix's noise is dropout
+        m = self.embed(masks)
+        skips = [m]
+        x = m
+        for block in self.down:
+            x = block(x)
+            skips.append(x)
+        skips.pop()  # the bottleneck itself
+        for i, block in enumerate(self.up):
+            if i > 0:
+                x = torch.cat([x, skips.pop()], dim=1)
+            x = block(x)
+            if i < 3 and self.dropout > 0:
+                x = F.dropout(x, self.dropout, training=True)  # noise, at sampling too
+        return torch.tanh(self.out(torch.cat([x, skips.pop()], dim=1)))
+
+
+class PatchDiscriminator(nn.Module):
+    """(slice, mask) to a map of real/fake logits, one per overlapping patch.
+
+    The paper's 70x70 PatchGAN at 256 px (C64-C128-C256-C512, 4x4 kernels, three at
+    stride 2), with one stride-2 layer fewer per halving of the side, so the patch stays
+    about a quarter of the image. ``adv`` is (N, P): the losses average over patches.
+    """
+
+    paired = True
+
+    def __init__(self, *, image_size: int, width: int = 32, mask_channels: int = 8) -> None:
+        super().__init__()
+        self.embed = MaskEmbedding(mask_channels)
+        n_down = max(1, int(math.log2(image_size)) - 5)
+        layers: list[nn.Module] = [nn.Conv2d(1 + mask_channels, width, 4, 2, 1), nn.LeakyReLU(0.2)]
+        c = width
+        for _ in range(n_down - 1):
+            layers += [nn.Conv2d(c, min(c * 2, width * 8), 4, 2, 1), _norm(min(c * 2, width * 8)), nn.LeakyReLU(0.2)]
+            c = min(c * 2, width * 8)
+        layers += [nn.Conv2d(c, min(c * 2, width * 8), 4, 1, 1), _norm(min(c * 2, width * 8)), nn.LeakyReLU(0.2),
+                   nn.Conv2d(min(c * 2, width * 8), 1, 4, 1, 1)]
+        self.net = nn.Sequential(*layers)
+        self.apply(_dcgan_init)
+
+    def forward(self, x: torch.Tensor, masks: torch.Tensor) -> DiscriminatorOutput:
+        return DiscriminatorOutput(self.net(torch.cat([x, self.embed(masks)], dim=1)).flatten(1))
