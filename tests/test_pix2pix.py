@@ -242,3 +242,14 @@ def test_segmentation_utility_tells_a_faithful_generator_from_a_misleading_one()
     assert faithful["label"] == 5 and set(faithful["dice"]) == {"real", "real+synthetic", "real+moved-real"}
     assert faithful["dice"]["real+synthetic"]["mean"] > 0.7
     assert faithful["gains"]["synthetic over real"]["mean"] > misleading["gains"]["synthetic over real"]["mean"] + 0.2
+
+
+def test_any_width_builds_and_the_wgan_gp_loss_is_refused() -> None:
+    from fedsynth.shared.config import ConfigError
+
+    cfg = RunConfig.from_overrides({"model.name": "pix2pix", "model.width": 36})
+    gen, disc = build_gan(cfg.model, image_size=32, num_classes=1)
+    masks = torch.zeros(1, 32, 32, dtype=torch.uint8)
+    assert disc(gen(None, masks), masks).adv.shape[0] == 1
+    with pytest.raises(ConfigError, match="pix2pix trains with bce or hinge"):
+        RunConfig.from_overrides({"model.name": "pix2pix", "train.loss": "wgan-gp"})

@@ -515,6 +515,9 @@ def _paired(paired: Mapping[str, Any]) -> str:
                      "training masks, how closely it reproduces the patients it was fitted to. A training score far "
                      "above the holdout score means a patient's mask alone brings back their slice.")
             + _table(["metric (mean, 95% CI)", "holdout masks", "training masks"], rows))
+    if paired.get("audited_set"):
+        html += _plain(f"The synthetic images the other checks audit were {paired['audited_set']}: the case where a "
+                       "slice drawn for a patient's own mask could bring that patient back.")
     gap = paired.get("ssim_gap")
     if gap:
         html += _plain(f"SSIM gap, training minus holdout: {_num(gap['mean'])} "

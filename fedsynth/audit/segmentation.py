@@ -76,7 +76,8 @@ def train_segmenter(images: np.ndarray, targets: np.ndarray, *, steps: int, seed
 def dice(net: SegmentationUNet, images: np.ndarray, targets: np.ndarray) -> float:
     """Dice of the thresholded prediction over all slices pooled (1.0 when both are empty)."""
     with torch.no_grad():
-        pred = (net(_as_input(images)) > 0).numpy()[:, 0]
+        pred = np.concatenate([(net(_as_input(images[i:i + 64])) > 0).numpy()[:, 0]
+                               for i in range(0, len(images), 64)])
     truth = targets.astype(bool)
     total = pred.sum() + truth.sum()
     return 1.0 if total == 0 else float(2 * (pred & truth).sum() / total)

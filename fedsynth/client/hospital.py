@@ -118,11 +118,11 @@ def load_hospital_slices(site: HospitalSite, cfg: RunConfig) -> SliceSet:
 
 
 def conditions(slices: SliceSet, gen: torch.nn.Module) -> np.ndarray:
-    """What the generator is conditioned on for these slices: their masks (N, H, W) for
-    pix2pix, else their class labels (N,)."""
+    """What the generator is conditioned on for these slices: their masks (N, H, W, uint8:
+    the embedding reads them as ints) for pix2pix, else their class labels (N,)."""
     if getattr(gen, "paired", False):
         assert slices.masks is not None  # load_hospital_slices checked
-        return slices.masks.astype(np.int64)
+        return slices.masks
     return slices.labels
 
 

@@ -116,6 +116,7 @@ def _audit_one(run: RunDir | None, real: SliceSet, source: str, out: Path, optio
             syn_images, used_round, paired = _pix2pix_samples(run, train, holdout, source, options, n=n,
                                                               round_=round_)
             syn_labels = None
+            provenance["synthetic_masks"] = "the training slices' masks, in turn"
         else:
             syn_images, labels, _, used_round, conditional = sample_images(
                 run, n=n, label=None, round_=round_, seed=seed)
@@ -171,10 +172,16 @@ PAIRED_TRAIN_MASKS = 1000  # training masks (at most) for the paired train-vs-ho
 
 def _pix2pix_samples(run: RunDir, train: SliceSet, holdout: SliceSet, source: str, options: AuditOptions, *,
                      n: int, round_: str) -> tuple[np.ndarray, int, dict]:
-    """A pix2pix generator's slices for the audit: ``n`` drawn for the holdout masks in
-    turn (so the distributional checks compare like with like), the paired
-    (mask-conditioned) fidelity over holdout and training masks, and (unless
-    ``--no-utility``) the segmentation utility of its (mask, slice) pairs."""
+    """A pix2pix generator's slices for the audit: ``n`` drawn for the **training** masks
+    in turn, the paired (mask-conditioned) fidelity over holdout and training masks, and
+    (unless ``--no-utility``) the segmentation utility of its (mask, slice) pairs.
+
+    The audited set comes from the training masks because that is what a hospital would
+    release (`fedsynth sample --masks` with its own masks), and it is the hardest case
+    for the copying and membership checks: a slice drawn for a training patient's mask
+    may bring back that patient's slice. Drawing for the holdout masks instead would make
+    the synthetic set look like the holdout, the checks' "fresh data" reference, and pass
+    them by construction."""
     from ..audit.paired import paired_fidelity
     from ..audit.segmentation import segmentation_utility
 
@@ -182,15 +189,17 @@ def _pix2pix_samples(run: RunDir, train: SliceSet, holdout: SliceSet, source: st
     if holdout.masks is None or train.masks is None:
         raise CommandError(f"{source}: a pix2pix run is audited against slices with masks (prepare the volumes with "
                            "`fedsynth prepare ... --keep-masks`)")
-    cycle = np.arange(n) % len(holdout)
+    cycle = np.arange(n) % len(train)
     images, _, _, used_round, _ = sample_images(run, n=n, label=None, round_=round_, seed=seed,
-                                                masks=holdout.masks[cycle])
+                                                masks=train.masks[cycle])
     pick = np.random.default_rng(seed).permutation(len(train))[:PAIRED_TRAIN_MASKS]
     from_train, *_ = sample_images(run, n=len(pick), label=None, round_=used_round, seed=seed + 1,
                                    masks=train.masks[pick])
-    first = images[: len(holdout)] if n >= len(holdout) else \
-        sample_images(run, n=len(holdout), label=None, round_=used_round, seed=seed, masks=holdout.masks)[0]
-    paired = paired_fidelity(first, holdout.images, from_train, train.images[pick], seed=seed)
+    from_holdout, *_ = sample_images(run, n=len(holdout), label=None, round_=used_round, seed=seed + 2,
+                                     masks=holdout.masks)
+    paired = paired_fidelity(from_holdout, holdout.images, from_train, train.images[pick], seed=seed)
+    paired["audited_set"] = "drawn for the training masks in turn (what `fedsynth sample --masks` with the " \
+                            "hospital's own masks releases)"
     if options.utility:
         console.print(f"segmentation utility: {options.utility_seeds} seeds x 3 training sets of a small U-Net")
 
@@ -331,6 +340,7 @@ def _real_slices(run: RunDir | None, data: Path | None, hospital: str | None) ->
         split=np.concatenate([p.split for _, p in parts]),
         source=np.concatenate([p.source for _, p in parts]),
         meta=dict(first.meta),
+        masks=np.concatenate([p.masks for _, p in parts]) if all(p.masks is not None for _, p in parts) else None,
     )
     return pooled, f"{len(parts)} hospitals' slices in {run.hospitals_dir}"
 

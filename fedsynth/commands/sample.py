@@ -72,8 +72,9 @@ def sample_images(run: RunDir, *, n: int, label: str | None, round_: int | str |
     conditional = bool(getattr(gen, "conditional", False))
     if getattr(gen, "paired", False):
         if masks is None:
-            raise CommandError(f"model {cfg.model.name!r} draws a slice for each mask: give --masks FILE.npz or "
-                               "--random-masks")
+            raise CommandError(f"model {cfg.model.name!r} draws a slice for each mask: `fedsynth sample --run "
+                               f"{run.root} --masks FILE.npz` (or --random-masks) draws them; other commands take "
+                               "the result with --synthetic")
         if label is not None or truncation != 1.0:
             raise CommandError(f"--label/--truncation: model {cfg.model.name!r} is conditioned on masks, not classes")
         return generate(gen, masks, seed=seed), np.zeros(len(masks), dtype=np.int64), classes, round_, False
@@ -178,7 +179,13 @@ def sample(
     }
     if masks is not None:
         provenance["masks"] = str(masks_path) if masks_path is not None else "shape model (--random-masks)"
+        provenance["masks_are_real"] = masks_path is not None
         provenance.pop("truncation")
+        if masks_path is not None:
+            console.print(f"[yellow]the masks are real patients' label maps from {masks_path} and are written "
+                          "unchanged beside the slices: they are not synthetic, and a slice drawn for a training "
+                          "patient's mask can resemble that patient's slice (see the audit's mask-conditioned "
+                          "fidelity); keep this output where the masks may be[/]")
     names = [classes[i] if conditional else "unconditional" for i in labels]
     if output_format == "png" and masks is not None:
         for i, (image, mask) in enumerate(zip(images, masks, strict=True)):

@@ -360,6 +360,9 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _link_sections(self) -> RunConfig:
         self.train._family = self.model.name  # `train.loss: auto` depends on the family
+        if self.model.name == "pix2pix" and self.train.loss == "wgan-gp":
+            raise ValueError("train.loss: pix2pix trains with bce or hinge, not wgan-gp (its gradient penalty has no "
+                             "mask-aware form here)")
         if self.model.name == "stylegan2-lite" and self.model.conditioning == "ac":
             raise ValueError("model.conditioning: stylegan2-lite supports projection or none, not ac")
         return self

@@ -36,7 +36,7 @@ def generate(
     out = []
     # Noise drawn inside the generator (per-layer noise, pix2pix's dropout) comes from
     # torch's global generator: seed it too, without disturbing the caller's stream.
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
         torch.manual_seed(seed)
         for start in range(0, len(labels_t), batch_size):
             zb = z[start : start + batch_size].to(device)
@@ -94,8 +94,9 @@ def paired_grid(masks: np.ndarray, images: np.ndarray, path: str | Path, *, colu
     """A grid of (mask, slice) pairs: rows alternate masks and the slices for them."""
     n = len(images)
     tiles: list[np.ndarray] = []
+    grey = mask_to_uint8(masks)  # one grey level per label across the whole grid
     for start in range(0, n, columns):
-        rows_m = list(mask_to_uint8(masks[start : start + columns]))
+        rows_m = list(grey[start : start + columns])
         rows_i = list(images[start : start + columns])
         pad = [np.zeros_like(images[0])] * (columns - len(rows_i))
         tiles += rows_m + pad + rows_i + pad

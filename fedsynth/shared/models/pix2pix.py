@@ -57,7 +57,7 @@ class MaskEmbedding(nn.Module):
 
 
 def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(8, channels // 4) or 1, channels)
+    return nn.GroupNorm(math.gcd(channels, 8), channels)
 
 
 class UNetGenerator(nn.Module):
