@@ -1,7 +1,7 @@
 """Issue 10: the GAN families side by side, federated across three hospitals, each given
 the same wall-clock; and a leave-one-hospital-out classifier test.
 
-    python -m benchmarks.families --budget 600          # about 1.5 hours on 2 CPU cores
+    python -m benchmarks.families --budget 300          # about 35 minutes on 2 CPU cores
     python -m benchmarks.families --budget 60 --quick   # minutes: checks that it runs
 
 Arms (every one through ``fedsynth simulate``: 3 hospitals, Dirichlet 0.5 over classes,
