@@ -236,9 +236,9 @@ def test_segmentation_utility_tells_a_faithful_generator_from_a_misleading_one()
     train_m, hold_m = masks[:32], masks[32:]
     train_x, hold_x = render(train_m, 200, 40), render(hold_m, 200, 40)
     faithful = segmentation_utility(train_x[:8], train_m[:8], hold_x, hold_m, lambda m, s: render(m, 200, 40),
-                                    seeds=2, steps=80)
+                                    label=5, seeds=2, steps=80)
     misleading = segmentation_utility(train_x[:8], train_m[:8], hold_x, hold_m, lambda m, s: render(m, 40, 200),
-                                      seeds=2, steps=80)
+                                      label=5, seeds=2, steps=80)
     assert faithful["label"] == 5 and set(faithful["dice"]) == {"real", "real+synthetic", "real+moved-real"}
     assert faithful["dice"]["real+synthetic"]["mean"] > 0.7
     assert faithful["gains"]["synthetic over real"]["mean"] > misleading["gains"]["synthetic over real"]["mean"] + 0.2

@@ -128,8 +128,8 @@ def sample(
         None, "--masks", help="pix2pix: draw one slice per mask in this file (a slice set from `fedsynth prepare "
         "--keep-masks`, e.g. this hospital's own, or an .npz with a 'masks' array); --n is ignored."),
     random_masks: bool = typer.Option(
-        False, "--random-masks", help="pix2pix: draw --n masks from a simple shape model (an ellipse per label value "
-        "of the run's data.mask-labels; reads no patient data), and a slice for each."),
+        False, "--random-masks", help="pix2pix: draw --n masks from a simple shape model (ellipses of 1 to 4 label "
+        "values of the run's data.mask-labels; reads no patient data), and a slice for each."),
 ) -> None:
     """Write synthetic slices from a run's global generator (the final round by default).
 

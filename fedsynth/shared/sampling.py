@@ -56,26 +56,24 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 def shape_masks(n: int, size: int, values: list[int] | tuple[int, ...], *, seed: int) -> np.ndarray:
     """``n`` label maps (N, size, size) uint8 from a simple shape model that reads no
-    patient data: for each label value, an ellipse (present with probability 0.8) of
-    random centre, semi-axes (8-25% of the side) and angle, later values drawn over
-    earlier ones; at least one label per map. For round grids on the server, which holds
-    no masks, and ``fedsynth sample --random-masks`` where no masks are at hand."""
+    patient data: each map holds 1 to 4 of the label values, chosen at random, each an
+    ellipse of random centre, semi-axes (8-25% of the side) and angle, later ones drawn
+    over earlier ones. For round grids on the server, which holds no masks, and
+    ``fedsynth sample --random-masks`` where no masks are at hand."""
     rng = np.random.default_rng(seed)
     values = [int(v) for v in values] or [1]
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) / size
     out = np.zeros((n, size, size), dtype=np.uint8)
     for i in range(n):
-        present = rng.random(len(values)) < 0.8
-        present[rng.integers(len(values))] = True
-        for value, keep in zip(values, present, strict=True):
+        chosen = rng.choice(values, size=min(len(values), int(rng.integers(1, 5))), replace=False)
+        for value in chosen:
             cy, cx = rng.uniform(0.3, 0.7, size=2)
             ay, ax = rng.uniform(0.08, 0.25, size=2)
             theta = rng.uniform(0, np.pi)
             dy, dx = yy - cy, xx - cx
             u = dx * np.cos(theta) + dy * np.sin(theta)
             v = -dx * np.sin(theta) + dy * np.cos(theta)
-            if keep:
-                out[i][(u / ax) ** 2 + (v / ay) ** 2 <= 1] = value
+            out[i][(u / ax) ** 2 + (v / ay) ** 2 <= 1] = value
     return out
 
 
