@@ -102,6 +102,11 @@ def forget_other_config(work: Path, config: dict[str, Any], progress, label: str
     fingerprint.write_text(json.dumps(wanted))
 
 
+def progress(message: str) -> None:
+    """A benchmark's progress line on stderr, with the wall-clock time."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def copy_last_grids(runs: dict[str, dict[str, Any]], out: Path) -> None:
     """``OUT/grids/real.png`` and, per arm, the last round's sample grid as ``ARM.png``."""
     grids = out / "grids"

@@ -29,7 +29,6 @@ output.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,7 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from .common import HERE, copy_last_grids, forget_other_config, machine, machine_line, prepare_brain, utility_row, write
+from .common import (HERE, copy_last_grids, forget_other_config, machine, machine_line, prepare_brain, progress,
+                     utility_row, write)
 from .quality import _ci, _f
 from .recipe import Arm, RecipeConfig, evaluate, train
 
@@ -191,9 +191,6 @@ def main(argv: list[str] | None = None) -> int:
     cfg = FamiliesConfig(**settings, locals_=False, dp=False, ablations=())
     out = args.out or HERE / "results" / ("families-quick" if args.quick else "families")
     work = args.work or out / "work"
-
-    def progress(message: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
     result = run_families(cfg, work, out, progress)
     print("\n".join(markdown(result)))

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from .common import FEDSYNTH, HERE, SHARED, forget_other_config, machine, machine_line, run, write
+from .common import FEDSYNTH, HERE, SHARED, forget_other_config, machine, machine_line, progress, run, write
 
 CT_VOLUMES = SHARED / "ct-volumes"
 PAIRS = {  # volume (relative to ct-volumes) -> its label map
@@ -207,9 +206,6 @@ def main(argv: list[str] | None = None) -> int:
     cfg = Pix2pixConfig(budget=args.budget, **settings)
     out = args.out or HERE / "results" / ("pix2pix-quick" if args.quick else "pix2pix")
     work = out / "work"
-
-    def progress(message: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
     started = time.perf_counter()
     forget_other_config(work, asdict(cfg), progress, "pix2pix")

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,8 +40,8 @@ from typing import Any
 
 import numpy as np
 
-from .common import (FEDSYNTH, HERE, copy_last_grids, forget_other_config, machine, machine_line, prepare_brain, run,
-                     utility_row, write)
+from .common import (FEDSYNTH, HERE, copy_last_grids, forget_other_config, machine, machine_line, prepare_brain, progress,
+                     run, utility_row, write)
 from .quality import _ci, _f
 
 HOSPITALS = ("hospital-a", "hospital-b", "hospital-c")
@@ -384,9 +383,6 @@ def main(argv: list[str] | None = None) -> int:
     cfg = RecipeConfig(**settings)
     out = args.out or HERE / "results" / ("recipe-quick" if args.quick else "recipe")
     work = args.work or out / "work"
-
-    def progress(message: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
     result = run_recipe(cfg, work, out, progress)
     print("\n".join(markdown(result)))
