@@ -111,7 +111,7 @@ def load_hospital_slices(site: HospitalSite, cfg: RunConfig) -> SliceSet:
         )
     if not (slices.split == TRAIN).any():
         raise SliceSetError(f"{site.data_path}: no training slices at {site.name}")
-    if cfg.model.name == "pix2pix" and slices.masks is None:
+    if cfg.model.on_masks and slices.masks is None:
         raise SliceSetError(f"{site.data_path}: model.name=pix2pix needs each slice's mask; prepare the volumes with "
                             "`fedsynth prepare ... --keep-masks`")
     return slices

@@ -49,7 +49,6 @@ class RoundStats:
     images_per_second: float
     l1: float = float("nan")  # pix2pix: mean |generated - real| of the same mask, in [-1, 1] units
 
-
     def as_metrics(self) -> dict[str, float | int]:
         """Kebab-case metric names, with ``num-examples`` for weighted averaging. A NaN
         value means "not reported" (DP rounds withhold what real images would reveal) and

@@ -112,7 +112,7 @@ def _audit_one(run: RunDir | None, real: SliceSet, source: str, out: Path, optio
         cfg = run.load_config()
         if tuple(cfg.data.classes) != real.class_names:
             raise CommandError(f"{source}: classes {real.class_names} differ from the run's {tuple(cfg.data.classes)}")
-        if cfg.model.name == "pix2pix":
+        if cfg.model.on_masks:
             syn_images, used_round, paired = _pix2pix_samples(run, train, holdout, source, options, n=n,
                                                               round_=round_)
             syn_labels = None

@@ -162,7 +162,7 @@ def run(
             raise ConfigError("data.class-names is empty: in a deployment the coordinator has no slices, so the "
                               "run config must name the classes (as the hospitals' slice sets do), e.g. "
                               "--set data.class-names=glioma,meningioma,no-tumor,pituitary")
-        if cfg.model.name == "pix2pix" and not cfg.data.mask_labels:
+        if cfg.model.on_masks and not cfg.data.mask_labels:
             raise ConfigError("data.mask-labels is empty: a pix2pix run's round grids draw masks from a shape model "
                               "with the hospitals' label values, e.g. --set data.mask-labels=5,1,2,3")
         if rundir.last_round() is not None or rundir.config_path.exists():

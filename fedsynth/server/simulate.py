@@ -45,7 +45,7 @@ def prepare_simulation(
     classes = ",".join(slices.class_names)
     if cfg.data.class_names and cfg.data.class_names != classes:
         raise ConfigError(f"data.class-names {cfg.data.class_names!r} differs from {data_path}'s classes {classes!r}")
-    if cfg.model.name == "pix2pix" and slices.masks is None:
+    if cfg.model.on_masks and slices.masks is None:
         raise ConfigError(f"model.name=pix2pix needs each slice's mask, and {data_path} has none: prepare the volumes "
                           "with `fedsynth prepare VOLUMES --keep-masks`")
     # Patients kept out of training to score each round's generator (checkpoint choice),
@@ -60,7 +60,7 @@ def prepare_simulation(
         "output.resume": False,
         "simulation.hospitals-dir": str(run.hospitals_dir),
     }
-    if cfg.model.name == "pix2pix" and not cfg.data.mask_labels:
+    if cfg.model.on_masks and not cfg.data.mask_labels:
         assert slices.masks is not None
         overrides["data.mask-labels"] = ",".join(str(v) for v in np.unique(slices.masks) if v != 0)
     if cfg.train.threads == 0:
@@ -96,7 +96,7 @@ def prepare_simulation(
         hospitals=counts,
     ))
     write_real_grid(slices.only(TRAIN), run.root / "samples" / "real.png", per_class=cfg.output.grid_per_class,
-                    seed=cfg.train.seed, paired=cfg.model.name == "pix2pix")
+                    seed=cfg.train.seed, paired=cfg.model.on_masks)
     return cfg
 
 

@@ -120,6 +120,11 @@ class ModelConfig(_Section):
     )
 
 
+    @property
+    def on_masks(self) -> bool:
+        """The generator draws a slice for each mask (pix2pix), not from noise and a class."""
+        return self.name == "pix2pix"
+
 class TrainConfig(_Section):
     """The local GAN round each hospital runs."""
 
@@ -360,7 +365,7 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _link_sections(self) -> RunConfig:
         self.train._family = self.model.name  # `train.loss: auto` depends on the family
-        if self.model.name == "pix2pix" and self.train.loss == "wgan-gp":
+        if self.model.on_masks and self.train.loss == "wgan-gp":
             raise ValueError("train.loss: pix2pix trains with bce or hinge, not wgan-gp (its gradient penalty has no "
                              "mask-aware form here)")
         if self.model.name == "stylegan2-lite" and self.model.conditioning == "ac":
