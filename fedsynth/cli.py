@@ -12,6 +12,7 @@ from .commands.prepare import prepare
 from .commands.report import consortium, report
 from .commands.sample import sample
 from .commands.simulate import simulate
+from .commands.translate import translate
 from .commands.turing import make_sheet, turing_test
 
 app = typer.Typer(
@@ -24,6 +25,7 @@ app = typer.Typer(
 app.command(help=prepare.__doc__)(prepare)
 app.command(help=simulate.__doc__)(simulate)
 app.command(help=sample.__doc__)(sample)
+app.command(help=translate.__doc__)(translate)
 app.command(help=audit.__doc__)(audit)
 app.command(help=report.__doc__)(report)
 app.command(help=consortium.__doc__)(consortium)

@@ -10,8 +10,9 @@ from opacus.validators import ModuleValidator
 from fedsynth.shared.config import ModelConfig
 from fedsynth.shared.models import MODEL_FAMILIES, build_gan
 
-# Families drawn from noise (and a class); pix2pix draws from a mask (tests/test_pix2pix.py).
-NOISE_FAMILIES = sorted(n for n, f in MODEL_FAMILIES.items() if f.condition != "mask")
+# Families drawn from noise (and a class); pix2pix draws from a mask (tests/test_pix2pix.py)
+# and cyclegan translates slices (tests/test_cyclegan.py).
+NOISE_FAMILIES = sorted(n for n, f in MODEL_FAMILIES.items() if f.condition in ("class", "none"))
 
 
 @pytest.mark.parametrize("name", NOISE_FAMILIES)
@@ -57,7 +58,7 @@ def test_unknown_family_or_size_is_refused() -> None:
 
 
 # The configuration under which each family may train with DP-SGD (what `fedsynth models`
-# says); pix2pix is refused (tests/test_pix2pix.py).
+# says); pix2pix and cyclegan are refused (tests/test_pix2pix.py, tests/test_cyclegan.py).
 DP_READY = {"cdcgan": {}, "vanilla-gan": {}, "wgan-gp": {"spectral_norm": False}, "stylegan2-lite": {"mbstd_group": 0}}
 
 
@@ -98,3 +99,4 @@ def test_models_command_lists_every_family_and_preset_with_its_dp_support() -> N
         assert name in result.output
     assert "without spectral norm" in result.output and "no (spectral norm)" in result.output
     assert "mask" in result.output, "pix2pix is listed as conditioned on a mask"
+    assert "domain" in result.output, "cyclegan is listed as translating between domains"

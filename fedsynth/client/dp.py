@@ -227,6 +227,13 @@ def check_dp_discriminator(disc: nn.Module, train: TrainConfig | None = None) ->
         Naming each offending layer (BatchNorm, spectral norm, minibatch std, in-place
         activations, ...) or setting.
     """
+    if getattr(disc, "cycle", False):
+        raise PrivacyError(
+            "cyclegan cannot train under DP-SGD: its cycle-consistency and identity losses compare translated "
+            "slices with the real slices they came from in the generator's update, so the generator that leaves "
+            "the hospital carries gradients of patient images that the discriminator's clipping never bounds "
+            "(epsilon would be under-reported)"
+        )
     if getattr(disc, "paired", False):
         raise PrivacyError(
             "pix2pix cannot train under DP-SGD: its L1 loss compares each generated slice with the real slice of the "

@@ -17,6 +17,7 @@ from ..audit.fidelity import frechet_distance
 from ..shared.checkpoint import load_checkpoint, load_torch_tensors, save_checkpoint, save_torch_atomic
 from ..shared.config import RunConfig
 from ..shared.device import pick_device
+from ..shared.domains import domains_of
 from ..shared.models import build_gan
 from ..shared.sampling import generate
 from ..shared.sliceset import TRAIN, VALIDATION, SliceSet, SliceSetError
@@ -31,7 +32,7 @@ from .dp import (
     secure_generator,
     train_round_dp,
 )
-from .train import BatchSource, RoundStats, make_optimizers, train_round
+from .train import BatchSource, RoundStats, make_optimizers, train_round, train_round_cycle
 
 __all__ = ["HospitalSite", "LocalRoundResult", "derive_seed", "run_local_round"]
 
@@ -114,6 +115,11 @@ def load_hospital_slices(site: HospitalSite, cfg: RunConfig) -> SliceSet:
     if cfg.model.on_masks and slices.masks is None:
         raise SliceSetError(f"{site.data_path}: model.name=pix2pix needs each slice's mask; prepare the volumes with "
                             "`fedsynth prepare ... --keep-masks`")
+    if cfg.model.on_domains:
+        train = slices.only(TRAIN)
+        if not (domains_of(train, cfg.data, path=site.data_path) != "").any():
+            raise SliceSetError(f"{site.data_path}: no training slice of domain {cfg.data.domain_a!r} or "
+                                f"{cfg.data.domain_b!r} at {site.name}")
     return slices
 
 
@@ -225,16 +231,19 @@ def run_local_round(
         load_weights(disc, global_discriminator)
     rng = torch.Generator().manual_seed(seed)
     images = torch.from_numpy(train.as_float()).to(device)
-    labels = torch.from_numpy(conditions(train, gen)).to(device)  # class labels, or masks for pix2pix
-    if plan is not None:
+    if cfg.model.on_domains:
+        stats = _cycle_round(gen, disc, opt_g, opt_d, images, domains_of(train, cfg.data), cfg, rng)
+    elif plan is not None:
         # Which patients are sampled and the noise must be unpredictable: not from the
         # run seed (the server knows it), and different if a round is re-run.
+        labels = torch.from_numpy(conditions(train, gen)).to(device)  # class labels, or masks for pix2pix
         secure = secure_generator()
         sampler = PatientSampler(_unit_ids(train), plan.sample_rate, secure)
         private = PerSampleClipper(disc, max_grad_norm=plan.max_grad_norm)
         stats = train_round_dp(gen, private, opt_g, opt_d, images, labels, sampler, plan, cfg.train,
                                num_classes=len(train.class_names), generator=rng, noise_generator=secure)
     else:
+        labels = torch.from_numpy(conditions(train, gen)).to(device)
         batches = BatchSource(images, labels, batch_size=cfg.train.batch_size, generator=rng)
         stats = train_round(gen, disc, opt_g, opt_d, batches, cfg.train, generator=rng)
     state.save(disc, opt_g, opt_d, server_round=server_round, hospital=site.name)
@@ -247,6 +256,19 @@ def run_local_round(
         stats=stats,
         privacy=_privacy_report(privacy, plan) if privacy is not None and plan is not None else None,
     )
+
+
+def _cycle_round(gen: torch.nn.Module, disc: torch.nn.Module, opt_g: torch.optim.Optimizer,
+                 opt_d: torch.optim.Optimizer, images: torch.Tensor, domains: np.ndarray, cfg: RunConfig,
+                 rng: torch.Generator) -> RoundStats:
+    """CycleGAN's round on this hospital's slices of domain A and of domain B (either may
+    be absent: ``train_round_cycle`` then trains the half it can)."""
+    sources = {}
+    for d in ("a", "b"):
+        index = torch.from_numpy(np.flatnonzero(domains == d)).to(images.device)
+        sources[d] = (BatchSource(images[index], torch.zeros(len(index), device=images.device),
+                                  batch_size=cfg.train.batch_size, generator=rng) if len(index) else None)
+    return train_round_cycle(gen, disc, opt_g, opt_d, sources["a"], sources["b"], cfg.train, generator=rng)
 
 
 VALIDATION_SAMPLES = 256  # generated images per validation score
@@ -272,6 +294,8 @@ def score_validation(site: HospitalSite, cfg: RunConfig, global_generator: dict[
         return {"val-n": len(validation)}
     gen, _ = build_gan(cfg.model, image_size=cfg.data.image_size, num_classes=len(slices.class_names))
     load_weights(gen, global_generator)
+    if cfg.model.on_domains:
+        return _score_translation(gen, validation, cfg)
     rng = np.random.default_rng(derive_seed(cfg.train.seed, site.name, "validation"))
     if getattr(gen, "paired", False):  # pix2pix: the validation slices' own masks
         labels = conditions(validation, gen)[rng.choice(len(validation), size=VALIDATION_SAMPLES)]
@@ -283,6 +307,35 @@ def score_validation(site: HospitalSite, cfg: RunConfig, global_generator: dict[
     space = PixelSpace(components=min(VALIDATION_COMPONENTS, len(validation) - 1)).fit(validation.images)
     fd = frechet_distance(space.transform(validation.images), space.transform(fake))
     return {"val-fd": float(fd), "val-n": len(validation)}
+
+
+def _score_translation(gen: torch.nn.Module, validation: SliceSet, cfg: RunConfig) -> dict[str, Any]:
+    """CycleGAN's validation score: the Fréchet distance (pixel PCA fitted on the target
+    domain's validation slices) between each domain's validation slices translated and
+    the other domain's, averaged over the two directions, and the mean cycle L1. Scored
+    only where the hospital has at least 2 validation slices of each domain."""
+    from ..shared.sampling import translate
+
+    domains = domains_of_or_none(validation, cfg)
+    real = {d: validation.images[domains == d] for d in ("a", "b")}
+    if min(len(v) for v in real.values()) < 2:
+        return {"val-n": int((domains != "").sum())}
+    fds, cycles = [], []
+    for source, target in (("a", "b"), ("b", "a")):
+        moved = translate(gen, real[source], f"{source}2{target}")
+        back = translate(gen, moved, f"{target}2{source}")
+        cycles.append(float(np.abs(back.astype(np.float32) - real[source]).mean() / 127.5))
+        space = PixelSpace(components=min(VALIDATION_COMPONENTS, len(real[target]) - 1)).fit(real[target])
+        fds.append(float(frechet_distance(space.transform(real[target]), space.transform(moved))))
+    return {"val-fd": float(np.mean(fds)), "val-cycle": float(np.mean(cycles)), "val-n": int((domains != "").sum())}
+
+
+def domains_of_or_none(slices: SliceSet, cfg: RunConfig) -> np.ndarray:
+    """``domains_of``, or all ``""`` where no slice is of either domain."""
+    try:
+        return domains_of(slices, cfg.data)
+    except SliceSetError:
+        return np.full(len(slices), "")
 
 
 def _unit_ids(train: SliceSet) -> np.ndarray:

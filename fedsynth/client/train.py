@@ -29,6 +29,7 @@ __all__ = [
     "paired_generator_step",
     "r1_penalty",
     "train_round",
+    "train_round_cycle",
 ]
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,12 @@ class RoundStats:
     d_fake: float  # mean D(fake) logit
     seconds: float
     images_per_second: float
-    l1: float = float("nan")  # pix2pix: mean |generated - real| of the same mask, in [-1, 1] units
+    l1: float = float("nan")  # pix2pix: mean |generated - real| of the same mask; cyclegan: the cycle's
+    # mean |A -> B -> A - A| (and B -> A -> B), in [-1, 1] units
+    # cyclegan: the weight of each translator in the server's average, the number of this
+    # hospital's real slices of the translator's target domain (0: not trained here)
+    weight_a2b: float = float("nan")
+    weight_b2a: float = float("nan")
 
     def as_metrics(self) -> dict[str, float | int]:
         """Kebab-case metric names, with ``num-examples`` for weighted averaging. A NaN
@@ -311,5 +317,126 @@ def train_round(
         raise FloatingPointError(
             f"training diverged (d-loss {stats.d_loss}, g-loss {stats.g_loss}); "
             "lower train.lr-g / train.lr-d"
+        )
+    return stats
+
+
+def train_round_cycle(
+    gen: nn.Module,
+    disc: nn.Module,
+    opt_g: torch.optim.Optimizer,
+    opt_d: torch.optim.Optimizer,
+    domain_a: BatchSource | None,
+    domain_b: BatchSource | None,
+    cfg: TrainConfig,
+    *,
+    generator: torch.Generator,
+) -> RoundStats:
+    """CycleGAN's local round: ``cfg.local_steps`` steps, each one update of both
+    discriminators and one of both translators.
+
+    A hospital holding **both domains** trains CycleGAN as in the paper: D_A judges real A
+    against G_BA(b), D_B real B against G_AB(a); the translators are trained with the
+    adversarial loss of G_AB(a) and G_BA(b), the cycle L1 of G_BA(G_AB(a)) to a and
+    G_AB(G_BA(b)) to b, and the identity L1 of G_BA(a) to a and G_AB(b) to b.
+
+    A hospital holding **only domain A** has no real B to judge G_AB(a) with, so it trains
+    what it can: D_A judges real A against the round trip G_BA(G_AB(a)), and G_BA learns
+    to map the current G_AB's translations back to realistic A (adversarial through D_A,
+    cycle L1 and identity L1). G_AB only runs forward: it is not updated here, and the
+    hospital's ``weight_a2b`` is 0, so the server averages G_AB over the hospitals that
+    hold real B. Symmetrically for a hospital holding only B.
+
+    Each translator's weight in the server's average (``weight_a2b``, ``weight_b2a``) is
+    the number of real slices of its target domain here: the slices its adversarial
+    signal came from.
+    """
+    if domain_a is None and domain_b is None:
+        raise ValueError("no training slices of either domain at this hospital")
+    sources = {"a": domain_a, "b": domain_b}
+    device = (domain_a or domain_b).images.device  # type: ignore[union-attr]
+    mixed = autocast_for(device, cfg.mixed_precision)
+    gen.train()
+    disc.train()
+    frozen = [d for d, s in (("a2b", domain_b), ("b2a", domain_a)) if s is None]  # no real target images here
+    for direction in frozen:
+        getattr(gen, direction).requires_grad_(False)
+    d_losses, g_losses, d_real, d_fake, cycles = [], [], [], [], []
+    identity = cfg.identity_weight * cfg.cycle_weight
+    other = {"a": "b", "b": "a"}
+    start = time.perf_counter()
+    try:
+        for _ in range(cfg.local_steps):
+            real = {d: s.next()[0] for d, s in sources.items() if s is not None}
+            # --- discriminators: each domain present judges its real slices against fakes of it
+            with torch.no_grad(), mixed:
+                fakes = {}
+                for d in real:
+                    o = other[d]
+                    if o in real:  # translated from the other domain's real slices
+                        fakes[d] = gen(None, real[o], f"{o}2{d}").float()
+                    else:  # the round trip of this domain's own slices
+                        fakes[d] = gen(None, gen(None, real[d], f"{d}2{o}"), f"{o}2{d}").float()
+            opt_d.zero_grad(set_to_none=True)
+            loss_d = torch.zeros((), device=device)
+            outs_real, outs_fake = [], []
+            with mixed:
+                for d in real:
+                    out_real = disc(diff_augment(real[d], cfg.augment, generator), d)
+                    out_fake = disc(diff_augment(fakes[d], cfg.augment, generator), d)
+                    loss_d = loss_d + discriminator_loss(out_real, out_fake, real[d], cfg.objective)
+                    outs_real.append(out_real.adv.detach().float().mean())
+                    outs_fake.append(out_fake.adv.detach().float().mean())
+            loss_d.float().backward()
+            opt_d.step()
+            # --- translators, discriminators frozen
+            disc.requires_grad_(False)
+            opt_g.zero_grad(set_to_none=True)
+            adv = torch.zeros((), device=device)
+            cycle = torch.zeros((), device=device)
+            ident = torch.zeros((), device=device)
+            with mixed:
+                for d in real:
+                    o = other[d]
+                    translated = gen(None, real[d], f"{d}2{o}")
+                    back = gen(None, translated, f"{o}2{d}")
+                    cycle = cycle + (back.float() - real[d]).abs().mean()
+                    ident = ident + (gen(None, real[d], f"{o}2{d}").float() - real[d]).abs().mean()
+                    if o in real:  # the translation judged by the other domain's discriminator
+                        judged, target = translated, o
+                    else:  # only the way back can be judged here
+                        judged, target = back, d
+                    adv = adv + generator_loss(disc(diff_augment(judged, cfg.augment, generator), target),
+                                               real[d], cfg.objective)
+                total = adv + cfg.cycle_weight * cycle + identity * ident
+            total.float().backward()
+            opt_g.step()
+            disc.requires_grad_(True)
+            d_losses.append(loss_d.detach().float())
+            g_losses.append(adv.detach().float())
+            d_real.append(torch.stack(outs_real).mean())
+            d_fake.append(torch.stack(outs_fake).mean())
+            cycles.append(cycle.detach().float() / len(real))
+    finally:
+        for direction in frozen:
+            getattr(gen, direction).requires_grad_(True)
+    seconds = time.perf_counter() - start
+    n = sum(len(s) for s in sources.values() if s is not None)
+    images_seen = cfg.local_steps * sum(s.batch_size for s in sources.values() if s is not None)
+
+    def mean(values: list[torch.Tensor]) -> float:
+        return float(torch.stack(values).mean().cpu())
+
+    stats = RoundStats(
+        steps=cfg.local_steps, num_examples=n, images_seen=images_seen,
+        d_loss=mean(d_losses), g_loss=mean(g_losses), d_real=mean(d_real), d_fake=mean(d_fake),
+        seconds=seconds, images_per_second=images_seen / seconds if seconds > 0 else float("nan"),
+        l1=mean(cycles),
+        weight_a2b=float(len(domain_b) if domain_b is not None else 0),
+        weight_b2a=float(len(domain_a) if domain_a is not None else 0),
+    )
+    if not np.isfinite([stats.d_loss, stats.g_loss]).all():
+        raise FloatingPointError(
+            f"training diverged (d-loss {stats.d_loss}, g-loss {stats.g_loss}); lower train.lr-g / train.lr-d"
         )
     return stats

@@ -165,6 +165,9 @@ def run(
         if cfg.model.on_masks and not cfg.data.mask_labels:
             raise ConfigError("data.mask-labels is empty: a pix2pix run's round grids draw masks from a shape model "
                               "with the hospitals' label values, e.g. --set data.mask-labels=5,1,2,3")
+        if cfg.model.on_domains and not (cfg.data.domain_a and cfg.data.domain_b):
+            raise ConfigError("data.domain-a/data.domain-b are empty: a cyclegan run names its two domains, values of "
+                              "the hospitals' data.domain-field, e.g. --set data.domain-a=ct --set data.domain-b=mr")
         if rundir.last_round() is not None or rundir.config_path.exists():
             raise RunDirError(f"{rundir.root} already holds a run: continue it with --resume, or choose a new --out")
         cfg = cfg.with_overrides({"output.run-dir": str(rundir.root), "output.resume": False,

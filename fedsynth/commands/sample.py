@@ -70,6 +70,10 @@ def sample_images(run: RunDir, *, n: int, label: str | None, round_: int | str |
     tensors, _ = load_checkpoint(run.checkpoint(round_))
     load_weights(gen, split_model(tensors)[0])
     conditional = bool(getattr(gen, "conditional", False))
+    if getattr(gen, "cycle", False):
+        raise CommandError(f"model {cfg.model.name!r} translates slices rather than drawing them: `fedsynth translate "
+                           f"--run {run.root} --direction a2b --data SLICES.npz --out TRANSLATED.npz`; other commands "
+                           "(audit, turing-test) take the result with --synthetic")
     if getattr(gen, "paired", False):
         if masks is None:
             raise CommandError(f"model {cfg.model.name!r} draws a slice for each mask: `fedsynth sample --run "

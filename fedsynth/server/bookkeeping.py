@@ -14,7 +14,7 @@ from ..shared.checkpoint import load_checkpoint, save_checkpoint
 from ..shared.config import RunConfig
 from ..shared.models import build_gan
 from ..shared.rundir import RunDir
-from ..shared.sampling import generate, grid_labels, paired_grid, save_grid, shape_masks
+from ..shared.sampling import generate, grid_labels, paired_grid, save_grid, shape_masks, translate_grid
 from ..shared.weights import load_weights, model_tensors, split_model
 
 __all__ = ["GRID_SEED_OFFSET", "build_global_models", "plot_curves", "record_privacy", "record_round",
@@ -64,7 +64,12 @@ def record_round(
     )
     classes = cfg.data.classes
     scale = max(1, 128 // cfg.data.image_size)
-    if getattr(gen, "paired", False):
+    grid = None
+    if getattr(gen, "cycle", False):
+        # CycleGAN: the server holds no slices; it translates the preview set, if given.
+        if cfg.output.preview:
+            grid = translate_grid(gen, cfg, run.grid(round_), title=f"round {round_}")
+    elif getattr(gen, "paired", False):
         # pix2pix: the server holds no masks; the grid's come from the shape model, the
         # same every round.
         masks = shape_masks(4 * cfg.output.grid_per_class, cfg.data.image_size, cfg.data.mask_values,
@@ -86,7 +91,7 @@ def record_round(
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": round(seconds, 3),
         "checkpoint": str(checkpoint.relative_to(run.root)),
-        "grid": str(grid.relative_to(run.root)),
+        "grid": str(grid.relative_to(run.root)) if grid is not None else None,
         **report,
     }
     if round_ > 0:

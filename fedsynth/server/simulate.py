@@ -11,10 +11,11 @@ import yaml
 
 from ..shared.checkpoint import file_sha256
 from ..shared.config import ConfigError, RunConfig
+from ..shared.domains import domain_values, domains_of, guess_domains
 from ..shared.partition import partition
 from ..shared.rundir import HOSPITALS_MANIFEST, RunDir, RunDirError, collect_manifest
 from ..shared.sampling import paired_grid, save_grid
-from ..shared.sliceset import HOLDOUT, TRAIN, VALIDATION, SliceSet, with_validation
+from ..shared.sliceset import HOLDOUT, TRAIN, VALIDATION, SliceSet, SliceSetError, with_validation
 
 __all__ = ["hospital_summary", "prepare_simulation", "resume_config", "write_real_grid"]
 
@@ -63,6 +64,8 @@ def prepare_simulation(
     if cfg.model.on_masks and not cfg.data.mask_labels:
         assert slices.masks is not None
         overrides["data.mask-labels"] = ",".join(str(v) for v in np.unique(slices.masks) if v != 0)
+    if cfg.model.on_domains:
+        overrides.update(_domain_settings(cfg, slices, data_path, run))
     if cfg.train.threads == 0:
         overrides["train.threads"] = cfg.simulation.client_cpus
     cfg = cfg.with_overrides(overrides)
@@ -98,6 +101,53 @@ def prepare_simulation(
     write_real_grid(slices.only(TRAIN), run.root / "samples" / "real.png", per_class=cfg.output.grid_per_class,
                     seed=cfg.train.seed, paired=cfg.model.on_masks)
     return cfg
+
+
+def _domain_settings(cfg: RunConfig, slices: SliceSet, data_path: str | Path, run: RunDir) -> dict[str, object]:
+    """CycleGAN: the two domains (named by the config, or the two values of
+    ``data.domain-field`` when it has exactly two) and the preview set the server
+    translates for its round grids (a few training slices of each domain: in a
+    simulation the operator holds all the data anyway).
+
+    Raises
+    ------
+    ConfigError
+        The domains are not named and cannot be inferred, or match no slice.
+    """
+    out: dict[str, object] = {}
+    data = cfg.data
+    if not data.domain_a and not data.domain_b:
+        guess = guess_domains(slices, data.domain_field)
+        if guess is None:
+            try:
+                values = ", ".join(sorted(set(domain_values(slices, data.domain_field).tolist()))[:8])
+            except SliceSetError as err:
+                raise ConfigError(f"{data_path}: {err}") from None
+            raise ConfigError(f"model.name=cyclegan: set data.domain-a and data.domain-b to two values of "
+                              f"{data_path}'s {data.domain_field} field ({values})")
+        out["data.domain-a"], out["data.domain-b"] = guess
+        data = data.model_copy(update={"domain_a": guess[0], "domain_b": guess[1]})
+    try:
+        domains = domains_of(slices, data, path=data_path)
+    except SliceSetError as err:
+        raise ConfigError(str(err)) from None
+    train = np.flatnonzero(slices.split == TRAIN)
+    for d, name in (("a", data.domain_a), ("b", data.domain_b)):
+        if not (domains[train] == d).any():
+            found = ", ".join(sorted(set(domain_values(slices, data.domain_field).tolist()))[:8])
+            raise ConfigError(f"data.domain-{d} {name!r}: no training slice of {data_path} has that "
+                              f"{data.domain_field} (found: {found})")
+    if not cfg.output.preview:
+        rng = np.random.default_rng(cfg.train.seed)
+        pick = []
+        for d in ("a", "b"):
+            index = train[domains[train] == d]
+            pick += sorted(rng.choice(index, size=min(cfg.output.grid_per_class, len(index)), replace=False))
+        path = run.root / "samples" / "preview.npz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        slices.subset(np.array(pick, dtype=int)).save(path)
+        out["output.preview"] = str(path)
+    return out
 
 
 def write_real_grid(slices: SliceSet, path: Path, *, per_class: int, seed: int, paired: bool = False) -> Path:

@@ -14,6 +14,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from ..shared.records import ARRAYS, HOSPITAL, METRICS, arrays_to_numpy
+from ..shared.weights import DISCRIMINATOR, GENERATOR
 from .validation import check_update, read_update, relative_update_norm
 
 __all__ = ["GeneratorFedAvg", "RoundReport"]
@@ -37,6 +38,15 @@ class RoundReport:
     # What every reply carried (record names, array shapes and dtypes, metric types):
     # the evidence of what left each hospital, kept in RUN/messages.jsonl.
     messages: list[dict[str, Any]] = field(default_factory=list)
+
+
+# CycleGAN: the metric that weights each half's tensors in the average: a translator by
+# the real slices of its target domain, and (when discriminators are aggregated) each
+# domain's discriminator by the real slices of its domain, the same counts.
+HALF_WEIGHTS = {
+    f"{GENERATOR}.a2b.": "weight-a2b", f"{GENERATOR}.b2a.": "weight-b2a",
+    f"{DISCRIMINATOR}.b.": "weight-a2b", f"{DISCRIMINATOR}.a.": "weight-b2a",
+}
 
 
 class GeneratorFedAvg(FedAvg):
@@ -155,6 +165,8 @@ class GeneratorFedAvg(FedAvg):
             return None, None
         if self.client_dp is not None:
             return self._server_step(self._aggregate_client_dp(accepted, report)), None
+        if any(metric in msg.content[METRICS] for msg in accepted for metric in HALF_WEIGHTS.values()):
+            return self._server_step(self._aggregate_halves(accepted)), None
         # Hospitals report different metrics (a DP hospital adds its spend and withholds
         # its discriminator's losses), and Flower's FedAvg refuses replies whose metric
         # keys differ. The metrics are kept in the report already; FedAvg needs only the
@@ -163,6 +175,30 @@ class GeneratorFedAvg(FedAvg):
             msg.content[METRICS] = MetricRecord({"num-examples": msg.content[METRICS]["num-examples"]})
         averaged, metrics = super().aggregate_train(server_round, accepted)
         return (self._server_step(averaged) if averaged is not None else None), metrics
+
+    def _aggregate_halves(self, accepted: list[Message]) -> ArrayRecord:
+        """CycleGAN: each half averaged with its own weights (``HALF_WEIGHTS``). A hospital
+        reports ``weight-a2b`` (``weight-b2a``), the number of its real slices of the
+        translator's target domain; 0 means it could not train that translator (it holds
+        no slices of its target domain), so its copy, unchanged, is left out. A half no
+        hospital trained this round keeps the global weights."""
+        updates = [(arrays_to_numpy(m.content[ARRAYS]), m.content[METRICS]) for m in accepted]
+        out = {}
+        for key in updates[0][0]:
+            weights = []
+            for _, metrics in updates:
+                weight = float(metrics["num-examples"])
+                for prefix, metric in HALF_WEIGHTS.items():
+                    if key.startswith(prefix):
+                        weight = float(metrics.get(metric, weight))
+                weights.append(weight)
+            total = sum(weights)
+            if total <= 0:
+                value = self.current.get(key, updates[0][0][key])
+            else:
+                value = sum(w * u[key].astype(np.float64) for w, (u, _) in zip(weights, updates, strict=True)) / total
+            out[key] = np.asarray(value).astype(updates[0][0][key].dtype)
+        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in out.items()})
 
     def _server_step(self, averaged: ArrayRecord) -> ArrayRecord:
         """FedAvgM (Hsu et al. 2019): the server treats the averaged update as a gradient

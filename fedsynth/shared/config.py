@@ -78,6 +78,16 @@ class DataConfig(_Section):
         "the server's round grids from the shape model; filled from the slice set in simulation",
     )
 
+    domain_field: Literal["site", "class"] = Field(
+        "site", description="cyclegan: the slice-set field that names each slice's domain (site: the acquiring "
+        "site, e.g. the folder a volume sat in; class: the class name)",
+    )
+    domain_a: str = Field(
+        "", description="cyclegan: the value of data.domain-field that is domain A (e.g. ct); filled from the slice "
+        "set in simulation when the field has exactly two values",
+    )
+    domain_b: str = Field("", description="cyclegan: the value of data.domain-field that is domain B (e.g. mr)")
+
     @property
     def classes(self) -> list[str]:
         return [c for c in self.class_names.split(",") if c]
@@ -98,7 +108,7 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     """Which GAN family and how large."""
 
-    name: Literal["cdcgan", "vanilla-gan", "wgan-gp", "stylegan2-lite", "pix2pix"] = Field(
+    name: Literal["cdcgan", "vanilla-gan", "wgan-gp", "stylegan2-lite", "pix2pix", "cyclegan"] = Field(
         "cdcgan", description="model family (see `fedsynth models`); medscangan is a preset of wgan-gp"
     )
     latent_dim: int = Field(64, ge=1, le=1024, description="noise vector length")
@@ -125,6 +135,12 @@ class ModelConfig(_Section):
         """The generator draws a slice for each mask (pix2pix), not from noise and a class."""
         return self.name == "pix2pix"
 
+    @property
+    def on_domains(self) -> bool:
+        """The generator translates slices between two domains (cyclegan), not from noise."""
+        return self.name == "cyclegan"
+
+
 class TrainConfig(_Section):
     """The local GAN round each hospital runs."""
 
@@ -141,7 +157,7 @@ class TrainConfig(_Section):
     beta2: float = Field(0.999, ge=0, lt=1)
     loss: Literal["auto", "hinge", "bce", "wgan-gp"] = Field(
         "auto", description="adversarial loss: hinge, non-saturating BCE, or Wasserstein with gradient "
-        "penalty (auto: wgan-gp for the wgan-gp family, bce (logistic) for stylegan2-lite and pix2pix, hinge for "
+        "penalty (auto: wgan-gp for the wgan-gp family, bce (logistic) for stylegan2-lite, pix2pix and cyclegan, hinge for "
         "the others)"
     )
     n_critic: int = Field(
@@ -156,6 +172,13 @@ class TrainConfig(_Section):
     l1_weight: float = Field(
         100.0, ge=0, description="pix2pix: weight lambda of the L1 distance between the generated and the real slice "
         "of the same mask in the generator loss",
+    )
+    cycle_weight: float = Field(
+        10.0, ge=0, description="cyclegan: weight lambda of the cycle-consistency L1 (A -> B -> A and B -> A -> B)",
+    )
+    identity_weight: float = Field(
+        0.5, ge=0, description="cyclegan: identity L1 (G_AB(b) = b, G_BA(a) = a) as a fraction of "
+        "train.cycle-weight (0.5, as in the CycleGAN code)",
     )
     r1_interval: int = Field(16, ge=1, le=64, description="stylegan2-lite: lazy R1, every this many D steps")
     augment: str = Field(
@@ -193,7 +216,8 @@ class TrainConfig(_Section):
         logistic loss) for stylegan2-lite and pix2pix, and hinge otherwise."""
         if self.loss != "auto":
             return self.loss
-        return {"wgan-gp": "wgan-gp", "stylegan2-lite": "bce", "pix2pix": "bce"}.get(self._family, "hinge")
+        return {"wgan-gp": "wgan-gp", "stylegan2-lite": "bce", "pix2pix": "bce",
+                "cyclegan": "bce"}.get(self._family, "hinge")
 
     @property
     def critic_steps(self) -> int:
@@ -291,6 +315,11 @@ class OutputConfig(_Section):
     run_dir: str = Field("runs/default", description="run directory")
     grid_per_class: int = Field(8, ge=1, le=32, description="samples per class in round grids")
     resume: bool = Field(False, description="continue from the last checkpoint in run-dir")
+    preview: str = Field(
+        "", description="cyclegan: a slice set (.npz) whose domain A and B slices the server translates for each "
+        "round's grid; simulate writes one from the training slices; in a deployment give a set that may be shown "
+        "(empty: no round grids, the server holds no slices)",
+    )
 
 
 class SimulationConfig(_Section):
@@ -365,6 +394,8 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _link_sections(self) -> RunConfig:
         self.train._family = self.model.name  # `train.loss: auto` depends on the family
+        if self.model.on_domains and self.train.loss == "wgan-gp":
+            raise ValueError("train.loss: cyclegan trains with bce or hinge, not wgan-gp")
         if self.model.on_masks and self.train.loss == "wgan-gp":
             raise ValueError("train.loss: pix2pix trains with bce or hinge, not wgan-gp (its gradient penalty has no "
                              "mask-aware form here)")

@@ -9,7 +9,10 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
-__all__ = ["generate", "grid_labels", "mask_to_uint8", "paired_grid", "save_grid", "shape_masks", "to_uint8"]
+__all__ = [
+    "generate", "grid_labels", "mask_to_uint8", "paired_grid", "save_grid", "shape_masks", "to_uint8", "translate",
+    "translate_grid",
+]
 
 
 @torch.no_grad()
@@ -46,6 +49,50 @@ def generate(
     gen.train(was_training)
     images = torch.cat(out) if out else torch.zeros(0, 1, gen.image_size, gen.image_size)
     return to_uint8(images)
+
+
+@torch.no_grad()
+def translate(gen: nn.Module, images: np.ndarray, direction: str, *, device: torch.device | str = "cpu",
+              batch_size: int = 128) -> np.ndarray:
+    """CycleGAN: uint8 slices (N, H, W) of one domain to the other (``a2b`` or ``b2a``),
+    as uint8 (N, H, W). Deterministic: the translators have no noise."""
+    was_training = gen.training
+    gen.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = torch.from_numpy(images[start : start + batch_size].astype(np.float32) / 127.5 - 1.0)[:, None]
+        out.append(gen(None, x.to(device), direction).float().cpu())
+    gen.train(was_training)
+    if not out:
+        return np.zeros((0, *images.shape[1:]), dtype=np.uint8)
+    return to_uint8(torch.cat(out))
+
+
+def translate_grid(gen: nn.Module, cfg: object, path: str | Path, *, title: str) -> Path | None:
+    """CycleGAN's round grid: up to ``output.grid-per-class`` slices of each domain from
+    the preview set (``output.preview``), each row followed by its translation. None
+    when the preview set holds no slice of either domain."""
+    from .domains import domains_of
+    from .sliceset import SliceSet
+
+    preview = SliceSet.load(cfg.output.preview)  # type: ignore[attr-defined]
+    data, columns = cfg.data, cfg.output.grid_per_class  # type: ignore[attr-defined]
+    domains = domains_of(preview, data, path=cfg.output.preview)  # type: ignore[attr-defined]
+    rows, names = [], []
+    for source, target, name in (("a", "b", data.domain_a), ("b", "a", data.domain_b)):
+        index = np.flatnonzero(domains == source)
+        if not len(index):
+            continue
+        pick = index[np.linspace(0, len(index) - 1, min(columns, len(index))).round().astype(int)]
+        images = preview.images[pick]
+        moved = translate(gen, images, f"{source}2{target}")
+        pad = np.zeros((columns - len(pick), *images.shape[1:]), dtype=np.uint8)
+        rows += [np.concatenate([images, pad]), np.concatenate([moved, pad])]
+        names += [f"{source.upper()}: {name}", f"{source.upper()} -> {target.upper()}"]
+    if not rows:
+        return None
+    return save_grid(np.concatenate(rows), path, columns=columns, row_names=names, title=title,
+                     scale=max(1, 128 // preview.image_size))
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..config import ModelConfig
+from .cyclegan import CycleDiscriminator, CycleGenerator
 from .dcgan import ConditionalGenerator, DiscriminatorOutput, ProjectionDiscriminator
 from .vanilla import VanillaDiscriminator, VanillaGenerator
 from .pix2pix import PatchDiscriminator, UNetGenerator
@@ -31,7 +32,7 @@ class ModelFamily:
     name: str
     description: str
     sizes: tuple[int, ...]
-    condition: str  # what the generator is conditioned on: "class", "none" or "mask"
+    condition: str  # what the generator reads: "class", "none", "mask" or "domain" (a slice to translate)
     build: Callable[[ModelConfig, int, int], tuple[nn.Module, nn.Module]]
     dp: str  # what DP-SGD on the discriminator supports, in a phrase
 
@@ -83,6 +84,12 @@ def _pix2pix(cfg: ModelConfig, image_size: int, num_classes: int) -> tuple[nn.Mo
             PatchDiscriminator(image_size=image_size, width=cfg.width))
 
 
+def _cyclegan(cfg: ModelConfig, image_size: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
+    del num_classes  # translates slices; no class input
+    return (CycleGenerator(image_size=image_size, width=cfg.width),
+            CycleDiscriminator(image_size=image_size, width=cfg.width))
+
+
 MODEL_FAMILIES: dict[str, ModelFamily] = {
     "cdcgan": ModelFamily(
         "cdcgan",
@@ -114,6 +121,13 @@ MODEL_FAMILIES: dict[str, ModelFamily] = {
         "adversarial + L1 loss; needs slices prepared with --keep-masks",
         (32, 64, 128, 256), "mask", _pix2pix,
         "no (the L1 loss reads real slices in the generator's update)",
+    ),
+    "cyclegan": ModelFamily(
+        "cyclegan",
+        "unpaired translation between two domains (data.domain-a/-b, e.g. CT and MR): two U-Net translators, "
+        "two PatchGANs, adversarial + cycle + identity losses; `fedsynth translate` applies it",
+        (32, 64, 128, 256), "domain", _cyclegan,
+        "no (the cycle and identity losses read real slices in the generator's update)",
     ),
 }
 

@@ -74,11 +74,14 @@ class UNetGenerator(nn.Module):
     latent_dim = 0
 
     def __init__(self, *, image_size: int, width: int = 32, mask_channels: int = 8, dropout: float = 0.5) -> None:
+        """``mask_channels=0``: the input is a 1-channel image, not a mask (CycleGAN's
+        translators reuse this U-Net that way, without dropout)."""
         super().__init__()
         if image_size not in (32, 64, 128, 256):
             raise ValueError(f"image size {image_size} not supported (use 32, 64, 128, 256)")
         self.image_size, self.dropout = image_size, dropout
-        self.embed = MaskEmbedding(mask_channels)
+        self.embed = MaskEmbedding(mask_channels) if mask_channels else None
+        mask_channels = mask_channels or 1
         depth = int(math.log2(image_size)) - 2  # downsamplings to 4x4
         chans = [min(width * 2**i, width * 8) for i in range(depth)]
         self.down = nn.ModuleList()
@@ -102,7 +105,7 @@ class UNetGenerator(nn.Module):
 
     def forward(self, z: torch.Tensor | None, masks: torch.Tensor) -> torch.Tensor:
         del z  # pix2pix's noise is dropout
-        m = self.embed(masks)
+        m = self.embed(masks) if self.embed is not None else masks
         skips = [m]
         x = m
         for block in self.down:
@@ -129,8 +132,9 @@ class PatchDiscriminator(nn.Module):
     paired = True
 
     def __init__(self, *, image_size: int, width: int = 32, mask_channels: int = 8) -> None:
+        """``mask_channels=0``: judges slices alone (CycleGAN's discriminators)."""
         super().__init__()
-        self.embed = MaskEmbedding(mask_channels)
+        self.embed = MaskEmbedding(mask_channels) if mask_channels else None
         n_down = max(1, int(math.log2(image_size)) - 5)
         layers: list[nn.Module] = [nn.Conv2d(1 + mask_channels, width, 4, 2, 1), nn.LeakyReLU(0.2)]
         c = width
@@ -142,5 +146,7 @@ class PatchDiscriminator(nn.Module):
         self.net = nn.Sequential(*layers)
         self.apply(_dcgan_init)
 
-    def forward(self, x: torch.Tensor, masks: torch.Tensor) -> DiscriminatorOutput:
-        return DiscriminatorOutput(self.net(torch.cat([x, self.embed(masks)], dim=1)).flatten(1))
+    def forward(self, x: torch.Tensor, masks: torch.Tensor | None) -> DiscriminatorOutput:
+        if self.embed is not None:
+            x = torch.cat([x, self.embed(masks)], dim=1)
+        return DiscriminatorOutput(self.net(x).flatten(1))
