@@ -101,6 +101,22 @@ def test_a_hospital_with_one_domain_trains_only_the_translator_into_it() -> None
     assert metrics["weight-a2b"] == 0 and "l1" in metrics
 
 
+def test_with_shared_discriminators_a_one_domain_hospital_trains_both_translators() -> None:
+    """Given the PatchGANs from the server (federation.aggregate-discriminator), a hospital
+    holding only A judges A -> B with the received D_B: both translators train, D_B (no
+    real B here) does not, and its weight is 0."""
+    cfg, gen, disc = _cyclegan(**{"local-steps": 3, "batch-size": 8})
+    gen_before = {k: v.clone() for k, v in gen.state_dict().items()}
+    disc_before = {k: v.clone() for k, v in disc.state_dict().items()}
+    opt_g, opt_d = make_optimizers(gen, disc, cfg.train)
+    stats = train_round_cycle(gen, disc, opt_g, opt_d, _source(_toy_domains()[0], 0), None, cfg.train,
+                              generator=torch.Generator().manual_seed(0), shared_judges=True)
+    assert all(not torch.equal(gen_before[k], v) for k, v in gen.state_dict().items() if k.endswith("out.weight"))
+    assert all(torch.equal(disc_before[k], v) for k, v in disc.state_dict().items() if k.startswith("b."))
+    assert any(not torch.equal(disc_before[k], v) for k, v in disc.state_dict().items() if k.startswith("a."))
+    assert (stats.weight_a2b, stats.weight_b2a, stats.weight_a, stats.weight_b) == (48, 48, 48, 0)
+
+
 def _reply(node: int, arrays: dict[str, np.ndarray], **metrics: float) -> Message:
     """A hospital's reply as the SuperLink delivers it (built by hand: the strategy is
     called directly, without a running Flower engine)."""
@@ -113,22 +129,25 @@ def _reply(node: int, arrays: dict[str, np.ndarray], **metrics: float) -> Messag
 
 
 def test_server_averages_each_translator_over_the_hospitals_holding_its_target_domain() -> None:
-    shapes = {"generator.a2b.w": (2,), "generator.b2a.w": (2,)}
+    shapes = {"generator.a2b.w": (2,), "generator.b2a.w": (2,), "discriminator.b.w": (2,)}
     strategy = GeneratorFedAvg(expected_shapes=shapes)
     strategy.current = {k: np.zeros(s, dtype=np.float32) for k, s in shapes.items()}
 
-    def weights(a2b: float, b2a: float) -> dict[str, np.ndarray]:
-        return {"generator.a2b.w": np.full(2, a2b, np.float32), "generator.b2a.w": np.full(2, b2a, np.float32)}
+    def weights(a2b: float, b2a: float, d_b: float) -> dict[str, np.ndarray]:
+        return {"generator.a2b.w": np.full(2, a2b, np.float32), "generator.b2a.w": np.full(2, b2a, np.float32),
+                "discriminator.b.w": np.full(2, d_b, np.float32)}
 
-    replies = [
-        _reply(1, weights(9.0, 1.0), **{"num-examples": 30, "weight-a2b": 0.0, "weight-b2a": 30.0}),  # only A
-        _reply(2, weights(2.0, 9.0), **{"num-examples": 20, "weight-a2b": 20.0, "weight-b2a": 0.0}),  # only B
-        _reply(3, weights(4.0, 3.0), **{"num-examples": 40, "weight-a2b": 20.0, "weight-b2a": 20.0}),  # both
-    ]
+    def counts(a: float, b: float) -> dict[str, float]:
+        return {"num-examples": a + b, "weight-a2b": b, "weight-b2a": a, "weight-a": a, "weight-b": b}
+
+    replies = [_reply(1, weights(9.0, 1.0, 9.0), **counts(30, 0)),  # only A: its A -> B and D_B untrained
+               _reply(2, weights(2.0, 9.0, 2.0), **counts(0, 20)),  # only B
+               _reply(3, weights(4.0, 3.0, 4.0), **counts(20, 20))]  # both
     arrays, _ = strategy.aggregate_train(1, replies)
     assert arrays is not None
     assert np.allclose(arrays["generator.a2b.w"].numpy(), (2 * 20 + 4 * 20) / 40), "A -> B: hospitals with real B"
     assert np.allclose(arrays["generator.b2a.w"].numpy(), (1 * 30 + 3 * 20) / 50), "B -> A: hospitals with real A"
+    assert np.allclose(arrays["discriminator.b.w"].numpy(), 3.0), "D_B: hospitals with real B"
     # A translator no hospital could train keeps the global weights.
     arrays, _ = strategy.aggregate_train(2, [replies[0]])
     assert np.allclose(arrays["generator.a2b.w"].numpy(), 0.0)
@@ -210,3 +229,25 @@ def test_dp_is_refused_for_cyclegan_with_the_reason(tmp_path: Path) -> None:
     assert not (tmp_path / "dp" / "checkpoints").exists(), "nothing trained"
     with pytest.raises(ValueError, match="cyclegan trains with bce or hinge"):
         RunConfig.from_overrides({"model.name": "cyclegan", "train.loss": "wgan-gp"})
+
+
+def test_validation_scores_translations_only_where_both_domains_are_held(tmp_path: Path) -> None:
+    """A hospital with validation slices of both domains scores each round's translators
+    (Fréchet distance of translated slices to the other domain's, and the cycle error);
+    one whose validation slices are of one domain cannot, and says how many it holds."""
+    from fedsynth.client.hospital import HospitalSite, score_validation
+    from fedsynth.shared.sliceset import VALIDATION, with_validation
+    from fedsynth.shared.weights import exchanged_state
+
+    cfg, gen, _ = _cyclegan(**{"seed": 0})
+    cfg = cfg.with_overrides({"data.domain-a": "ct", "data.domain-b": "mr"})
+    state = exchanged_state(gen)
+    both = with_validation(make_slices(n_patients=20, per_patient=2, sites=("ct", "mr")), 0.3, seed=0)
+    site = HospitalSite("h", both.save(tmp_path / "both.npz"), tmp_path / "state")
+    score = score_validation(site, cfg, state)
+    assert score["val-n"] == int((both.split == VALIDATION).sum())
+    assert np.isfinite(score["val-fd"]) and 0 <= score["val-cycle"] <= 2
+    one = with_validation(make_slices(n_patients=20, per_patient=2, sites=("ct",)), 0.3, seed=0)
+    site = HospitalSite("h", one.save(tmp_path / "one.npz"), tmp_path / "state")
+    score = score_validation(site, cfg, state)
+    assert "val-fd" not in score and score["val-n"] == int((one.split == VALIDATION).sum())

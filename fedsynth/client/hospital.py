@@ -232,7 +232,8 @@ def run_local_round(
     rng = torch.Generator().manual_seed(seed)
     images = torch.from_numpy(train.as_float()).to(device)
     if cfg.model.on_domains:
-        stats = _cycle_round(gen, disc, opt_g, opt_d, images, domains_of(train, cfg.data), cfg, rng)
+        stats = _cycle_round(gen, disc, opt_g, opt_d, images, domains_of(train, cfg.data), cfg, rng,
+                             shared_judges=bool(global_discriminator))
     elif plan is not None:
         # Which patients are sampled and the noise must be unpredictable: not from the
         # run seed (the server knows it), and different if a round is re-run.
@@ -260,15 +261,17 @@ def run_local_round(
 
 def _cycle_round(gen: torch.nn.Module, disc: torch.nn.Module, opt_g: torch.optim.Optimizer,
                  opt_d: torch.optim.Optimizer, images: torch.Tensor, domains: np.ndarray, cfg: RunConfig,
-                 rng: torch.Generator) -> RoundStats:
+                 rng: torch.Generator, *, shared_judges: bool) -> RoundStats:
     """CycleGAN's round on this hospital's slices of domain A and of domain B (either may
-    be absent: ``train_round_cycle`` then trains the half it can)."""
+    be absent: ``train_round_cycle`` then trains the half it can, or with
+    ``shared_judges``, the discriminators received from the server, both)."""
     sources = {}
     for d in ("a", "b"):
         index = torch.from_numpy(np.flatnonzero(domains == d)).to(images.device)
         sources[d] = (BatchSource(images[index], torch.zeros(len(index), device=images.device),
                                   batch_size=cfg.train.batch_size, generator=rng) if len(index) else None)
-    return train_round_cycle(gen, disc, opt_g, opt_d, sources["a"], sources["b"], cfg.train, generator=rng)
+    return train_round_cycle(gen, disc, opt_g, opt_d, sources["a"], sources["b"], cfg.train, generator=rng,
+                             shared_judges=shared_judges)
 
 
 VALIDATION_SAMPLES = 256  # generated images per validation score

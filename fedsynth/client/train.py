@@ -50,10 +50,13 @@ class RoundStats:
     images_per_second: float
     l1: float = float("nan")  # pix2pix: mean |generated - real| of the same mask; cyclegan: the cycle's
     # mean |A -> B -> A - A| (and B -> A -> B), in [-1, 1] units
-    # cyclegan: the weight of each translator in the server's average, the number of this
-    # hospital's real slices of the translator's target domain (0: not trained here)
+    # cyclegan: each half's weight in the server's average. A translator's: the real slices
+    # its adversarial signal came from (0: not trained here); a domain's PatchGAN's: this
+    # hospital's real slices of that domain (0: not trained here).
     weight_a2b: float = float("nan")
     weight_b2a: float = float("nan")
+    weight_a: float = float("nan")
+    weight_b: float = float("nan")
 
     def as_metrics(self) -> dict[str, float | int]:
         """Kebab-case metric names, with ``num-examples`` for weighted averaging. A NaN
@@ -331,6 +334,7 @@ def train_round_cycle(
     cfg: TrainConfig,
     *,
     generator: torch.Generator,
+    shared_judges: bool = False,
 ) -> RoundStats:
     """CycleGAN's local round: ``cfg.local_steps`` steps, each one update of both
     discriminators and one of both translators.
@@ -347,9 +351,16 @@ def train_round_cycle(
     hospital's ``weight_a2b`` is 0, so the server averages G_AB over the hospitals that
     hold real B. Symmetrically for a hospital holding only B.
 
+    ``shared_judges`` (the discriminators came from the server,
+    ``federation.aggregate-discriminator``): a hospital holding only A also judges
+    G_AB(a) with the received D_B, trained at the hospitals holding B and frozen here,
+    so it trains G_AB too (adversarial through D_B, plus the cycle), with weight the A
+    slices it translated. D_B itself is not updated here (no real B), and its weight is 0.
+
     Each translator's weight in the server's average (``weight_a2b``, ``weight_b2a``) is
-    the number of real slices of its target domain here: the slices its adversarial
-    signal came from.
+    the number of real slices its adversarial signal came from: of its target domain, or
+    with shared judges of its source domain; each PatchGAN's (``weight_a``,
+    ``weight_b``) the number of real slices of its domain here.
     """
     if domain_a is None and domain_b is None:
         raise ValueError("no training slices of either domain at this hospital")
@@ -358,7 +369,8 @@ def train_round_cycle(
     mixed = autocast_for(device, cfg.mixed_precision)
     gen.train()
     disc.train()
-    frozen = [d for d, s in (("a2b", domain_b), ("b2a", domain_a)) if s is None]  # no real target images here
+    # A translator into a domain with no real slices here, and no shared judge of it, is not trained.
+    frozen = [] if shared_judges else [d for d, s in (("a2b", domain_b), ("b2a", domain_a)) if s is None]
     for direction in frozen:
         getattr(gen, direction).requires_grad_(False)
     d_losses, g_losses, d_real, d_fake, cycles = [], [], [], [], []
@@ -402,12 +414,14 @@ def train_round_cycle(
                     back = gen(None, translated, f"{o}2{d}")
                     cycle = cycle + (back.float() - real[d]).abs().mean()
                     ident = ident + (gen(None, real[d], f"{o}2{d}").float() - real[d]).abs().mean()
-                    if o in real:  # the translation judged by the other domain's discriminator
-                        judged, target = translated, o
-                    else:  # only the way back can be judged here
-                        judged, target = back, d
-                    adv = adv + generator_loss(disc(diff_augment(judged, cfg.augment, generator), target),
-                                               real[d], cfg.objective)
+                    judged = []
+                    if o in real or shared_judges:  # the translation, by the other domain's discriminator
+                        judged.append((translated, o))
+                    if o not in real:  # the way back, by this domain's own discriminator
+                        judged.append((back, d))
+                    for image, domain in judged:
+                        adv = adv + generator_loss(disc(diff_augment(image, cfg.augment, generator), domain),
+                                                   real[d], cfg.objective)
                 total = adv + cfg.cycle_weight * cycle + identity * ident
             total.float().backward()
             opt_g.step()
@@ -432,11 +446,21 @@ def train_round_cycle(
         d_loss=mean(d_losses), g_loss=mean(g_losses), d_real=mean(d_real), d_fake=mean(d_fake),
         seconds=seconds, images_per_second=images_seen / seconds if seconds > 0 else float("nan"),
         l1=mean(cycles),
-        weight_a2b=float(len(domain_b) if domain_b is not None else 0),
-        weight_b2a=float(len(domain_a) if domain_a is not None else 0),
+        weight_a2b=_translator_weight(domain_b, domain_a, shared_judges),
+        weight_b2a=_translator_weight(domain_a, domain_b, shared_judges),
+        weight_a=float(len(domain_a) if domain_a is not None else 0),
+        weight_b=float(len(domain_b) if domain_b is not None else 0),
     )
     if not np.isfinite([stats.d_loss, stats.g_loss]).all():
         raise FloatingPointError(
             f"training diverged (d-loss {stats.d_loss}, g-loss {stats.g_loss}); lower train.lr-g / train.lr-d"
         )
     return stats
+
+
+def _translator_weight(target: BatchSource | None, source: BatchSource | None, shared_judges: bool) -> float:
+    """A translator's weight: the real slices of its target domain here, or, judged by a
+    shared discriminator where there are none, the real slices it translated."""
+    if target is not None:
+        return float(len(target))
+    return float(len(source)) if shared_judges and source is not None else 0.0

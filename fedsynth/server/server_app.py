@@ -191,6 +191,8 @@ def _validate(strategy: GeneratorFedAvg, round_: int, arrays: ArrayRecord, grid:
         fd = metrics.get("val-fd")
         if n > 0 and fd is not None and math.isfinite(float(fd)):
             scores[name] = {"fd": float(fd), "n": n}
+            if "val-cycle" in metrics:  # cyclegan: the mean cycle error on the validation slices
+                scores[name]["cycle"] = float(metrics["val-cycle"])
     for node in sorted(set(trained) - answered):
         failures.append({"node": node, "hospital": strategy.node_names.get(node, f"node-{node}"),
                          "reason": "no reply"})

@@ -41,11 +41,11 @@ class RoundReport:
 
 
 # CycleGAN: the metric that weights each half's tensors in the average: a translator by
-# the real slices of its target domain, and (when discriminators are aggregated) each
-# domain's discriminator by the real slices of its domain, the same counts.
+# the real slices its adversarial signal came from, and (when discriminators are
+# aggregated) each domain's PatchGAN by the hospital's real slices of that domain.
 HALF_WEIGHTS = {
     f"{GENERATOR}.a2b.": "weight-a2b", f"{GENERATOR}.b2a.": "weight-b2a",
-    f"{DISCRIMINATOR}.b.": "weight-a2b", f"{DISCRIMINATOR}.a.": "weight-b2a",
+    f"{DISCRIMINATOR}.a.": "weight-a", f"{DISCRIMINATOR}.b.": "weight-b",
 }
 
 
@@ -178,10 +178,11 @@ class GeneratorFedAvg(FedAvg):
 
     def _aggregate_halves(self, accepted: list[Message]) -> ArrayRecord:
         """CycleGAN: each half averaged with its own weights (``HALF_WEIGHTS``). A hospital
-        reports ``weight-a2b`` (``weight-b2a``), the number of its real slices of the
-        translator's target domain; 0 means it could not train that translator (it holds
-        no slices of its target domain), so its copy, unchanged, is left out. A half no
-        hospital trained this round keeps the global weights."""
+        reports ``weight-a2b`` (``weight-b2a``), the number of real slices the
+        translator's adversarial signal came from, and ``weight-a`` (``weight-b``), its real
+        slices of each domain; 0 means it could not train that half (no slices of the
+        domain it needs), so its copy, unchanged, is left out. A half no hospital trained
+        this round keeps the global weights."""
         updates = [(arrays_to_numpy(m.content[ARRAYS]), m.content[METRICS]) for m in accepted]
         out = {}
         for key in updates[0][0]:
