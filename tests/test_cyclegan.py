@@ -148,9 +148,16 @@ def test_server_averages_each_translator_over_the_hospitals_holding_its_target_d
     assert np.allclose(arrays["generator.a2b.w"].numpy(), (2 * 20 + 4 * 20) / 40), "A -> B: hospitals with real B"
     assert np.allclose(arrays["generator.b2a.w"].numpy(), (1 * 30 + 3 * 20) / 50), "B -> A: hospitals with real A"
     assert np.allclose(arrays["discriminator.b.w"].numpy(), 3.0), "D_B: hospitals with real B"
-    # A translator no hospital could train keeps the global weights.
+    # A translator no hospital could train keeps the global weights, server momentum or not.
     arrays, _ = strategy.aggregate_train(2, [replies[0]])
     assert np.allclose(arrays["generator.a2b.w"].numpy(), 0.0)
+    momentum = GeneratorFedAvg(expected_shapes=shapes, server_step=(0.9, 1.0, set(shapes)))
+    momentum.current = {k: np.zeros(s, dtype=np.float32) for k, s in shapes.items()}
+    arrays, _ = momentum.aggregate_train(1, replies)  # every half trained: velocity builds up
+    momentum.current = {k: arrays[k].numpy() for k in shapes}
+    arrays, _ = momentum.aggregate_train(2, [replies[0]])  # only A: A -> B untrained
+    assert np.allclose(arrays["generator.a2b.w"].numpy(), momentum.current["generator.a2b.w"])
+    assert not np.allclose(arrays["generator.b2a.w"].numpy(), momentum.current["generator.b2a.w"])
 
 
 def _ct_and_mr(tmp_path: Path) -> Path:
@@ -179,6 +186,7 @@ def test_ct_and_mr_hospitals_train_cyclegan_and_translate_ct_to_mr_and_back(tmp_
                                  "--set", "model.width=8", "--set", "train.batch-size=8",
                                  "--set", "output.grid-per-class=4"])
     assert result.exit_code == 0, result.output
+    assert "A = ct, B = mr" in result.output and "no hospital holds both domains" in result.output
     run = RunDir(out)
     cfg = run.load_config()
     assert (cfg.data.domain_a, cfg.data.domain_b) == ("ct", "mr"), "the two sites, found in the slice set"
@@ -199,12 +207,31 @@ def test_ct_and_mr_hospitals_train_cyclegan_and_translate_ct_to_mr_and_back(tmp_
         assert set(moved.site) == {target} and np.array_equal(moved.masks, original.masks)
         assert moved.meta["translated"]["from"] == source and moved.meta["translated"]["round"] == 2
         assert (tmp_path / f"{direction}-grid.png").exists()
+    # Translations are real anatomy: the audit refuses them as a synthetic set.
+    real = make_slices(n_patients=8, per_patient=2, size=32).save(tmp_path / "real.npz")
+    result = runner.invoke(app, ["audit", "--data", str(real), "--synthetic", str(tmp_path / "a2b.npz"),
+                                 "--out", str(tmp_path / "audit")])
+    assert result.exit_code != 0 and "translated by a cyclegan run" in result.output
     # The run draws nothing from noise, and another image size is refused by name.
     result = runner.invoke(app, ["sample", "--run", str(out), "--out", str(tmp_path / "s")])
     assert result.exit_code != 0 and "fedsynth translate" in result.output
     big = make_slices(n_patients=2, per_patient=2, size=64, sites=("ct",)).save(tmp_path / "big.npz")
     result = runner.invoke(app, ["translate", "--run", str(out), "--data", str(big), "--out", str(tmp_path / "x.npz")])
     assert result.exit_code != 0 and "64 px" in result.output
+
+    # Shared PatchGANs: each site also judges the translation out of its modality, so
+    # both translators train everywhere, and each PatchGAN is weighted by its own domain.
+    shared = tmp_path / "shared"
+    result = runner.invoke(app, ["simulate", "--data", str(data), "--hospitals", "2", "--partition", "by-site",
+                                 "--rounds", "1", "--local-steps", "2", "--out", str(shared),
+                                 "--set", "simulation.validation=0", "--set", "model.name=cyclegan",
+                                 "--set", "model.width=8", "--set", "train.batch-size=8",
+                                 "--set", "federation.aggregate-discriminator=true"])
+    assert result.exit_code == 0, result.output
+    assert "no hospital holds both domains" not in result.output
+    metrics = RunDir(shared).read_rounds()[0]["hospitals"].values()
+    assert sorted((m["weight-a2b"], m["weight-b2a"], m["weight-a"], m["weight-b"]) for m in metrics) == [
+        (20, 20, 0, 20), (30, 30, 30, 0)]
 
 
 def test_domains_must_be_named_when_the_field_has_more_than_two_values(tmp_path: Path) -> None:
@@ -229,6 +256,8 @@ def test_dp_is_refused_for_cyclegan_with_the_reason(tmp_path: Path) -> None:
     assert not (tmp_path / "dp" / "checkpoints").exists(), "nothing trained"
     with pytest.raises(ValueError, match="cyclegan trains with bce or hinge"):
         RunConfig.from_overrides({"model.name": "cyclegan", "train.loss": "wgan-gp"})
+    with pytest.raises(ValueError, match="client-dp-noise-multiplier: not with cyclegan"):
+        RunConfig.from_overrides({"model.name": "cyclegan", "federation.client-dp-noise-multiplier": 1.0})
 
 
 def test_validation_scores_translations_only_where_both_domains_are_held(tmp_path: Path) -> None:

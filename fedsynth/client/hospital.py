@@ -316,13 +316,18 @@ def _score_translation(gen: torch.nn.Module, validation: SliceSet, cfg: RunConfi
     """CycleGAN's validation score: the Fréchet distance (pixel PCA fitted on the target
     domain's validation slices) between each domain's validation slices translated and
     the other domain's, averaged over the two directions, and the mean cycle L1. Scored
-    only where the hospital has at least 2 validation slices of each domain."""
+    only where the hospital has at least 2 validation slices of each domain, on at most
+    ``VALIDATION_SAMPLES`` of each (the same ones every round)."""
     from ..shared.sampling import translate
 
     domains = domains_of_or_none(validation, cfg)
     real = {d: validation.images[domains == d] for d in ("a", "b")}
     if min(len(v) for v in real.values()) < 2:
         return {"val-n": int((domains != "").sum())}
+    # The same subsample every round (at most VALIDATION_SAMPLES per domain), so scores compare.
+    rng = np.random.default_rng(derive_seed(cfg.train.seed, "validation-translation"))
+    real = {d: v[np.sort(rng.choice(len(v), size=VALIDATION_SAMPLES, replace=False))] if len(v) > VALIDATION_SAMPLES
+            else v for d, v in real.items()}
     fds, cycles = [], []
     for source, target in (("a", "b"), ("b", "a")):
         moved = translate(gen, real[source], f"{source}2{target}")

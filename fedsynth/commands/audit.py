@@ -103,7 +103,7 @@ def _audit_one(run: RunDir | None, real: SliceSet, source: str, out: Path, optio
     provenance: dict[str, object] = {"real_slices": source}
     paired = None
     if synthetic is not None:
-        syn_images, syn_labels, where = load_synthetic(synthetic, real.class_names)
+        syn_images, syn_labels, where = load_synthetic(synthetic, real.class_names, translated_ok=False)
         provenance |= where
         used_round = None
     else:

@@ -168,6 +168,11 @@ def run(
         if cfg.model.on_domains and not (cfg.data.domain_a and cfg.data.domain_b):
             raise ConfigError("data.domain-a/data.domain-b are empty: a cyclegan run names its two domains, values of "
                               "the hospitals' data.domain-field, e.g. --set data.domain-a=ct --set data.domain-b=mr")
+        if cfg.model.on_domains and cfg.output.preview:
+            from ..shared.domains import domains_of
+            from ..shared.sliceset import SliceSet
+
+            domains_of(SliceSet.load(cfg.output.preview), cfg.data, path=f"output.preview {cfg.output.preview}")
         if rundir.last_round() is not None or rundir.config_path.exists():
             raise RunDirError(f"{rundir.root} already holds a run: continue it with --resume, or choose a new --out")
         cfg = cfg.with_overrides({"output.run-dir": str(rundir.root), "output.resume": False,

@@ -72,8 +72,8 @@ def sample_images(run: RunDir, *, n: int, label: str | None, round_: int | str |
     conditional = bool(getattr(gen, "conditional", False))
     if getattr(gen, "cycle", False):
         raise CommandError(f"model {cfg.model.name!r} translates slices rather than drawing them: `fedsynth translate "
-                           f"--run {run.root} --direction a2b --data SLICES.npz --out TRANSLATED.npz`; other commands "
-                           "(audit, turing-test) take the result with --synthetic")
+                           f"--run {run.root} --direction a2b --data SLICES.npz --out TRANSLATED.npz` (the translations show "
+                           "real patients' anatomy: `fedsynth audit` does not audit them as synthetic)")
     if getattr(gen, "paired", False):
         if masks is None:
             raise CommandError(f"model {cfg.model.name!r} draws a slice for each mask: `fedsynth sample --run "
@@ -98,7 +98,8 @@ def sample_images(run: RunDir, *, n: int, label: str | None, round_: int | str |
     return generate(gen, labels, seed=seed, truncation=truncation), labels, classes, round_, conditional
 
 
-def load_synthetic(path: Path, class_names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray | None, dict[str, str]]:
+def load_synthetic(path: Path, class_names: tuple[str, ...], *,
+                   translated_ok: bool = True) -> tuple[np.ndarray, np.ndarray | None, dict[str, str]]:
     """Synthetic slices from a slice set file (``--synthetic``), for audits and Turing tests.
 
     Returns (images, labels or None for an unconditional generator, provenance).
@@ -106,14 +107,22 @@ def load_synthetic(path: Path, class_names: tuple[str, ...]) -> tuple[np.ndarray
     Raises
     ------
     CommandError
-        Its classes differ from the real slices'.
+        Its classes differ from the real slices', or (``translated_ok=False``, the
+        audit) it holds real slices translated by a cyclegan run.
     """
     syn = SliceSet.load(path)
+    if "translated" in syn.meta and not translated_ok:
+        raise CommandError(f"--synthetic {path}: these are real patients' slices translated by a cyclegan run "
+                           "(meta.translated), not synthetic ones; the audit's copying and membership checks would "
+                           "compare patients with themselves, so it does not audit them")
     if syn.class_names != class_names:
         raise CommandError(f"--synthetic {path}: classes {syn.class_names} differ from the real slices' {class_names}")
     # `fedsynth sample` cycles labels for unconditional models too; their meta says so
     labels = syn.labels if syn.meta.get("conditional", True) else None
-    return syn.images, labels, {"synthetic_file": str(path), "synthetic_sha256": file_sha256(path)}
+    where = {"synthetic_file": str(path), "synthetic_sha256": file_sha256(path)}
+    if "translated" in syn.meta:  # `fedsynth translate`: real anatomy in another domain's contrast
+        where["translated_by"] = json.dumps(syn.meta["translated"])
+    return syn.images, labels, where
 
 
 @user_errors

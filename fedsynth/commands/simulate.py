@@ -63,6 +63,8 @@ def simulate(
             refuse_unsupported_dp(cfg)
         cfg = prepare_simulation(cfg, data, run, hospital_settings=settings)
         print_hospitals(run)
+        if cfg.model.on_domains:
+            print_domains(cfg, run)
     outcome_ok = run_with_progress(cfg, run)
     if not outcome_ok:
         raise typer.Exit(1)
@@ -104,6 +106,29 @@ def print_hospitals(run: RunDir) -> None:
         per_class = ", ".join(f"{k} {v}" for k, v in counts["train_per_class"].items())
         table.add_row(name, str(counts["train"]), str(counts.get("validation", 0)), str(counts["holdout"]), per_class)
     console.print(table)
+
+
+def print_domains(cfg: RunConfig, run: RunDir) -> None:
+    """cyclegan: which value is domain A and which B (what --direction a2b means), each
+    hospital's training slices of each, and a warning when no hospital holds both."""
+    from ..shared.domains import domains_of
+    from ..shared.sliceset import TRAIN, SliceSet
+
+    data = cfg.data
+    console.print(f"cyclegan domains ({data.domain_field}): A = {data.domain_a}, B = {data.domain_b} "
+                  f"(a2b translates {data.domain_a} to {data.domain_b})")
+    held = []
+    for name in hospital_summary(run):
+        train = SliceSet.load(run.hospitals_dir / name / "slices.npz").only(TRAIN)
+        domains = domains_of(train, data, path=name)
+        counts = {d: int((domains == d).sum()) for d in ("a", "b")}
+        held.append(all(counts.values()))
+        console.print(f"  {name}: {counts['a']} A, {counts['b']} B training slices")
+    if not any(held) and not cfg.federation.aggregate_discriminator:
+        console.print("[yellow]no hospital holds both domains, and the discriminators stay local: nothing will judge "
+                      "A -> B translations of real A against real B, and translations can look right yet be wrong "
+                      "(see BENCHMARKS.md, CycleGAN on toy domains); --set federation.aggregate-discriminator=true "
+                      "shares each domain's PatchGAN, at a privacy price[/]")
 
 
 def _round_line(record: dict, total: int, privacy: list[dict] | None = None) -> str:

@@ -96,8 +96,10 @@ def translate(
     sources and masks, marked with the direction, run, round and checkpoint hash; its
     slices show real patients' anatomy, so keep it where the input may be.
     """
-    if out.exists():
-        raise CommandError(f"{out} already exists; choose another --out (nothing is overwritten)")
+    grid_path = out.with_name(out.stem + "-grid.png")
+    for path in (out, grid_path):
+        if path.exists():
+            raise CommandError(f"{path} already exists; choose another --out (nothing is overwritten)")
     if out.suffix != ".npz":
         raise CommandError(f"--out {out}: a slice set file ending in .npz")
     run = RunDir(run_dir)
@@ -110,7 +112,7 @@ def translate(
     index = np.linspace(0, len(result) - 1, n).round().astype(int)
     originals = slices.images if everything else slices.subset(
         domain_values(slices, run.load_config().data.domain_field) == info["from"]).images
-    grid = save_grid(np.concatenate([originals[index], result.images[index]]), out.with_name(out.stem + "-grid.png"),
+    grid = save_grid(np.concatenate([originals[index], result.images[index]]), grid_path,
                      columns=n, row_names=[str(info["from"]), str(info["to"])],
                      title=f"{direction}, round {used}", scale=max(1, 128 // result.image_size))
     console.print(f"translated {len(result)} slices {info['from']} -> {info['to']} with round {used}: {out}")

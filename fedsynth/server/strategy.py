@@ -166,7 +166,8 @@ class GeneratorFedAvg(FedAvg):
         if self.client_dp is not None:
             return self._server_step(self._aggregate_client_dp(accepted, report)), None
         if any(metric in msg.content[METRICS] for msg in accepted for metric in HALF_WEIGHTS.values()):
-            return self._server_step(self._aggregate_halves(accepted)), None
+            averaged, untrained = self._aggregate_halves(accepted)
+            return self._server_step(averaged, keep=untrained), None
         # Hospitals report different metrics (a DP hospital adds its spend and withholds
         # its discriminator's losses), and Flower's FedAvg refuses replies whose metric
         # keys differ. The metrics are kept in the report already; FedAvg needs only the
@@ -176,15 +177,16 @@ class GeneratorFedAvg(FedAvg):
         averaged, metrics = super().aggregate_train(server_round, accepted)
         return (self._server_step(averaged) if averaged is not None else None), metrics
 
-    def _aggregate_halves(self, accepted: list[Message]) -> ArrayRecord:
+    def _aggregate_halves(self, accepted: list[Message]) -> tuple[ArrayRecord, set[str]]:
         """CycleGAN: each half averaged with its own weights (``HALF_WEIGHTS``). A hospital
         reports ``weight-a2b`` (``weight-b2a``), the number of real slices the
         translator's adversarial signal came from, and ``weight-a`` (``weight-b``), its real
         slices of each domain; 0 means it could not train that half (no slices of the
         domain it needs), so its copy, unchanged, is left out. A half no hospital trained
-        this round keeps the global weights."""
+        this round keeps the global weights (returned, so the server step leaves them be)."""
         updates = [(arrays_to_numpy(m.content[ARRAYS]), m.content[METRICS]) for m in accepted]
         out = {}
+        untrained = set()
         for key in updates[0][0]:
             weights = []
             for _, metrics in updates:
@@ -196,15 +198,17 @@ class GeneratorFedAvg(FedAvg):
             total = sum(weights)
             if total <= 0:
                 value = self.current.get(key, updates[0][0][key])
+                untrained.add(key)
             else:
                 value = sum(w * u[key].astype(np.float64) for w, (u, _) in zip(weights, updates, strict=True)) / total
             out[key] = np.asarray(value).astype(updates[0][0][key].dtype)
-        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in out.items()})
+        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in out.items()}), untrained
 
-    def _server_step(self, averaged: ArrayRecord) -> ArrayRecord:
+    def _server_step(self, averaged: ArrayRecord, keep: set[str] | None = None) -> ArrayRecord:
         """FedAvgM (Hsu et al. 2019): the server treats the averaged update as a gradient
         and steps along its momentum, ``v = beta v + (avg - global)``, ``global += lr v``.
-        Only trainable tensors move this way; BatchNorm statistics are the plain average."""
+        Only trainable tensors move this way; BatchNorm statistics are the plain average.
+        ``keep``: tensors nobody trained this round (a cyclegan half), left as they are."""
         if self.server_step is None or not self.current:
             return averaged
         momentum, lr, trainable = self.server_step
@@ -213,7 +217,7 @@ class GeneratorFedAvg(FedAvg):
         avg = arrays_to_numpy(averaged)
         out = {}
         for k, value in avg.items():
-            if k in trainable:
+            if k in trainable and k not in (keep or ()):
                 delta = value.astype(np.float64) - self.current[k]
                 velocity = momentum * self.velocity.get(k, 0.0) + delta
                 self.velocity[k] = velocity

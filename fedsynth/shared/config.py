@@ -394,6 +394,10 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _link_sections(self) -> RunConfig:
         self.train._family = self.model.name  # `train.loss: auto` depends on the family
+        if self.model.on_domains and self.federation.client_dp_noise_multiplier > 0:
+            raise ValueError("federation.client-dp-noise-multiplier: not with cyclegan (its translators are averaged "
+                             "over the hospitals holding each target domain; client-level DP averages every update "
+                             "with equal weight, untrained halves included)")
         if self.model.on_domains and self.train.loss == "wgan-gp":
             raise ValueError("train.loss: cyclegan trains with bce or hinge, not wgan-gp")
         if self.model.on_masks and self.train.loss == "wgan-gp":

@@ -136,7 +136,8 @@ class RunDir:
             best = self.best_round()
             if best is None:
                 raise RunDirError(f"{self.root}: no round has a validation score (the hospitals hold no validation "
-                                  "slices: prepare with --validation, or simulate with simulation.validation > 0)")
+                                  "slices: prepare with --validation, or simulate with simulation.validation > 0; "
+                                  "cyclegan: only a hospital with validation slices of both domains scores)")
             return best
         if isinstance(round_, str):
             if not round_.isdigit():
