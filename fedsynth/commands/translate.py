@@ -21,7 +21,7 @@ __all__ = ["translate", "translate_slices"]
 
 
 def translate_slices(run: RunDir, slices: SliceSet, direction: str, *, round_: int | str | None = "last",
-                     everything: bool = False, path: object = "slice set") -> tuple[SliceSet, int, int]:
+                     everything: bool = False, path: object = "slice set") -> tuple[SliceSet, int, np.ndarray]:
     """The slices of the direction's source domain (all of them with ``everything``),
     translated by the run's generator.
 
@@ -29,7 +29,7 @@ def translate_slices(run: RunDir, slices: SliceSet, direction: str, *, round_: i
     the anatomy in place), and its domain field (site, or class where the run's domains
     are classes and the target is one of the set's classes) names the target domain.
 
-    Returns (translated slices, round used, slices of other domains left out).
+    Returns (translated slices, round used, which input slices they are: a boolean mask).
 
     Raises
     ------
@@ -47,7 +47,7 @@ def translate_slices(run: RunDir, slices: SliceSet, direction: str, *, round_: i
                            f"{cfg.data.image_size} px (prepare them with --size {cfg.data.image_size})")
     source, target = (cfg.data.domain_a, cfg.data.domain_b) if direction == "a2b" else (cfg.data.domain_b,
                                                                                          cfg.data.domain_a)
-    left_out = 0
+    keep = np.ones(len(slices), dtype=bool)
     if not everything:
         try:
             values = domain_values(slices, cfg.data.domain_field)
@@ -58,7 +58,6 @@ def translate_slices(run: RunDir, slices: SliceSet, direction: str, *, round_: i
             found = ", ".join(sorted(set(values.tolist()))[:8])
             raise CommandError(f"{path}: no slice whose {cfg.data.domain_field} is {source!r}, the source domain of "
                                f"{direction} (found: {found}); give --all to translate every slice as {source!r}")
-        left_out = int((~keep).sum())
         slices = slices.subset(keep)
     used = run.resolve_round(round_)
     gen, _ = build_gan(cfg.model, image_size=cfg.data.image_size, num_classes=max(1, len(cfg.data.classes)))
@@ -75,7 +74,7 @@ def translate_slices(run: RunDir, slices: SliceSet, direction: str, *, round_: i
         "run": str(run.root), "round": used, "checkpoint_sha256": file_sha256(run.checkpoint(used)),
         "input": str(path),
     }, "derived_from_real": True}
-    return replace(slices, images=images, labels=labels, site=site, meta=meta), used, left_out
+    return replace(slices, images=images, labels=labels, site=site, meta=meta), used, keep
 
 
 @user_errors
@@ -104,14 +103,14 @@ def translate(
         raise CommandError(f"--out {out}: a slice set file ending in .npz")
     run = RunDir(run_dir)
     slices = SliceSet.load(data)
-    result, used, left_out = translate_slices(run, slices, direction, round_=round_, everything=everything, path=data)
+    result, used, kept = translate_slices(run, slices, direction, round_=round_, everything=everything, path=data)
+    left_out = int((~kept).sum())
     out.parent.mkdir(parents=True, exist_ok=True)
     result.save(out)
     info = result.meta["translated"]
     n = min(8, len(result))
     index = np.linspace(0, len(result) - 1, n).round().astype(int)
-    originals = slices.images if everything else slices.subset(
-        domain_values(slices, run.load_config().data.domain_field) == info["from"]).images
+    originals = slices.images[kept]
     grid = save_grid(np.concatenate([originals[index], result.images[index]]), grid_path,
                      columns=n, row_names=[str(info["from"]), str(info["to"])],
                      title=f"{direction}, round {used}", scale=max(1, 128 // result.image_size))
