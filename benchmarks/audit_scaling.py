@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import platform
 import time
 from pathlib import Path
@@ -21,18 +22,21 @@ import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter
 
-from fedsynth.audit.features import PixelSpace
+if __package__ in (None, ""):  # run as a script: python benchmarks/audit_scaling.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import BRAIN_MRI
+from fedsynth.metrics.features import PixelSpace
 from fedsynth.audit.memorization import aligned_nearest
-from fedsynth.shared.neighbours import nearest
+from fedsynth.metrics.neighbours import nearest
 
 HERE = Path(__file__).resolve().parent
-SHARED = Path(os.environ.get("FEDSYNTH_SHARED_DATA", HERE.parents[1] / "shared" / "data"))
 
 
 def base_images(size: int) -> tuple[np.ndarray, str]:
-    folder = SHARED / "brain-tumor-mri"
+    folder = BRAIN_MRI
     if folder.exists():
-        from fedsynth.shared.ingest import ingest_image_folder
+        from fedsynth.data.ingest import ingest_image_folder
 
         slices, _ = ingest_image_folder(folder, size=size)
         return slices.images, f"brain MRI slices ({len(slices)}) from {folder}, augmented"

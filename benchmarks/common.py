@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedsynth.core.files import write_json_atomic
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 SHARED = Path(os.environ.get("FEDSYNTH_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -54,7 +56,7 @@ def spread(values: list[float]) -> dict[str, Any]:
 def prepare_brain(out: Path, size: int, *, limit: int | None = None, seed: int = 0) -> Path:
     """The brain MRI slices as a de-duplicated slice set (``fedsynth prepare``), optionally
     subsampled to ``limit`` slices (keeping the train/holdout split). Reused if present."""
-    from fedsynth.shared.sliceset import SliceSet
+    from fedsynth.data.sliceset import SliceSet
 
     path = out / f"brain-{size}px{'' if limit is None else f'-{limit}'}.npz"
     if path.exists():
@@ -135,21 +137,5 @@ def utility_row(study: dict[str, Any]) -> dict[str, Any]:
 def write(out: Path, name: str, result: dict[str, Any], lines: list[str]) -> None:
     """``OUT/NAME.json`` (the figures) and ``OUT/NAME.md`` (the table)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(finite(result), indent=2, allow_nan=False) + "\n")
+    write_json_atomic(out / f"{name}.json", result)
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
-
-
-def finite(value: Any) -> Any:
-    """JSON-ready: NaN and infinities become None (strict JSON has neither), numpy
-    scalars plain numbers, paths strings."""
-    if isinstance(value, dict):
-        return {str(k): finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    if isinstance(value, Path):
-        return str(value)
-    return value

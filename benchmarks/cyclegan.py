@@ -76,7 +76,7 @@ QUICK = dict(image_size=32, limit=300, width=8, local_steps=3)
 def toy_domains(work: Path, cfg: CycleConfig) -> Path:
     """The brain slices as A and B = other slices inverted (sites ``original`` and
     ``inverted``); the holdout stays A (its inversion is computed when scoring)."""
-    from fedsynth.shared.sliceset import TRAIN, SliceSet
+    from fedsynth.data.sliceset import TRAIN, SliceSet
 
     out = work / f"toy-domains-{cfg.image_size}px.npz"
     if out.exists():
@@ -135,9 +135,9 @@ def histogram_match(x: np.ndarray, source: np.ndarray, target: np.ndarray) -> np
 
 def evaluate(cfg: CycleConfig, data: Path, trained: dict[str, dict[str, Any]], out: Path) -> dict[str, Any]:
     from fedsynth.commands.translate import translate_slices
-    from fedsynth.shared.rundir import RunDir
-    from fedsynth.shared.sampling import save_grid
-    from fedsynth.shared.sliceset import SliceSet
+    from fedsynth.runs.rundir import RunDir
+    from fedsynth.core.grids import save_grid
+    from fedsynth.data.sliceset import SliceSet
 
     slices = SliceSet.load(data)
     train, holdout = slices.only("train"), slices.only("holdout")
@@ -179,9 +179,10 @@ def step_cost(cfg: CycleConfig) -> dict[str, float]:
     median of 2 rounds of 5 steps after a warm-up, on ``cfg.threads`` threads."""
     import torch
 
-    from fedsynth.client.train import BatchSource, make_optimizers, train_round_cycle
-    from fedsynth.shared.config import RunConfig
-    from fedsynth.shared.models import build_gan
+    from fedsynth.models.cyclegan import train_round_cycle
+    from fedsynth.models.training import BatchSource, make_optimizers
+    from fedsynth.runs.config import RunConfig
+    from fedsynth.models import build_gan
 
     torch.set_num_threads(cfg.threads)
     size = 64 if cfg.image_size == 64 else cfg.image_size

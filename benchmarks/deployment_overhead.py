@@ -26,8 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedsynth.server.deployment import Coordinator
-from fedsynth.shared.rundir import RunDir
+from fedsynth.engine.deployment import Coordinator
+from fedsynth.runs.rundir import RunDir
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -79,7 +79,7 @@ def main() -> None:
                            check=True, env=env, cwd=work, capture_output=True)
             procs.append(subprocess.Popen(
                 [FEDSYNTH, "client", "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
-                 "--data", str(sim.hospitals_dir / name / "slices.npz"), "--ca-cert", str(work / "certs" / "ca.crt"),
+                 "--data", str(sim.hospitals.slices(name)), "--ca-cert", str(work / "certs" / "ca.crt"),
                  "--key", str(work / "certs" / "hospitals" / f"{name}.key")],
                 env=env, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
         # The simulated run's own resolved config: every training setting identical.

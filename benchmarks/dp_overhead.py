@@ -20,6 +20,7 @@ import argparse
 import copy
 import json
 import os
+import sys
 import platform
 import statistics
 import tempfile
@@ -30,17 +31,21 @@ import numpy as np
 import torch
 from opacus import GradSampleModule
 
+if __package__ in (None, ""):  # run as a script: python benchmarks/dp_overhead.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import BRAIN_MRI
 from fedsynth import __version__
-from fedsynth.client.dp import PatientSampler, PerSampleClipper, epsilon_for, plan_privacy, train_round_dp
-from fedsynth.client.train import BatchSource, make_optimizers, train_round
-from fedsynth.shared.config import RunConfig
-from fedsynth.shared.ingest import ingest_image_folder
-from fedsynth.shared.volumes import MaskClasses, ingest_volumes
-from fedsynth.shared.models import build_gan
-from fedsynth.shared.phantoms import LESION, LIVER, write_phantom_hospitals
+from fedsynth.models.training_dp import train_round_dp
+from fedsynth.privacy import PatientSampler, PerSampleClipper, epsilon_for, plan_privacy
+from fedsynth.models.training import BatchSource, make_optimizers, train_round
+from fedsynth.runs.config import RunConfig
+from fedsynth.data.ingest import ingest_image_folder
+from fedsynth.data.volumes import MaskClasses, ingest_volumes
+from fedsynth.models import build_gan
+from fedsynth.data.phantoms import LESION, LIVER, write_phantom_hospitals
 
 HERE = Path(__file__).resolve().parent
-BRAIN_MRI = Path(os.environ.get("FEDSYNTH_SHARED_DATA", HERE.parent.parent / "shared" / "data")) / "brain-tumor-mri"
 
 
 def load_slices(size: int):  # type: ignore[no-untyped-def]

@@ -40,6 +40,7 @@ from .common import (HERE, copy_last_grids, forget_other_config, machine, machin
                      utility_row, write)
 from .quality import _ci, _f
 from .recipe import Arm, RecipeConfig, evaluate, train
+from fedsynth.runs.rundir import RunDir
 
 HOSPITALS = ("hospital-a", "hospital-b", "hospital-c")
 FAMILIES = {
@@ -68,11 +69,11 @@ QUICK = dict(image_size=32, batch=32, federated_steps=5, n_synthetic=200, encode
 
 def leave_one_hospital_out(cfg: FamiliesConfig, run_dir: Path, progress) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     from fedsynth.audit.utility import utility_study
-    from fedsynth.shared.sliceset import SliceSet
+    from fedsynth.data.sliceset import SliceSet
 
     from .quality import draw
 
-    parts = {h: SliceSet.load(run_dir / "hospitals" / h / "slices.npz") for h in HOSPITALS}
+    parts = {h: SliceSet.load(RunDir(run_dir).hospitals.slices(h)) for h in HOSPITALS}
     k = len(next(iter(parts.values())).class_names)
     out: dict[str, Any] = {"generator": str(run_dir), "seeds": cfg.loho_seeds, "steps": cfg.lowdata_steps,
                            "note": "the federated generator was trained with the tested hospital's slices too",

@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 
 from fedsynth.client.hospital import HospitalSite, run_local_round
-from fedsynth.client.train import BatchSource, make_optimizers, train_round
-from fedsynth.shared.config import RunConfig
-from fedsynth.shared.models import build_gan
-from fedsynth.shared.weights import exchanged_state
-from fedsynth.shared.rundir import RunDir
-from fedsynth.shared.sliceset import SliceSet
+from fedsynth.models.training import BatchSource, make_optimizers, train_round
+from fedsynth.runs.config import RunConfig
+from fedsynth.models import build_gan
+from fedsynth.core.weights import exchanged_state
+from fedsynth.runs.rundir import RunDir
+from fedsynth.data.sliceset import SliceSet
 
 from . import audit_scaling, dp_overhead
 from .common import ENV, FEDSYNTH, run, spread
@@ -189,10 +189,10 @@ _INPROCESS = """
 import json, time, shutil
 from pathlib import Path
 from fedsynth.client.hospital import HospitalSite, run_local_round
-from fedsynth.shared.checkpoint import load_checkpoint
-from fedsynth.shared.config import RunConfig
-from fedsynth.shared.rundir import RunDir
-from fedsynth.shared.weights import split_model
+from fedsynth.core.checkpoint import load_checkpoint
+from fedsynth.runs.config import RunConfig
+from fedsynth.runs.rundir import RunDir
+from fedsynth.core.weights import split_model
 sim = RunDir({sim!r})
 cfg = RunConfig.from_yaml(sim.config_path)
 work = Path({work!r}); shutil.rmtree(work, ignore_errors=True)
@@ -202,7 +202,7 @@ rounds_wall = loop = 0.0
 for rnd in range(1, {rounds} + 1):
     updates = []
     for name in names:
-        site = HospitalSite(name, sim.hospitals_dir / name / "slices.npz", work / name)
+        site = HospitalSite(name, sim.hospitals.slices(name), work / name)
         t = time.perf_counter()
         res = run_local_round(site, cfg, server_round=rnd, global_generator=weights)
         rounds_wall += time.perf_counter() - t
@@ -221,10 +221,10 @@ import json, sys
 import flwr  # a ClientApp process imports Flower too
 from pathlib import Path
 from fedsynth.client.hospital import HospitalSite, run_local_round
-from fedsynth.shared.config import RunConfig
-from fedsynth.shared.models import build_gan
-from fedsynth.shared.weights import exchanged_state
-from fedsynth.shared.sliceset import SliceSet
+from fedsynth.runs.config import RunConfig
+from fedsynth.models import build_gan
+from fedsynth.core.weights import exchanged_state
+from fedsynth.data.sliceset import SliceSet
 data, state, steps, dp = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "dp"
 s = SliceSet.load(data)
 def hwm():  # this process's peak resident memory, kB (ru_maxrss would carry the parent's over exec)

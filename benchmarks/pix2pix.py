@@ -68,7 +68,7 @@ QUICK = dict(image_size=32, width=8, local_steps=5, seg_seeds=2, seg_steps=30)
 
 def prepare_ct(work: Path, size: int) -> Path:
     """The three volumes with label maps as one slice set; the DICOM patient is the holdout."""
-    from fedsynth.shared.sliceset import HOLDOUT, TRAIN, SliceSet
+    from fedsynth.data.sliceset import HOLDOUT, TRAIN, SliceSet
 
     out = work / f"ct-mr-{size}px.npz"
     if out.exists():
@@ -118,10 +118,10 @@ def train(cfg: Pix2pixConfig, data: Path, work: Path, progress) -> dict[str, Any
 def evaluate(cfg: Pix2pixConfig, data: Path, trained: dict[str, Any], out: Path, progress) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     from fedsynth.audit.paired import paired_fidelity, psnr, ssim
     from fedsynth.audit.segmentation import segmentation_utility
-    from fedsynth.commands.sample import sample_images
-    from fedsynth.shared.rundir import RunDir
-    from fedsynth.shared.sampling import mask_to_uint8, save_grid
-    from fedsynth.shared.sliceset import SliceSet
+    from fedsynth.synthesis.sample import sample_images
+    from fedsynth.runs.rundir import RunDir
+    from fedsynth.core.grids import mask_to_uint8, save_grid
+    from fedsynth.data.sliceset import SliceSet
 
     slices = SliceSet.load(data)
     train, holdout = slices.only("train"), slices.only("holdout")

@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from fedsynth.runs.rundir import RunDir
+
 from .common import FEDSYNTH, forget_other_config, prepare_brain, run, write
 
 
@@ -68,7 +70,7 @@ def _lowdata_set(cfg: QualityConfig, work: Path) -> Path:
     site column names the hospital, for ``--partition by-site``."""
     from dataclasses import replace
 
-    from fedsynth.shared.sliceset import SliceSet
+    from fedsynth.data.sliceset import SliceSet
 
     path = work / "lowdata.npz"
     if path.exists():
@@ -76,7 +78,7 @@ def _lowdata_set(cfg: QualityConfig, work: Path) -> Path:
     rng = np.random.default_rng(cfg.seed)
     parts = []
     for h in HOSPITALS:
-        part = SliceSet.load(work / "federated" / "hospitals" / h / "slices.npz")
+        part = SliceSet.load(RunDir(work / "federated").hospitals.slices(h))
         keep = part.split != "train"
         for c in range(len(part.class_names)):
             members = np.flatnonzero((part.labels == c) & (part.split == "train"))
@@ -97,7 +99,7 @@ def train_arms(cfg: QualityConfig, data: Path, work: Path, progress) -> dict[str
     fed = ["--hospitals", "3", "--partition", "dirichlet:0.5", "--set", "federation.min-hospitals=3"]
     plan: dict[str, Any] = {"federated": ["--data", str(data), *fed]}
     for h in HOSPITALS:
-        plan[f"local-{h}"] = ["--data", str(work / "federated" / "hospitals" / h / "slices.npz"), "--hospitals", "1"]
+        plan[f"local-{h}"] = ["--data", str(RunDir(work / "federated").hospitals.slices(h)), "--hospitals", "1"]
     plan["pooled"] = ["--data", str(data), "--hospitals", "1"]
     plan["vanilla-gan"] = ["--data", str(data), *fed, "--set", "model.name=vanilla-gan"]
     for e in cfg.epsilons:
@@ -132,14 +134,14 @@ def draw(run_dir: Path, n: int, proportions: np.ndarray, seed: int) -> tuple[np.
     unconditional generator."""
     from fedsynth.audit.utility import _largest_remainder
     from fedsynth.server.bookkeeping import build_global_models, restore_round
-    from fedsynth.shared.rundir import RunDir
-    from fedsynth.shared.sampling import generate
+    from fedsynth.models.sampling import generate
 
     labels = np.repeat(np.arange(len(proportions)), _largest_remainder(n, proportions))
     run = RunDir(run_dir)
-    gen, _ = build_global_models(run.load_config())
+    cfg = run.load_config()
+    gen, _ = build_global_models(cfg)
     restore_round(run, run.resolve_round(None), gen, None)
-    conditional = bool(getattr(gen, "conditional", False))
+    conditional = cfg.model.family.conditional(cfg.model)
     # an unconditional generator ignores the labels: they are not its images' classes
     return generate(gen, labels, seed=seed), (labels if conditional else None)
 
@@ -155,7 +157,7 @@ def gap_closed(local_fds: list[float], pooled: float, federated: float) -> float
 
 
 def _spaces(real: np.ndarray, cfg: QualityConfig):  # type: ignore[no-untyped-def]
-    from fedsynth.audit.features import AutoencoderSpace, PixelSpace
+    from fedsynth.metrics.features import AutoencoderSpace, PixelSpace
 
     pixels = PixelSpace(components=64, seed=cfg.seed).fit(real)
     encoder = AutoencoderSpace(steps=cfg.audit_encoder_steps, seed=cfg.seed, threads=cfg.threads).fit(real)
@@ -165,13 +167,13 @@ def _spaces(real: np.ndarray, cfg: QualityConfig):  # type: ignore[no-untyped-de
 def fidelity(cfg: QualityConfig, data: Path, runs: dict[str, dict[str, Any]], progress) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     """FD and KID to the pooled holdout in shared spaces, class-matched SSIM (seed 003's
     protocol, against held-out slices), MS-SSIM diversity; the real train set as reference."""
-    from fedsynth.audit.fidelity import (
+    from fedsynth.metrics.fidelity import (
         class_matched_ssim_psnr,
         frechet_distance,
         kernel_inception_distance,
         ms_ssim_diversity,
     )
-    from fedsynth.shared.sliceset import SliceSet
+    from fedsynth.data.sliceset import SliceSet
 
     slices = SliceSet.load(data)
     train, holdout = slices.only("train"), slices.only("holdout")
@@ -258,14 +260,14 @@ def lowdata(cfg: QualityConfig, data: Path, runs: dict[str, dict[str, Any]], pro
     slices vs real + the low-data federation's synthetic images (class-balancing) vs the
     control (as many re-drawn real images), scored on the pooled holdout."""
     from fedsynth.audit.utility import utility_study
-    from fedsynth.shared.sliceset import SliceSet
+    from fedsynth.data.sliceset import SliceSet
 
     holdout = SliceSet.load(data).only("holdout")
     generators = [a for a in ("lowdata-federated", "lowdata-dp-eps-10") if a in runs]
     result: dict[str, Any] = {"fraction": cfg.lowdata_fraction, "seeds": cfg.lowdata_seeds, "steps": cfg.lowdata_steps,
                               "holdout_size": len(holdout), "generators": generators, "studies": {}}
     for h in HOSPITALS:
-        small = SliceSet.load(runs["lowdata-federated"]["run"] / "hospitals" / h / "slices.npz").only("train")
+        small = SliceSet.load(RunDir(runs["lowdata-federated"]["run"]).hospitals.slices(h)).only("train")
         missing = [n for c, n in enumerate(small.class_names) if not (small.labels == c).any()]
         for gen_arm in generators:
             key = f"{h}/{gen_arm}"

@@ -43,6 +43,7 @@ import numpy as np
 from .common import (FEDSYNTH, HERE, copy_last_grids, forget_other_config, machine, machine_line, prepare_brain, progress,
                      run, utility_row, write)
 from .quality import _ci, _f
+from fedsynth.runs.rundir import RunDir
 
 HOSPITALS = ("hospital-a", "hospital-b", "hospital-c")
 
@@ -98,7 +99,7 @@ class Arm:
 
 
 def plan_arms(cfg: RecipeConfig, data: Path, work: Path) -> list[Arm]:
-    fed_hospital = lambda h: (lambda: work / "fedsynth" / "hospitals" / h / "slices.npz")  # noqa: E731
+    fed_hospital = lambda h: (lambda: RunDir(work / "fedsynth").hospitals.slices(h))  # noqa: E731
     arms = [Arm("reference", data, 1, dict(REFERENCE)), Arm("fedsynth", data, 3), Arm("pooled", data, 1)]
     if cfg.locals_:
         arms += [Arm(f"local-{h}", fed_hospital(h), 1) for h in HOSPITALS]
@@ -170,11 +171,11 @@ def evaluate(cfg: RecipeConfig, data: Path, runs: dict[str, dict[str, Any]], pro
              utility_arms: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Fidelity of every arm, and low-data utility for ``utility_arms`` (default: the
     headline and DP arms)."""
-    from fedsynth.audit.features import AutoencoderSpace, PixelSpace
-    from fedsynth.audit.fidelity import frechet_distance, kernel_inception_distance, precision_recall_density_coverage
+    from fedsynth.metrics.features import AutoencoderSpace, PixelSpace
+    from fedsynth.metrics.fidelity import frechet_distance, kernel_inception_distance, precision_recall_density_coverage
     from fedsynth.audit.memorization import closer_to_train_share, measure_distances, near_copies
     from fedsynth.audit.utility import utility_study
-    from fedsynth.shared.sliceset import SliceSet
+    from fedsynth.data.sliceset import SliceSet
 
     from .quality import draw
 

@@ -23,7 +23,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .common import HERE, finite, machine, machine_line, prepare_brain, write
+from fedsynth.core.files import write_json_atomic
+
+from .common import HERE, machine, machine_line, prepare_brain, write
 
 PERF_QUICK = {"size": 32, "steps": 3, "repeats": 2, "batch": 32, "threads": 2, "fed_rounds": 2, "fed_steps": 5,
               "memory_steps": 3, "audit_sizes": [500, 1000], "full_audit_max": 1000}
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         write(out, key, result, lines)
         summary["results"][key] = result
         # rewritten after every benchmark: nothing measured is lost if a later one fails
-        summary_path.write_text(json.dumps(finite(summary), indent=2, allow_nan=False) + "\n")
+        write_json_atomic(summary_path, summary)
         md = [f"# fedsynth benchmarks ({name})", ""]
         for cmd in summary["commands"]:
             md += [f"- `{cmd['command']}` on {machine_line(cmd['machine'])}"]

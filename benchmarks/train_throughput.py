@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import platform
 import statistics
 import tempfile
@@ -28,16 +29,20 @@ from pathlib import Path
 
 import torch
 
+if __package__ in (None, ""):  # run as a script: python benchmarks/train_throughput.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import BRAIN_MRI
 from fedsynth import __version__
-from fedsynth.client.train import BatchSource, make_optimizers, train_round
-from fedsynth.shared.config import RunConfig
-from fedsynth.shared.ingest import ingest_image_folder
-from fedsynth.shared.volumes import MaskClasses, ingest_volumes
-from fedsynth.shared.models import build_gan
-from fedsynth.shared.phantoms import LESION, LIVER, write_phantom_hospitals
+from fedsynth.models.training import BatchSource, make_optimizers, train_round
+from fedsynth.runs.config import RunConfig
+from fedsynth.data.ingest import ingest_image_folder
+from fedsynth.data.volumes import MaskClasses, ingest_volumes
+from fedsynth.models import FAMILIES, MASK, build_gan, presets
+from fedsynth.models.sampling import shape_masks
+from fedsynth.data.phantoms import LESION, LIVER, write_phantom_hospitals
 
 HERE = Path(__file__).resolve().parent
-BRAIN_MRI = HERE.parent.parent / "shared" / "data" / "brain-tumor-mri"
 
 
 def load_slices(size: int):  # type: ignore[no-untyped-def]
@@ -64,9 +69,7 @@ def measure(slices, size: int, threads: int, steps: int, batch: int, repeats: in
     opt_g, opt_d = make_optimizers(gen, disc, cfg.train)
     rng = torch.Generator().manual_seed(0)
     condition = torch.from_numpy(slices.labels)
-    if getattr(gen, "paired", False):  # pix2pix: a mask per slice
-        from fedsynth.shared.sampling import shape_masks
-
+    if cfg.model.family.condition == MASK:  # pix2pix: a mask per slice
         condition = torch.from_numpy(shape_masks(len(slices), size, [1, 2], seed=0).astype("int64"))
     batches = BatchSource(torch.from_numpy(slices.as_float()).to(dev), condition.to(dev),
                           batch_size=batch, generator=rng)
@@ -93,10 +96,7 @@ def main() -> None:
                         help="model families (or presets) to measure; 'all': every family and medscangan")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
-    from fedsynth.shared.config import PRESETS
-    from fedsynth.shared.models import MODEL_FAMILIES
-
-    families = [*MODEL_FAMILIES, *PRESETS] if args.families == ["all"] else args.families
+    families = [*FAMILIES, *presets()] if args.families == ["all"] else args.families
     rows, data = [], ""
     for size in args.sizes:
         slices, data = load_slices(size)

@@ -1,5 +1,5 @@
 """`python -m fedsynth` runs the CLI."""
 
-from .cli import main
+from fedsynth.cli import main
 
 main()

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import typer
 
-from .commands.audit import audit
-from .commands.demo import demo
-from .commands.deploy import client, run, server, server_app
-from .commands.info import config, models
-from .commands.prepare import prepare
-from .commands.report import consortium, report
-from .commands.sample import sample
-from .commands.simulate import simulate
-from .commands.translate import translate
-from .commands.turing import make_sheet, turing_test
+from fedsynth.commands.audit import audit
+from fedsynth.commands.demo import demo
+from fedsynth.commands.deploy import client, run, server, server_app
+from fedsynth.commands.info import config, models
+from fedsynth.commands.prepare import prepare
+from fedsynth.commands.report import consortium, report
+from fedsynth.commands.sample import sample
+from fedsynth.commands.simulate import simulate
+from fedsynth.commands.translate import translate
+from fedsynth.commands.turing import make_sheet, turing_test
 
 app = typer.Typer(
     name="fedsynth",

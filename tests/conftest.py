@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedsynth.shared.phantoms import DEFAULT_HOSPITALS
-from fedsynth.shared.sliceset import SliceSet, assign_split_by_patient
+from fedsynth.data.phantoms import DEFAULT_HOSPITALS
+from fedsynth.data.sliceset import SliceSet, assign_split_by_patient
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FEDSYNTH_SHARED_DATA", REPO.parent / "shared" / "data"))

@@ -9,7 +9,7 @@ from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fedsynth.client.client_app import train as honest_train
-from fedsynth.shared.records import ARRAYS
+from fedsynth.engine.records import ARRAYS
 
 # By partition id: what each simulated hospital sends instead of its honest update.
 ATTACKS = ("nan", "wrong-shape", "thousandfold", "honest")

@@ -18,13 +18,13 @@ import torch
 from scipy.ndimage import gaussian_filter
 from typer.testing import CliRunner
 
-from fedsynth.audit import fidelity
-from fedsynth.audit.features import FeatureError, InceptionSpace, find_inception_weights
+from fedsynth.metrics import fidelity
+from fedsynth.metrics.features import FeatureError, InceptionSpace, find_inception_weights
 from fedsynth.audit.memorization import shift_images
 from fedsynth.audit.pipeline import AuditInputs, AuditOptions, fit_feature_spaces, run_audit
 from fedsynth.cli import app
-from fedsynth.shared.ingest import ingest_image_folder
-from fedsynth.shared.sliceset import HOLDOUT, SYNTHETIC, TRAIN, SliceSet
+from fedsynth.data.ingest import ingest_image_folder
+from fedsynth.data.sliceset import HOLDOUT, SYNTHETIC, TRAIN, SliceSet
 
 from .conftest import BRAIN_MRI, make_slices, require
 
@@ -136,7 +136,7 @@ def test_fidelity_orders_holdout_blur_noise(brain_split, spaces) -> None:
     train, holdout, _ = brain_split
     blurred = np.clip(gaussian_filter(holdout.images.astype(float), sigma=(0, 1.5, 1.5)), 0, 255).astype(np.uint8)
     noise = np.random.default_rng(0).integers(0, 256, holdout.images.shape, dtype=np.uint8)
-    for space in spaces:
+    for space in (spaces.pixels, spaces.encoder, spaces.classifier):
         ref = space.transform(train.images)
         fd = [fidelity.frechet_distance(ref, space.transform(x)) for x in (holdout.images, blurred, noise)]
         assert fd[0] < fd[1] < fd[2], (space.name, fd)
@@ -145,12 +145,48 @@ def test_fidelity_orders_holdout_blur_noise(brain_split, spaces) -> None:
 def test_the_encoder_is_trained_not_random(brain_split, spaces) -> None:
     """A random network's features are near-constant; the audit's encoder has learned to
     reconstruct, and its weights are hashed in the record."""
-    _, encoder = spaces
+    encoder = spaces.encoder
     record = encoder.describe()
     assert record["loss_last"] < 0.5 * record["data_variance"]
     assert len(record["sha256"]) == 64
     features = encoder.transform(brain_split[1].images)
     assert features.std(axis=0).mean() > 0.1
+
+
+def test_the_classifier_space_learned_the_classes_on_train_only(brain_split, spaces) -> None:
+    """The headline fidelity space: a classifier trained on the training slices alone; on
+    the holdout it tells the four classes apart far above chance (0.25), and its record
+    (steps, seed, weights' hash) is what audit.json keeps."""
+    train, holdout, _ = brain_split
+    record = spaces.classifier.describe()
+    assert record["trained_on"] == len(train) and record["fit_on"].startswith("real train")
+    assert record["holdout_balanced_accuracy"] > 0.6
+    assert len(record["sha256"]) == 64 and record["dimensions"] == 128
+    features = spaces.classifier.transform(holdout.images)
+    assert features.shape == (len(holdout), 128) and np.isfinite(features).all()
+
+
+@pytest.mark.slow
+def test_fidelity_is_judged_in_the_classifier_space_against_half_the_holdout(
+        tmp_path, brain_split, spaces) -> None:
+    """Fresh real slices score like the holdout's other half; pure noise is red there."""
+    train, holdout, fresh = brain_split
+    good = run_audit(_inputs(train, holdout, fresh.images, fresh.labels), tmp_path / "fresh", OPTIONS,
+                     spaces_fitted=spaces)
+    noise = np.random.default_rng(0).integers(0, 256, fresh.images.shape, dtype=np.uint8)
+    bad = run_audit(_inputs(train, holdout, noise, fresh.labels), tmp_path / "noise", OPTIONS, spaces_fitted=spaces)
+    for audit in (good, bad):
+        cls = audit["fidelity"]["classifier"]
+        assert cls["computed"] and "holdout" in cls["reference"]
+        assert cls["images"]["reference"] + cls["images"]["holdout"] == len(holdout)
+        assert cls["images"]["synthetic"] == cls["images"]["holdout"]  # same n, same FD bias
+        assert audit["checks"]["fidelity"]["note"] == "judged in the classifier space"
+        assert audit["feature_spaces"]["classifier"]["sha256"] == spaces.classifier.describe()["sha256"]
+    lights = _lights(good, "fidelity")
+    assert lights[("fd_ratio", "classifier")] == "green" and good["summary"]["fidelity"] == "green"
+    fd = bad["fidelity"]["classifier"]["frechet_distance"]
+    assert fd["synthetic"] > 10 * fd["holdout"]
+    assert _lights(bad, "fidelity")[("fd_ratio", "classifier")] == "red" and bad["summary"]["fidelity"] == "red"
 
 
 def _fid_inception_state(path: Path) -> Path:

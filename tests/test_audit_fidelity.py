@@ -11,7 +11,7 @@ import sklearn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedsynth.audit.fidelity import (
+from fedsynth.metrics.fidelity import (
     class_matched_ssim_psnr,
     frechet_distance,
     intensity_histogram_distance,

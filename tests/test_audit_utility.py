@@ -19,9 +19,11 @@ from fedsynth.audit.utility import (
     BALANCED,
     CONDITIONS,
     CONTROL,
+    ORACLE,
     REAL,
     SYNTHETIC_ONLY,
     plot_gain_vs_ratio,
+    small_set,
     utility_study,
 )
 from tests.conftest import BRAIN_MRI, require
@@ -144,6 +146,60 @@ def test_no_synthetic_images_still_runs_real_and_control(toy):
                            **{**QUICK, "seeds": 1, "steps": 2, "bootstrap": 20})
     assert list(result["conditions"]) == [REAL, CONTROL]
     assert result["synthetic_available"] == 0
+
+
+# --- the oracle: unseen real images -------------------------------------------------------
+def test_the_oracle_adds_unseen_real_images_in_the_balanced_numbers(tmp_path: Path, toy, toy_result):
+    """Given real training images the small set lacks, the oracle condition adds exactly the
+    balanced condition's per-class numbers of them, counts them as real, reports every
+    synthetic condition's gain over the control as a share of its own, and leaves the
+    other conditions' classifiers untouched."""
+    unseen_y = np.repeat(np.arange(3), 30)
+    unseen_x = toy_images(unseen_y, seed=7)
+    result = utility_study(*toy, unseen_images=unseen_x, unseen_labels=unseen_y, **QUICK)
+    cond = result["conditions"]
+    assert list(cond) == [REAL, "real+synthetic-0.5x", "real+synthetic-1x", "real+synthetic-2x", BALANCED,
+                          CONTROL, ORACLE, SYNTHETIC_ONLY]
+    assert cond[ORACLE]["added_per_class"] == cond[BALANCED]["added_per_class"]
+    assert cond[ORACLE]["n_synthetic"] == 0 and cond[ORACLE]["n_real"] == 90
+    for name in CONDITIONS:
+        assert cond[name]["train_loss"] == toy_result["conditions"][name]["train_loss"]
+    oracle = result["oracle"]["balanced_accuracy"]
+    top = oracle["gain_over_control"]
+    assert top == result["gains"][ORACLE]["over_control"]["balanced_accuracy"]
+    assert oracle["headroom"] == (top["ci_low"] > 0)
+    assert set(oracle["share_of_oracle"]) == {"real+synthetic-0.5x", "real+synthetic-1x", "real+synthetic-2x",
+                                              BALANCED}
+    if top["mean"] > 0:
+        gain = result["gains"][BALANCED]["over_control"]["balanced_accuracy"]["mean"]
+        assert oracle["share_of_oracle"][BALANCED] == pytest.approx(gain / top["mean"])
+    json.dumps(result, allow_nan=False)
+    assert plot_gain_vs_ratio(result, tmp_path / "gain.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_an_oracle_pool_short_of_a_class_is_skipped_with_the_reason(toy):
+    unseen_y = np.repeat(np.arange(3), (30, 30, 3))
+    result = utility_study(*toy, unseen_images=toy_images(unseen_y, seed=7), unseen_labels=unseen_y,
+                           **{**QUICK, "seeds": 1, "steps": 2, "bootstrap": 20})
+    assert result["skipped"][ORACLE] == "too few unseen real images of stripes (needs 24, has 3)"
+    assert ORACLE not in result["conditions"] and "oracle" not in result
+    with pytest.raises(ValueError, match="give both or neither"):
+        utility_study(*toy, unseen_images=toy_images(unseen_y, seed=7), **QUICK)
+
+
+def test_the_small_set_takes_whole_patients_and_each_class_share():
+    rng = np.random.default_rng(0)
+    patients = np.repeat(np.arange(60), 5)
+    labels = np.repeat(rng.integers(0, 3, 60), 5)  # one class per patient, five slices each
+    small = small_set(labels, patients, 0.2, seed=0)
+    assert not set(patients[small]) & set(patients[~small])  # no patient on both sides
+    for k in range(3):
+        share = small[labels == k].mean()
+        assert 0.2 <= share < 0.2 + 5 / (labels == k).sum() + 1e-9  # the target, overshot by one patient at most
+    assert np.array_equal(small, small_set(labels, patients, 0.2, seed=0))
+    assert not np.array_equal(small, small_set(labels, patients, 0.2, seed=1))
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        small_set(labels, patients, 1.0)
 
 
 # --- the holdout, seeds and the bootstrap -------------------------------------------------
@@ -303,7 +359,7 @@ def test_gain_figure_needs_synthetic_conditions(tmp_path: Path, toy_result):
 def brain_low_data() -> dict[str, Any]:
     """Brain MRI at 32x32, de-duplicated; a 200-image real training set, a disjoint pool
     of 800 more real training images, and the 861-image holdout."""
-    from fedsynth.shared.ingest import ingest_image_folder
+    from fedsynth.data.ingest import ingest_image_folder
 
     slices, _ = ingest_image_folder(require(BRAIN_MRI), size=32, holdout_fraction=0.3)
     train, holdout = slices.only("train"), slices.only("holdout")

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedsynth.client.augment import diff_augment
-from fedsynth.client.train import mode_seeking_loss
-from fedsynth.shared.config import ConfigError, RunConfig
+from fedsynth.models.augment import diff_augment
+from fedsynth.models.training import mode_seeking_loss
+from fedsynth.runs.config import ConfigError, RunConfig
 
 
 def _disc_images(n: int = 6, size: int = 32) -> torch.Tensor:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fedsynth.server.launcher import flower_app_pyproject
-from fedsynth.shared.config import ConfigError, RunConfig, parse_overrides
+from fedsynth.engine.launcher import flower_app_pyproject
+from fedsynth.runs.config import ConfigError, RunConfig, parse_overrides
 
 
 def test_yaml_with_overrides_round_trips_through_flower_run_config(tmp_path: Path) -> None:

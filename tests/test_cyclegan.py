@@ -20,14 +20,16 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, Metric
 from typer.testing import CliRunner
 
 from fedsynth.cli import app
-from fedsynth.client.dp import PrivacyError, check_dp_discriminator
-from fedsynth.client.train import BatchSource, make_optimizers, train_round_cycle
-from fedsynth.server.strategy import GeneratorFedAvg
-from fedsynth.shared.config import RunConfig
-from fedsynth.shared.models import build_gan
-from fedsynth.shared.records import ARRAYS, HOSPITAL, METRICS
-from fedsynth.shared.rundir import RunDir
-from fedsynth.shared.sliceset import SliceSet
+from fedsynth.models import check_dp_discriminator
+from fedsynth.privacy import PrivacyError
+from fedsynth.models.cyclegan import train_round_cycle
+from fedsynth.models.training import BatchSource, make_optimizers
+from fedsynth.engine.strategy import GeneratorFedAvg
+from fedsynth.runs.config import RunConfig
+from fedsynth.models import build_gan
+from fedsynth.engine.records import ARRAYS, HOSPITAL, METRICS
+from fedsynth.runs.rundir import RunDir
+from fedsynth.data.sliceset import SliceSet
 
 from .conftest import CT_VOLUMES, make_slices, require
 
@@ -265,8 +267,8 @@ def test_validation_scores_translations_only_where_both_domains_are_held(tmp_pat
     (Fréchet distance of translated slices to the other domain's, and the cycle error);
     one whose validation slices are of one domain cannot, and says how many it holds."""
     from fedsynth.client.hospital import HospitalSite, score_validation
-    from fedsynth.shared.sliceset import VALIDATION, with_validation
-    from fedsynth.shared.weights import exchanged_state
+    from fedsynth.data.sliceset import VALIDATION, with_validation
+    from fedsynth.core.weights import exchanged_state
 
     cfg, gen, _ = _cyclegan(**{"seed": 0})
     cfg = cfg.with_overrides({"data.domain-a": "ct", "data.domain-b": "mr"})

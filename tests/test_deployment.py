@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 import yaml
 
-from fedsynth.server.deployment import Coordinator
-from fedsynth.shared.checkpoint import load_checkpoint
-from fedsynth.shared.rundir import RunDir
+from fedsynth.engine.deployment import Coordinator
+from fedsynth.core.checkpoint import load_checkpoint
+from fedsynth.runs.rundir import RunDir
 
 from .conftest import REPO, make_slices
 

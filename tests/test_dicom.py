@@ -16,8 +16,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import get_decoder, pack_bits
 from pydicom.uid import UID, ExplicitVRLittleEndian, JPEGLSLossless, generate_uid
 
-from fedsynth.shared.dicom import DicomSeries, find_dicom_series, load_dicom_seg, load_dicom_series
-from fedsynth.shared.ingest import IngestError
+from fedsynth.data.dicom import DicomSeries, find_dicom_series, load_dicom_seg, load_dicom_series
+from fedsynth.data.ingest import IngestError
 
 from .conftest import CT_VOLUMES, require
 

@@ -14,20 +14,20 @@ from hypothesis import strategies as st
 from opacus import GradSampleModule
 from torch import nn
 
-from fedsynth.client.dp import (
+from fedsynth.models import check_dp_discriminator
+from fedsynth.models.training_dp import train_round_dp
+from fedsynth.privacy import (
     PatientSampler,
     PerSampleClipper,
     PrivacyError,
     PrivacyState,
-    check_dp_discriminator,
     epsilon_for,
     plan_privacy,
-    train_round_dp,
 )
 from fedsynth.client.hospital import HospitalSite, run_local_round
-from fedsynth.shared.config import DPConfig, RunConfig
-from fedsynth.shared.models import build_gan
-from fedsynth.shared.weights import exchanged_state
+from fedsynth.runs.config import DPConfig, RunConfig
+from fedsynth.models import build_gan
+from fedsynth.core.weights import exchanged_state
 
 from .conftest import make_slices
 

@@ -15,8 +15,8 @@ from opacus.accountants import RDPAccountant
 from typer.testing import CliRunner
 
 from fedsynth.cli import app
-from fedsynth.client.dp import epsilon_for
-from fedsynth.shared.rundir import RunDir
+from fedsynth.privacy import epsilon_for
+from fedsynth.runs.rundir import RunDir
 
 from .conftest import make_slices
 
@@ -127,7 +127,7 @@ def test_client_level_dp_is_accounted_per_round_and_resumes(tmp_path: Path) -> N
         assert row["noise_std"] == pytest.approx(2.0 * 0.5 / 2)
         assert row["epsilon_rdp"] == pytest.approx(epsilon_for([(2.0, 1.0, 1)] * k, 1e-5))
     # The released generator stays usable: its BatchNorm statistics were recomputed, finite.
-    from fedsynth.shared.checkpoint import load_checkpoint
+    from fedsynth.core.checkpoint import load_checkpoint
 
     tensors, _ = load_checkpoint(RunDir(out).checkpoint(3))
     running = [v for k, v in tensors.items() if k.endswith("running_var")]

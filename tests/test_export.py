@@ -12,9 +12,9 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
-from fedsynth.shared.dicom import find_dicom_series, load_dicom_series
-from fedsynth.shared.export import stack_affine, write_dicom_series, write_nifti_stack
-from fedsynth.shared.ingest import axial_display
+from fedsynth.data.dicom import find_dicom_series, load_dicom_series
+from fedsynth.synthesis.export import stack_affine, write_dicom_series, write_nifti_stack
+from fedsynth.data.ingest import axial_display
 
 GENERATOR = {"run": "runs/demo", "round": 3, "checkpoint": "sha256:0f1e2d"}
 SPACING = (0.7, 0.9, 2.5)

@@ -9,11 +9,11 @@ import os
 import numpy as np
 import pytest
 
-from fedsynth.server.launcher import run_simulation_engine
-from fedsynth.server.simulate import prepare_simulation
-from fedsynth.shared.checkpoint import load_checkpoint
-from fedsynth.shared.config import RunConfig
-from fedsynth.shared.rundir import RunDir
+from fedsynth.engine.launcher import run_simulation_engine
+from fedsynth.engine.simulation import prepare_simulation
+from fedsynth.core.checkpoint import load_checkpoint
+from fedsynth.runs.config import RunConfig
+from fedsynth.runs.rundir import RunDir
 
 from .conftest import REPO, make_slices
 

@@ -11,8 +11,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from fedsynth.cli import app
-from fedsynth.shared.ingest import ingest_image_folder
-from fedsynth.shared.sliceset import SliceSet
+from fedsynth.data.ingest import ingest_image_folder
+from fedsynth.data.sliceset import SliceSet
 
 from .conftest import BRAIN_MRI, require
 

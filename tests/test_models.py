@@ -7,8 +7,9 @@ import torch
 from opacus import GradSampleModule
 from opacus.validators import ModuleValidator
 
-from fedsynth.shared.config import ModelConfig
-from fedsynth.shared.models import MODEL_FAMILIES, build_gan
+from fedsynth.runs.config import ModelConfig
+from fedsynth.models import FAMILIES as MODEL_FAMILIES
+from fedsynth.models import build_gan
 
 # Families drawn from noise (and a class); pix2pix draws from a mask (tests/test_pix2pix.py)
 # and cyclegan translates slices (tests/test_cyclegan.py).
@@ -63,7 +64,8 @@ DP_READY = {"cdcgan": {}, "vanilla-gan": {}, "wgan-gp": {"spectral_norm": False}
 
 
 def test_every_family_is_either_dp_ready_or_refused() -> None:
-    from fedsynth.client.dp import PrivacyError, check_dp_discriminator
+    from fedsynth.models import check_dp_discriminator
+    from fedsynth.privacy import PrivacyError
 
     for name in MODEL_FAMILIES:
         if name not in DP_READY:
@@ -74,7 +76,8 @@ def test_every_family_is_either_dp_ready_or_refused() -> None:
 
 @pytest.mark.parametrize("name", sorted(DP_READY))
 def test_each_family_in_its_dp_configuration_gets_clipped_per_slice_gradients(name: str) -> None:
-    from fedsynth.client.dp import PerSampleClipper, check_dp_discriminator
+    from fedsynth.models import check_dp_discriminator
+    from fedsynth.privacy import PerSampleClipper
 
     _, disc = build_gan(ModelConfig(name=name, width=8, **DP_READY[name]), image_size=32, num_classes=2)
     check_dp_discriminator(disc)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedsynth.shared.partition import PartitionError, partition
+from fedsynth.data.partition import PartitionError, partition
 
 from .conftest import make_slices
 

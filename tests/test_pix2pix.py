@@ -18,14 +18,15 @@ from typer.testing import CliRunner
 
 from fedsynth.audit.paired import paired_fidelity
 from fedsynth.cli import app
-from fedsynth.client.augment import diff_augment_paired
-from fedsynth.client.dp import PrivacyError, check_dp_discriminator
-from fedsynth.client.train import BatchSource, make_optimizers, train_round
-from fedsynth.shared.config import RunConfig
-from fedsynth.shared.models import build_gan
-from fedsynth.shared.rundir import RunDir
-from fedsynth.shared.sampling import generate, shape_masks
-from fedsynth.shared.sliceset import SliceSet
+from fedsynth.models.augment import diff_augment_paired
+from fedsynth.models import check_dp_discriminator
+from fedsynth.privacy import PrivacyError
+from fedsynth.models.training import BatchSource, make_optimizers, train_round
+from fedsynth.runs.config import RunConfig
+from fedsynth.models import build_gan
+from fedsynth.runs.rundir import RunDir
+from fedsynth.models.sampling import generate, shape_masks
+from fedsynth.data.sliceset import SliceSet
 
 from .conftest import CT_VOLUMES, make_slices, require
 
@@ -185,7 +186,7 @@ def test_audit_of_a_pix2pix_run_reports_paired_fidelity_and_segmentation_utility
     segmentation utility, in audit.json and the report. On phantom CT volumes with liver
     masks (fedsynth's built-in data: the audit needs at least two patients on each side,
     which the three real volumes with masks cannot give)."""
-    from fedsynth.shared.phantoms import write_phantom_hospitals
+    from fedsynth.data.phantoms import write_phantom_hospitals
 
     from .conftest import SMALL_HOSPITALS
 
@@ -245,7 +246,7 @@ def test_segmentation_utility_tells_a_faithful_generator_from_a_misleading_one()
 
 
 def test_any_width_builds_and_the_wgan_gp_loss_is_refused() -> None:
-    from fedsynth.shared.config import ConfigError
+    from fedsynth.runs.config import ConfigError
 
     cfg = RunConfig.from_overrides({"model.name": "pix2pix", "model.width": 36})
     gen, disc = build_gan(cfg.model, image_size=32, num_classes=1)

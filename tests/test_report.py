@@ -21,8 +21,8 @@ from fedsynth.audit.federated import (
 )
 from fedsynth.audit.report import CHECK_TITLES
 from fedsynth.cli import app
-from fedsynth.shared.rundir import RunDir
-from fedsynth.shared.sliceset import SYNTHETIC, TRAIN, SliceSet
+from fedsynth.runs.rundir import RunDir
+from fedsynth.data.sliceset import SYNTHETIC, TRAIN, SliceSet
 
 from .conftest import make_slices
 

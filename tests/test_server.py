@@ -10,9 +10,9 @@ import time
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
 
-from fedsynth.server.strategy import GeneratorFedAvg
-from fedsynth.server.validation import check_update
-from fedsynth.shared.records import ARRAYS, HOSPITAL, METRICS
+from fedsynth.engine.strategy import GeneratorFedAvg
+from fedsynth.engine.updates import check_update
+from fedsynth.engine.records import ARRAYS, HOSPITAL, METRICS
 
 SHAPES = {"generator.w": (2, 3), "generator.b": (3,)}
 

@@ -15,12 +15,12 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from fedsynth.cli import app
-from fedsynth.server.launcher import run_simulation_engine
-from fedsynth.server.simulate import prepare_simulation
-from fedsynth.shared.checkpoint import load_checkpoint
-from fedsynth.shared.config import RunConfig
-from fedsynth.shared.rundir import RunDir
-from fedsynth.shared.sliceset import SliceSet
+from fedsynth.engine.launcher import run_simulation_engine
+from fedsynth.engine.simulation import prepare_simulation
+from fedsynth.core.checkpoint import load_checkpoint
+from fedsynth.runs.config import RunConfig
+from fedsynth.runs.rundir import RunDir
+from fedsynth.data.sliceset import SliceSet
 
 from .conftest import make_slices
 
@@ -137,7 +137,7 @@ def test_sample_nifti_and_dicom_hold_the_same_images_marked_synthetic(finished_r
     import nibabel as nib
     import pydicom
 
-    from fedsynth.shared.ingest import axial_display
+    from fedsynth.data.ingest import axial_display
 
     args = ["sample", "--run", str(finished_run), "--n", "5", "--round", "2", "--seed", "3"]
     assert runner.invoke(app, [*args, "--out", str(tmp_path / "npz"), "--format", "npz"]).exit_code == 0

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedsynth.shared.sliceset import SliceSet, SliceSetError, assign_split_by_patient, with_validation
+from fedsynth.data.sliceset import SliceSet, SliceSetError, assign_split_by_patient, with_validation
 
 from .conftest import make_slices
 

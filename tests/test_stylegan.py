@@ -12,13 +12,14 @@ import torch
 from typer.testing import CliRunner
 
 from fedsynth.cli import app
-from fedsynth.client.dp import PrivacyError, check_dp_discriminator
-from fedsynth.client.train import BatchSource, make_optimizers, r1_penalty, train_round
-from fedsynth.shared.config import ConfigError, RunConfig
-from fedsynth.shared.models import build_gan
-from fedsynth.shared.rundir import RunDir
-from fedsynth.shared.sampling import generate
-from fedsynth.shared.weights import exchanged_state
+from fedsynth.models import check_dp_discriminator
+from fedsynth.privacy import PrivacyError
+from fedsynth.models.training import BatchSource, make_optimizers, r1_penalty, train_round
+from fedsynth.runs.config import ConfigError, RunConfig
+from fedsynth.models import build_gan
+from fedsynth.runs.rundir import RunDir
+from fedsynth.models.sampling import generate
+from fedsynth.core.weights import exchanged_state
 
 from .conftest import make_slices
 
@@ -80,7 +81,7 @@ def test_r1_is_the_squared_input_gradient_and_feeds_the_discriminator() -> None:
 def test_lazy_r1_fires_every_interval_counted_over_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
     """Rounds of 10 discriminator steps with r1-interval 16: R1 fires at steps 16 and 32
     of the run, not never (a per-round counter would never reach 16)."""
-    from fedsynth.client import train as train_module
+    from fedsynth.models import training as train_module
 
     cfg, gen, disc = _build(**{"train.local-steps": 10, "train.batch-size": 8, "train.r1-interval": 16})
     calls: list[int] = []
@@ -148,7 +149,7 @@ def test_stylegan2_lite_federates_and_samples_with_truncation(tmp_path: Path) ->
 
 def test_truncation_is_refused_for_a_model_without_it(tmp_path: Path) -> None:
     from fedsynth.commands.common import CommandError
-    from fedsynth.commands.sample import sample_images
+    from fedsynth.synthesis.sample import sample_images
     from fedsynth.server.bookkeeping import build_global_models, record_round
 
     cfg = RunConfig.from_overrides({"model.width": 4, "data.image-size": 32, "data.class-names": "a,b",

@@ -9,11 +9,11 @@ import numpy as np
 import torch
 
 from fedsynth.client.hospital import HospitalSite, run_local_round
-from fedsynth.client.train import BatchSource, make_optimizers, train_round
-from fedsynth.shared.config import RunConfig
-from fedsynth.shared.models import build_gan
-from fedsynth.shared.sampling import generate
-from fedsynth.shared.weights import exchanged_state
+from fedsynth.models.training import BatchSource, make_optimizers, train_round
+from fedsynth.runs.config import RunConfig
+from fedsynth.models import build_gan
+from fedsynth.models.sampling import generate
+from fedsynth.core.weights import exchanged_state
 
 from .conftest import make_slices
 

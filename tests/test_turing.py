@@ -21,12 +21,12 @@ from typer.testing import CliRunner
 
 from fedsynth.audit.turing import TuringError, make_test, score
 from fedsynth.cli import app
-from fedsynth.shared.checkpoint import save_checkpoint
-from fedsynth.shared.config import RunConfig
-from fedsynth.shared.models import build_gan
-from fedsynth.shared.rundir import RunDir
-from fedsynth.shared.sliceset import HOLDOUT, SYNTHETIC, SliceSet
-from fedsynth.shared.weights import model_tensors
+from fedsynth.core.checkpoint import save_checkpoint
+from fedsynth.runs.config import RunConfig
+from fedsynth.models import build_gan
+from fedsynth.runs.rundir import RunDir
+from fedsynth.data.sliceset import HOLDOUT, SYNTHETIC, SliceSet
+from fedsynth.core.weights import model_tensors
 
 from .conftest import make_slices
 

@@ -14,10 +14,10 @@ import pytest
 from typer.testing import CliRunner
 
 from fedsynth.cli import app
-from fedsynth.shared.ingest import IngestError, axial_display, resize_square, window_intensities
-from fedsynth.shared.phantoms import DEFAULT_HOSPITALS, LESION, LIVER, write_phantom_hospitals
-from fedsynth.shared.sliceset import SliceSet
-from fedsynth.shared.volumes import MaskClasses, ingest_volumes, parse_mask_classes
+from fedsynth.data.ingest import IngestError, axial_display, resize_square, window_intensities
+from fedsynth.data.phantoms import DEFAULT_HOSPITALS, LESION, LIVER, write_phantom_hospitals
+from fedsynth.data.sliceset import SliceSet
+from fedsynth.data.volumes import MaskClasses, ingest_volumes, parse_mask_classes
 
 from .conftest import CT_VOLUMES, SMALL_HOSPITALS, require
 

@@ -15,20 +15,20 @@ from torch import nn
 from typer.testing import CliRunner
 
 from fedsynth.cli import app
-from fedsynth.client import dp as dp_module
-from fedsynth.client.dp import (
+from fedsynth.models import training_dp as dp_module
+from fedsynth.models import check_dp_discriminator
+from fedsynth.models.training_dp import train_round_dp
+from fedsynth.privacy import (
     PatientSampler,
     PerSampleClipper,
     PrivacyError,
-    check_dp_discriminator,
     plan_privacy,
     secure_generator,
-    train_round_dp,
 )
-from fedsynth.client.train import BatchSource, make_optimizers, train_round
-from fedsynth.shared.config import RunConfig
-from fedsynth.shared.models import DiscriminatorOutput, build_gan, gradient_penalty
-from fedsynth.shared.rundir import RunDir
+from fedsynth.models.training import BatchSource, make_optimizers, train_round
+from fedsynth.runs.config import RunConfig
+from fedsynth.models import DiscriminatorOutput, build_gan, gradient_penalty
+from fedsynth.runs.rundir import RunDir
 
 from .conftest import make_slices
 

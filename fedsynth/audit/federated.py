@@ -21,11 +21,20 @@ from typing import Any
 
 import numpy as np
 
-from .verdicts import AMBER, GREEN, RED, worst
+from fedsynth.audit.verdicts import AMBER, GREEN, RED, worst
 
 __all__ = [
-    "CONSORTIUM_FORMAT", "DCR_BIN_EDGES", "ROC_FPR_GRID", "SHARE_FILE", "SHARE_FORMAT", "ShareError",
-    "WIRE_SCHEMA", "build_share", "combine_shares", "load_share", "validate_share",
+    "CONSORTIUM_FORMAT",
+    "DCR_BIN_EDGES",
+    "ROC_FPR_GRID",
+    "SHARE_FILE",
+    "SHARE_FORMAT",
+    "ShareError",
+    "WIRE_SCHEMA",
+    "build_share",
+    "combine_shares",
+    "load_share",
+    "validate_share",
 ]
 
 SHARE_FILE = "share.json"
@@ -45,6 +54,7 @@ class ShareError(ValueError):
 
 
 # --- the contract ---------------------------------------------------------------------------------
+
 
 def _text(value: Any) -> bool:
     return isinstance(value, str) and len(value) <= MAX_TEXT
@@ -79,8 +89,11 @@ def _counts_on_bins(value: Any) -> bool:
 
 
 def _tpr_on_grid(value: Any) -> bool:
-    return (isinstance(value, list) and len(value) == len(ROC_FPR_GRID)
-            and all(isinstance(v, int | float) and 0 <= v <= 1 for v in value))
+    return (
+        isinstance(value, list)
+        and len(value) == len(ROC_FPR_GRID)
+        and all(isinstance(v, int | float) and 0 <= v <= 1 for v in value)
+    )
 
 
 def _names(value: Any) -> bool:
@@ -89,29 +102,65 @@ def _names(value: Any) -> bool:
 
 ANY = "*"  # any key (a check, a feature space, an attack)
 Leaf = Callable[[Any], bool]
-_FIGURE_ROW = {"figure": _text, "space": _optional_text, "value": _number, "reference": _number,
-               "verdict": _verdict, "meaning": _text, "threshold": _text}
-_LEDGER_ROW = {"round": _count, "epsilon_rdp": _number, "epsilon_prv": _number, "delta": _number,
-               "noise_multiplier": _number, "max_grad_norm": _number, "sample_rate": _number, "steps": _number,
-               "units": _number, "privacy_unit": _optional_text, "target_epsilon": _number}
+_FIGURE_ROW = {
+    "figure": _text,
+    "space": _optional_text,
+    "value": _number,
+    "reference": _number,
+    "verdict": _verdict,
+    "meaning": _text,
+    "threshold": _text,
+}
+_LEDGER_ROW = {
+    "round": _count,
+    "epsilon_rdp": _number,
+    "epsilon_prv": _number,
+    "delta": _number,
+    "noise_multiplier": _number,
+    "max_grad_norm": _number,
+    "sample_rate": _number,
+    "steps": _number,
+    "units": _number,
+    "privacy_unit": _optional_text,
+    "target_epsilon": _number,
+}
 
 #: Everything a hospital may send the coordinator. Leaves are checks on a value; a list
 #: of one dict is a list of rows of that shape. Nothing else crosses the wire.
 WIRE_SCHEMA: dict[str, Any] = {
     "format": _text,
     "hospital": _text,
-    "counts": {"train_images": _count, "train_patients": _count, "holdout_images": _count,
-               "holdout_patients": _count, "synthetic_images": _count},
+    "counts": {
+        "train_images": _count,
+        "train_patients": _count,
+        "holdout_images": _count,
+        "holdout_patients": _count,
+        "synthetic_images": _count,
+    },
     "privacy_unit": _text,
     "image_size": _count,
     "class_names": _names,
     "summary": {ANY: _verdict},
     "checks": {ANY: {"verdict": _verdict, "note": _optional_text, "figures": [_FIGURE_ROW]}},
     # per feature space: counts of distance / scale on DCR_BIN_EDGES (last bin: beyond 3x)
-    "dcr_histograms": {ANY: {"synthetic_to_train": _counts_on_bins,
-                             "synthetic_to_holdout": _counts_on_bins, "holdout_to_train": _counts_on_bins}},
-    "membership": {ANY: {"auc": _real, "auc_p_value": _real, "tpr_at_1pct_fpr": _real, "members": _count,
-                         "non_members": _count, "epsilon_lower_bound": _real, "tpr_on_fpr_grid": _tpr_on_grid}},
+    "dcr_histograms": {
+        ANY: {
+            "synthetic_to_train": _counts_on_bins,
+            "synthetic_to_holdout": _counts_on_bins,
+            "holdout_to_train": _counts_on_bins,
+        }
+    },
+    "membership": {
+        ANY: {
+            "auc": _real,
+            "auc_p_value": _real,
+            "tpr_at_1pct_fpr": _real,
+            "members": _count,
+            "non_members": _count,
+            "epsilon_lower_bound": _real,
+            "tpr_on_fpr_grid": _tpr_on_grid,
+        }
+    },
     "privacy": {"dp_sgd": _flag, "ledger": [_LEDGER_ROW]},
     # the generator audited: its checkpoint's hash (--run) or the synthetic file's (--synthetic)
     "provenance": {"round": _number, "generator_sha256": _text, "audit_sha256": _text},
@@ -160,7 +209,9 @@ def _check(value: Any, spec: Any, source: str, path: str) -> None:
             elif ANY in spec and _text(key):
                 _check(item, spec[ANY], source, f"{path}/{key}".lstrip("/"))
             else:
-                raise ShareError(f"{source}: {path + '/' if path else ''}{key} is not part of the audit share")
+                raise ShareError(
+                    f"{source}: {path + '/' if path else ''}{key} is not part of the audit share"
+                )
 
 
 def _clip(value: Any) -> str:
@@ -170,8 +221,10 @@ def _clip(value: Any) -> str:
 
 # --- the hospital's side --------------------------------------------------------------------------
 
-def build_share(hospital: str | None, audit: Mapping[str, Any], distances: Mapping[str, Any],
-                audit_sha256: str) -> dict[str, Any]:
+
+def build_share(
+    hospital: str | None, audit: Mapping[str, Any], distances: Mapping[str, Any], audit_sha256: str
+) -> dict[str, Any]:
     """The aggregate statistics of one hospital's audit (as read from audit.json: plain
     JSON values), and nothing else.
 
@@ -187,16 +240,31 @@ def build_share(hospital: str | None, audit: Mapping[str, Any], distances: Mappi
         scale = float(np.median(d.holdout_to_train)) or 1.0
         histograms[space] = {
             name: _histogram(getattr(d, name) / scale)
-            for name in ("synthetic_to_train", "synthetic_to_holdout", "holdout_to_train")}
+            for name in ("synthetic_to_train", "synthetic_to_holdout", "holdout_to_train")
+        }
     membership = {}
     for name, attack in audit["membership_inference"]["attacks"].items():
         fpr, tpr = np.asarray(attack["roc"]["fpr"]), np.asarray(attack["roc"]["tpr"])
-        membership[name] = {key: attack[key] for key in ("auc", "auc_p_value", "tpr_at_1pct_fpr", "members",
-                                                         "non_members", "epsilon_lower_bound")}
+        membership[name] = {
+            key: attack[key]
+            for key in (
+                "auc",
+                "auc_p_value",
+                "tpr_at_1pct_fpr",
+                "members",
+                "non_members",
+                "epsilon_lower_bound",
+            )
+        }
         membership[name]["tpr_on_fpr_grid"] = np.interp(ROC_FPR_GRID, fpr, tpr).round(5).tolist()
-    checks = {name: {"verdict": check["verdict"], "note": check.get("note"),
-                     "figures": [{key: row.get(key) for key in _FIGURE_ROW} for row in check["figures"]]}
-              for name, check in audit["checks"].items()}
+    checks = {
+        name: {
+            "verdict": check["verdict"],
+            "note": check.get("note"),
+            "figures": [{key: row.get(key) for key in _FIGURE_ROW} for row in check["figures"]],
+        }
+        for name, check in audit["checks"].items()
+    }
     share = {
         "format": SHARE_FORMAT,
         "hospital": hospital or "site",
@@ -208,12 +276,21 @@ def build_share(hospital: str | None, audit: Mapping[str, Any], distances: Mappi
         "checks": checks,
         "dcr_histograms": histograms,
         "membership": membership,
-        "privacy": {"dp_sgd": bool(audit["privacy"]["dp_sgd"]),
-                    "ledger": [{key: row.get(key) for key in _LEDGER_ROW}
-                               for row in audit["privacy"].get("ledger", []) if hospital is None or row.get("hospital") == hospital]},
-        "provenance": {"round": inputs.get("round"),
-                       "generator_sha256": inputs.get("checkpoint_sha256") or inputs.get("synthetic_sha256") or "unknown",
-                       "audit_sha256": audit_sha256},
+        "privacy": {
+            "dp_sgd": bool(audit["privacy"]["dp_sgd"]),
+            "ledger": [
+                {key: row.get(key) for key in _LEDGER_ROW}
+                for row in audit["privacy"].get("ledger", [])
+                if hospital is None or row.get("hospital") == hospital
+            ],
+        },
+        "provenance": {
+            "round": inputs.get("round"),
+            "generator_sha256": inputs.get("checkpoint_sha256")
+            or inputs.get("synthetic_sha256")
+            or "unknown",
+            "audit_sha256": audit_sha256,
+        },
     }
     share = json.loads(json.dumps(share))  # exactly what a reader of the file gets
     validate_share(share, f"share of {hospital}")
@@ -247,6 +324,7 @@ def load_share(path: str | Path) -> dict[str, Any]:
 
 # --- the coordinator's side -----------------------------------------------------------------------
 
+
 def combine_shares(shares: list[dict[str, Any]]) -> dict[str, Any]:
     """The consortium's view: every hospital's verdicts and figures side by side, the
     worst light per check, pooled counts and pooled distance histograms.
@@ -266,21 +344,30 @@ def combine_shares(shares: list[dict[str, Any]]) -> dict[str, Any]:
         raise ShareError(f"two shares name the same hospital: {sorted(names)}")
     generators = {s["provenance"]["generator_sha256"] for s in shares}
     if len(generators) > 1:
-        raise ShareError("the shares audit different generators (checkpoint hashes differ): "
-                         + ", ".join(f"{s['hospital']}: {s['provenance']['generator_sha256'][:12]}"
-                                     for s in shares))
+        raise ShareError(
+            "the shares audit different generators (checkpoint hashes differ): "
+            + ", ".join(f"{s['hospital']}: {s['provenance']['generator_sha256'][:12]}" for s in shares)
+        )
     checks = sorted({name for s in shares for name in s["checks"]}, key=_check_order)
-    summary = {name: worst([s["checks"][name]["verdict"] for s in shares if name in s["checks"]]) for name in checks}
+    summary = {
+        name: worst([s["checks"][name]["verdict"] for s in shares if name in s["checks"]]) for name in checks
+    }
     pooled_hist: dict[str, dict[str, list[int]]] = {}
     for space in sorted({sp for s in shares for sp in s["dcr_histograms"]}):
         pooled_hist[space] = {
-            name: np.sum([s["dcr_histograms"][space][name] for s in shares if space in s["dcr_histograms"]],
-                         axis=0).astype(int).tolist()
-            for name in ("synthetic_to_train", "synthetic_to_holdout", "holdout_to_train")}
+            name: np.sum(
+                [s["dcr_histograms"][space][name] for s in shares if space in s["dcr_histograms"]], axis=0
+            )
+            .astype(int)
+            .tolist()
+            for name in ("synthetic_to_train", "synthetic_to_holdout", "holdout_to_train")
+        }
     near = {}
     for space in pooled_hist:
-        rows = [(s["counts"]["synthetic_images"], _figure_value(s, "copying", "near_copy_share", space))
-                for s in shares]
+        rows = [
+            (s["counts"]["synthetic_images"], _figure_value(s, "copying", "near_copy_share", space))
+            for s in shares
+        ]
         count = sum(round(n * v) for n, v in rows if v is not None)
         total = sum(n for n, v in rows if v is not None)
         near[space] = {"count": count, "synthetic_images": total, "share": count / total if total else None}
@@ -294,8 +381,10 @@ def combine_shares(shares: list[dict[str, Any]]) -> dict[str, Any]:
         "pooled_near_copies": near,
         "dcr_bin_edges": DCR_BIN_EDGES.tolist(),
         "roc_fpr_grid": ROC_FPR_GRID.tolist(),
-        "generator": {"sha256": next(iter(generators)),
-                      "rounds": sorted({s["provenance"]["round"] for s in shares}, key=lambda r: (r is None, r))},
+        "generator": {
+            "sha256": next(iter(generators)),
+            "rounds": sorted({s["provenance"]["round"] for s in shares}, key=lambda r: (r is None, r)),
+        },
     }
 
 

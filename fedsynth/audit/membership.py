@@ -30,11 +30,18 @@ import torch
 from scipy.stats import beta, norm
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from ..shared.neighbours import nearest, pairwise_within
-from .memorization import aligned_nearest
+from fedsynth.audit.memorization import aligned_nearest
+from fedsynth.metrics.neighbours import nearest, pairwise_within
 
-__all__ = ["Records", "attack_metrics", "density_scores", "discriminator_scores", "distance_scores", "empirical_epsilon",
-           "select_records"]
+__all__ = [
+    "Records",
+    "attack_metrics",
+    "density_scores",
+    "discriminator_scores",
+    "distance_scores",
+    "empirical_epsilon",
+    "select_records",
+]
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +63,15 @@ class Records:
 
 
 def select_records(
-    train_images: np.ndarray, train_labels: np.ndarray, train_patients: np.ndarray,
-    holdout_images: np.ndarray, holdout_labels: np.ndarray, holdout_patients: np.ndarray, *, max_patients: int = 2000, seed: int = 0,
+    train_images: np.ndarray,
+    train_labels: np.ndarray,
+    train_patients: np.ndarray,
+    holdout_images: np.ndarray,
+    holdout_labels: np.ndarray,
+    holdout_patients: np.ndarray,
+    *,
+    max_patients: int = 2000,
+    seed: int = 0,
 ) -> Records:
     """Equal numbers of member (train) and non-member (holdout) patients, at most
     ``max_patients`` of each, drawn at random; all slices of a drawn patient."""
@@ -65,14 +79,19 @@ def select_records(
     train_ids, holdout_ids = np.unique(train_patients), np.unique(holdout_patients)
     n = min(len(train_ids), len(holdout_ids), max_patients)
     if n < 2:
-        raise ValueError(f"membership inference needs 2 patients on each side (train {len(train_ids)}, "
-                         f"holdout {len(holdout_ids)})")
+        raise ValueError(
+            f"membership inference needs 2 patients on each side (train {len(train_ids)}, holdout "
+            f"{len(holdout_ids)})"
+        )
     members = rng.choice(train_ids, n, replace=False)
     non_members = rng.choice(holdout_ids, n, replace=False)
     images, labels, patient = [], [], []
     for offset, (ids, all_images, all_labels, all_patients) in enumerate(
-            ((members, train_images, train_labels, train_patients),
-             (non_members, holdout_images, holdout_labels, holdout_patients))):
+        (
+            (members, train_images, train_labels, train_patients),
+            (non_members, holdout_images, holdout_labels, holdout_patients),
+        )
+    ):
         for p, pid in enumerate(ids, start=offset * n):
             rows = np.flatnonzero(all_patients == pid)
             images.append(all_images[rows])
@@ -89,7 +108,9 @@ def _per_patient(records: Records, per_image: np.ndarray) -> np.ndarray:
     return sums / np.maximum(counts, 1)
 
 
-def distance_scores(records: Records, transform: Transform, synthetic_features: np.ndarray, *, align: int = 0) -> np.ndarray:
+def distance_scores(
+    records: Records, transform: Transform, synthetic_features: np.ndarray, *, align: int = 0
+) -> np.ndarray:
     """GAN-Leaks: minus the (aligned) distance to the nearest synthetic image, per patient."""
     distance, _ = aligned_nearest(transform, records.images, synthetic_features, align=align)
     return _per_patient(records, -distance)
@@ -110,14 +131,18 @@ def discriminator_scores(disc: torch.nn.Module, records: Records) -> np.ndarray:
     logits = []
     with torch.no_grad():
         for start in range(0, len(records.images), 256):
-            x = torch.from_numpy(records.images[start : start + 256].astype(np.float32) / 127.5 - 1.0)[:, None]
+            x = torch.from_numpy(records.images[start : start + 256].astype(np.float32) / 127.5 - 1.0)[
+                :, None
+            ]
             y = torch.from_numpy(records.labels[start : start + 256].astype(np.int64))
             out = disc(x, y)
             logits.append((out.adv if hasattr(out, "adv") else out).reshape(-1).float().numpy())
     return _per_patient(records, np.concatenate(logits))
 
 
-def attack_metrics(scores: np.ndarray, member: np.ndarray, *, delta: float = 1e-5, seed: int = 0) -> dict[str, Any]:
+def attack_metrics(
+    scores: np.ndarray, member: np.ndarray, *, delta: float = 1e-5, seed: int = 0
+) -> dict[str, Any]:
     """AUC, TPR at 1% FPR, the ROC curve (for the plot) and the empirical ε lower bound."""
     auc = float(roc_auc_score(member, scores))
     fpr, tpr, _ = roc_curve(member, scores)
@@ -137,8 +162,9 @@ def attack_metrics(scores: np.ndarray, member: np.ndarray, *, delta: float = 1e-
     }
 
 
-def empirical_epsilon(scores: np.ndarray, member: np.ndarray, *, delta: float = 1e-5, seed: int = 0,
-                      confidence: float = 0.95) -> float:
+def empirical_epsilon(
+    scores: np.ndarray, member: np.ndarray, *, delta: float = 1e-5, seed: int = 0, confidence: float = 0.95
+) -> float:
     """An empirical lower bound on ε from a threshold attack ("member if score >= t").
 
     The threshold is chosen on a random half of the records, maximising the same bound

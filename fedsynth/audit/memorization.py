@@ -29,7 +29,7 @@ import numpy as np
 from scipy.stats import binomtest, norm
 from sklearn.cluster import KMeans
 
-from ..shared.neighbours import nearest
+from fedsynth.metrics.neighbours import nearest
 
 __all__ = [
     "Distances",
@@ -60,7 +60,11 @@ def shift_images(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
 
 
 def aligned_nearest(
-    transform: Transform, queries: np.ndarray, reference: np.ndarray, *, align: int = 0,
+    transform: Transform,
+    queries: np.ndarray,
+    reference: np.ndarray,
+    *,
+    align: int = 0,
     exclude_self: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Nearest reference row for each query image, the minimum over query shifts of up to
@@ -114,8 +118,15 @@ class Distances:
 
 
 def measure_distances(
-    space: str, transform: Transform, *, synthetic: np.ndarray, train: np.ndarray, holdout: np.ndarray,
-    align: int = 0, seed: int = 0, train_patients: np.ndarray | None = None,
+    space: str,
+    transform: Transform,
+    *,
+    synthetic: np.ndarray,
+    train: np.ndarray,
+    holdout: np.ndarray,
+    align: int = 0,
+    seed: int = 0,
+    train_patients: np.ndarray | None = None,
     holdout_patients: np.ndarray | None = None,
 ) -> Distances:
     """All the nearest-neighbour distances the memorization metrics and galleries need.
@@ -136,9 +147,16 @@ def measure_distances(
     sh_d, sh_i = aligned_nearest(transform, synthetic, holdout_f, align=align)
     ht_d, ht_i = aligned_nearest(transform, holdout, train_f, align=align)
     rng = np.random.default_rng(seed)
-    train_p = np.arange(len(train)).astype(str) if train_patients is None else np.asarray(train_patients).astype(str)
-    holdout_p = (np.char.add("h", np.arange(len(holdout)).astype(str)) if holdout_patients is None
-                 else np.asarray(holdout_patients).astype(str))
+    train_p = (
+        np.arange(len(train)).astype(str)
+        if train_patients is None
+        else np.asarray(train_patients).astype(str)
+    )
+    holdout_p = (
+        np.char.add("h", np.arange(len(holdout)).astype(str))
+        if holdout_patients is None
+        else np.asarray(holdout_patients).astype(str)
+    )
     train_ids = np.unique(train_p)
     chosen = rng.choice(train_ids, size=min(len(np.unique(holdout_p)), len(train_ids)), replace=False)
     subset = np.flatnonzero(np.isin(train_p, chosen))
@@ -147,14 +165,34 @@ def measure_distances(
     # the patient (unit of the share test) behind each synthetic image's nearest subsample/holdout image
     subset_unit = np.char.add("t:", train_p[subset][sts_i])
     holdout_unit = np.char.add("h:", holdout_p[sh_i])
-    return Distances(space, st_d, st_i, sh_d, sh_i, ht_d, ht_i, sts_d, sts_i, len(subset), tt_d,
-                     train_f, holdout_f, synthetic_f, subset_unit, holdout_unit,
-                     train_share=len(chosen) / len(train_ids))
+    return Distances(
+        space,
+        st_d,
+        st_i,
+        sh_d,
+        sh_i,
+        ht_d,
+        ht_i,
+        sts_d,
+        sts_i,
+        len(subset),
+        tt_d,
+        train_f,
+        holdout_f,
+        synthetic_f,
+        subset_unit,
+        holdout_unit,
+        train_share=len(chosen) / len(train_ids),
+    )
 
 
 def _quantiles(values: np.ndarray) -> dict[str, float]:
-    return {"median": float(np.median(values)), "p05": float(np.quantile(values, 0.05)),
-            "p01": float(np.quantile(values, 0.01)), "mean": float(values.mean())}
+    return {
+        "median": float(np.median(values)),
+        "p05": float(np.quantile(values, 0.05)),
+        "p01": float(np.quantile(values, 0.01)),
+        "mean": float(values.mean()),
+    }
 
 
 def dcr_summary(d: Distances) -> dict[str, Any]:
@@ -164,8 +202,12 @@ def dcr_summary(d: Distances) -> dict[str, Any]:
     return {
         "synthetic": _quantiles(d.synthetic_to_train),
         "holdout": _quantiles(d.holdout_to_train),
-        "median_ratio": float(np.median(d.synthetic_to_train) / ref_median) if ref_median > 0 else float("nan"),
-        "p05_ratio": _safe_ratio(np.quantile(d.synthetic_to_train, 0.05), np.quantile(d.holdout_to_train, 0.05)),
+        "median_ratio": float(np.median(d.synthetic_to_train) / ref_median)
+        if ref_median > 0
+        else float("nan"),
+        "p05_ratio": _safe_ratio(
+            np.quantile(d.synthetic_to_train, 0.05), np.quantile(d.holdout_to_train, 0.05)
+        ),
     }
 
 
@@ -202,12 +244,21 @@ def closer_to_train_share(d: Distances) -> dict[str, Any]:
     # a generator copying every training image scores 0.5 + s/2 (s: the subsample's share of
     # training patients); the excess as a share of that is comparable across split sizes
     copied = (share - 0.5) / (0.5 * d.train_share) if d.train_share > 0 else float("nan")
-    return {"share": share, "reference": 0.5, "p_value": p_value, "n": int(len(closer)),
-            "distinct_nearest_patients": int(len(counts)), "train_subset": int(d.train_subset_size),
-            "train_subset_patient_share": d.train_share, "copying_equivalent": float(copied)}
+    return {
+        "share": share,
+        "reference": 0.5,
+        "p_value": p_value,
+        "n": int(len(closer)),
+        "distinct_nearest_patients": int(len(counts)),
+        "train_subset": int(d.train_subset_size),
+        "train_subset_patient_share": d.train_share,
+        "copying_equivalent": float(copied),
+    }
 
 
-def data_copying_ct(d: Distances, *, cells: int | None = None, min_per_cell: int = 10, seed: int = 0) -> dict[str, Any]:
+def data_copying_ct(
+    d: Distances, *, cells: int | None = None, min_per_cell: int = 10, seed: int = 0
+) -> dict[str, Any]:
     """Meehan et al.'s C_T: cells from k-means on train features; in each cell, the
     Mann-Whitney z-score of synthetic vs holdout distances to train (negative: synthetic
     closer); C_T is their average weighted by the holdout's share of each cell. Cells with
@@ -234,11 +285,21 @@ def data_copying_ct(d: Distances, *, cells: int | None = None, min_per_cell: int
         z_scores.append(float((u - mean) / sd))
         weights.append(len(h) / n_holdout)
     if not z_scores:
-        return {"c_t": float("nan"), "cells": cells, "cells_used": 0, "holdout_share_used": 0.0,
-                "reason": f"no cell held {min_per_cell} holdout and {min_per_cell} synthetic images"}
+        return {
+            "c_t": float("nan"),
+            "cells": cells,
+            "cells_used": 0,
+            "holdout_share_used": 0.0,
+            "reason": f"no cell held {min_per_cell} holdout and {min_per_cell} synthetic images",
+        }
     c_t = float(np.average(z_scores, weights=weights))
-    return {"c_t": c_t, "cells": cells, "cells_used": len(z_scores), "holdout_share_used": kept / n_holdout,
-            "cell_z": z_scores}
+    return {
+        "c_t": c_t,
+        "cells": cells,
+        "cells_used": len(z_scores),
+        "holdout_share_used": kept / n_holdout,
+        "cell_z": z_scores,
+    }
 
 
 def _ranks(values: np.ndarray) -> np.ndarray:
@@ -273,8 +334,13 @@ def authenticity_test(d: Distances) -> dict[str, Any]:
     sd = float(np.sqrt(spread * (weights**2).sum() + spread / len(d.holdout_to_train)))
     gap = synthetic - holdout
     p_value = float(norm.cdf(gap / sd)) if sd > 0 else float(gap >= 0)
-    return {"synthetic": synthetic, "holdout": holdout, "gap": gap, "p_value": p_value,
-            "distinct_nearest_train_images": int(len(counts))}
+    return {
+        "synthetic": synthetic,
+        "holdout": holdout,
+        "gap": gap,
+        "p_value": p_value,
+        "distinct_nearest_train_images": int(len(counts)),
+    }
 
 
 def near_copies(d: Distances, *, percentile: float = 1.0, exact: float = 1e-6) -> dict[str, Any]:
@@ -292,10 +358,18 @@ def near_copies(d: Distances, *, percentile: float = 1.0, exact: float = 1e-6) -
     below = int((d.holdout_to_train < threshold).sum())
     # an honest image falls below the k-th smallest of n holdout distances with chance (k+1)/(n+1)
     null_rate = (below + 1) / (len(d.holdout_to_train) + 1)
-    p_value = float(binomtest(len(flagged), len(d.synthetic_to_train), null_rate, alternative="greater").pvalue)
-    return {"share": float(len(flagged) / len(d.synthetic_to_train)), "count": int(len(flagged)),
-            "threshold": threshold, "percentile": percentile, "null_rate": null_rate, "p_value": p_value,
-            "exact_copies": int((d.synthetic_to_train <= exact).sum()),
-            "holdout_share": float(((d.holdout_to_train < threshold) | (d.holdout_to_train <= exact)).mean()),
-            "holdout_exact_share": float((d.holdout_to_train <= exact).mean()),
-            "indices": flagged.tolist()}
+    p_value = float(
+        binomtest(len(flagged), len(d.synthetic_to_train), null_rate, alternative="greater").pvalue
+    )
+    return {
+        "share": float(len(flagged) / len(d.synthetic_to_train)),
+        "count": int(len(flagged)),
+        "threshold": threshold,
+        "percentile": percentile,
+        "null_rate": null_rate,
+        "p_value": p_value,
+        "exact_copies": int((d.synthetic_to_train <= exact).sum()),
+        "holdout_share": float(((d.holdout_to_train < threshold) | (d.holdout_to_train <= exact)).mean()),
+        "holdout_exact_share": float((d.holdout_to_train <= exact).mean()),
+        "indices": flagged.tolist(),
+    }

@@ -11,7 +11,7 @@ The gap between the two is a memorization signal specific to paired models: a la
 means a patient's mask alone brings back their slice.
 
 SSIM and PSNR are scikit-image's (7 x 7 uniform window, data range 255), as in the
-class-matched SSIM of :mod:`fedsynth.audit.fidelity` and the MedScanGAN protocol.
+class-matched SSIM of :mod:`fedsynth.metrics.fidelity` and the MedScanGAN protocol.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 from skimage.metrics import structural_similarity
+
+from fedsynth.core.stats import interval, mean_interval, percentile_bounds
 
 __all__ = ["paired_fidelity", "psnr", "ssim"]
 
@@ -36,28 +38,38 @@ def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(mse > 0, 10 * np.log10(255.0**2 / np.maximum(mse, 1e-12)), 100.0)
 
 
-def _summary(values: np.ndarray, rng: np.random.Generator, boots: int = 1000) -> dict[str, Any]:
-    means = [float(values[rng.integers(0, len(values), len(values))].mean()) for _ in range(boots)]
-    return {"mean": float(values.mean()), "ci_low": float(np.percentile(means, 2.5)),
-            "ci_high": float(np.percentile(means, 97.5)), "n": int(len(values))}
+def _summary(values: np.ndarray, rng: np.random.Generator) -> dict[str, Any]:
+    return {**mean_interval(values, rng=rng), "n": int(len(values))}
 
 
 def paired_fidelity(
-    generated_holdout: np.ndarray, real_holdout: np.ndarray,
-    generated_train: np.ndarray | None = None, real_train: np.ndarray | None = None, *, seed: int = 0,
+    generated_holdout: np.ndarray,
+    real_holdout: np.ndarray,
+    generated_train: np.ndarray | None = None,
+    real_train: np.ndarray | None = None,
+    *,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """SSIM and PSNR of generated vs real slices of the same masks, with bootstrap 95%
     CIs of the mean; over holdout masks and, if given, training masks, and their gap
     (train minus holdout; with a CI from the two bootstraps)."""
     rng = np.random.default_rng(seed)
-    out: dict[str, Any] = {"holdout": {"ssim": _summary(ssim(generated_holdout, real_holdout), rng),
-                                       "psnr": _summary(psnr(generated_holdout, real_holdout), rng)}}
+    out: dict[str, Any] = {
+        "holdout": {
+            "ssim": _summary(ssim(generated_holdout, real_holdout), rng),
+            "psnr": _summary(psnr(generated_holdout, real_holdout), rng),
+        }
+    }
     if generated_train is not None and real_train is not None and len(real_train):
         s_train, p_train = ssim(generated_train, real_train), psnr(generated_train, real_train)
         out["train"] = {"ssim": _summary(s_train, rng), "psnr": _summary(p_train, rng)}
         s_hold = ssim(generated_holdout, real_holdout)
-        gaps = [float(s_train[rng.integers(0, len(s_train), len(s_train))].mean()
-                      - s_hold[rng.integers(0, len(s_hold), len(s_hold))].mean()) for _ in range(1000)]
-        out["ssim_gap"] = {"mean": float(s_train.mean() - s_hold.mean()), "ci_low": float(np.percentile(gaps, 2.5)),
-                           "ci_high": float(np.percentile(gaps, 97.5))}
+        gaps = [
+            float(
+                s_train[rng.integers(0, len(s_train), len(s_train))].mean()
+                - s_hold[rng.integers(0, len(s_hold), len(s_hold))].mean()
+            )
+            for _ in range(1000)
+        ]
+        out["ssim_gap"] = interval(s_train.mean() - s_hold.mean(), *percentile_bounds(gaps))
     return out

@@ -10,32 +10,37 @@ from typing import Any
 
 import numpy as np
 
+from fedsynth.core.plotting import pyplot
+
 __all__ = ["plot_dcr_counts", "plot_epsilon", "plot_roc"]
-
-
-def _pyplot():  # noqa: ANN202
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def plot_epsilon(ledger: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     """ε (RDP, and PRV where computed) spent by each hospital after each round."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for hospital in sorted({row["hospital"] for row in ledger}):
-        rows = sorted((r for r in ledger if r["hospital"] == hospital and r.get("epsilon_rdp") is not None),
-                      key=lambda r: r["round"])
+        rows = sorted(
+            (r for r in ledger if r["hospital"] == hospital and r.get("epsilon_rdp") is not None),
+            key=lambda r: r["round"],
+        )
         if not rows:
             continue
-        line, = ax.plot([r["round"] for r in rows], [r["epsilon_rdp"] for r in rows], marker="o",
-                        label=f"{hospital} (RDP)")
+        (line,) = ax.plot(
+            [r["round"] for r in rows],
+            [r["epsilon_rdp"] for r in rows],
+            marker="o",
+            label=f"{hospital} (RDP)",
+        )
         prv = [(r["round"], r["epsilon_prv"]) for r in rows if r.get("epsilon_prv") is not None]
         if prv:
-            ax.plot(*zip(*prv, strict=True), ls="--", marker="x", color=line.get_color(), label=f"{hospital} (PRV)")
+            ax.plot(
+                *zip(*prv, strict=True),
+                ls="--",
+                marker="x",
+                color=line.get_color(),
+                label=f"{hospital} (PRV)",
+            )
     ax.set_xlabel("round")
     ax.set_ylabel("ε spent (cumulative)")
     ax.set_yscale("log")
@@ -48,26 +53,37 @@ def plot_epsilon(ledger: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     return Path(path)
 
 
-def plot_dcr_counts(histograms: Mapping[str, Mapping[str, Sequence[int]]], edges: Sequence[float],
-                    path: str | Path, title: str) -> Path:
+def plot_dcr_counts(
+    histograms: Mapping[str, Mapping[str, Sequence[int]]],
+    edges: Sequence[float],
+    path: str | Path,
+    title: str,
+) -> Path:
     """Distance-to-closest-record histograms from counts on fixed bins (distance divided
     by the median holdout->train distance, so fresh real data centres on 1)."""
-    plt = _pyplot()
+    plt = pyplot()
     spaces = list(histograms)
     fig, axes = plt.subplots(1, len(spaces), figsize=(6 * len(spaces), 3.8), squeeze=False)
-    edges = np.asarray(edges)
-    centres, width = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
+    bins = np.asarray(edges)
+    centres, width = (bins[:-1] + bins[1:]) / 2, np.diff(bins)
     for ax, space in zip(axes[0], spaces, strict=True):
-        for name, label, style in (("synthetic_to_train", "synthetic → nearest train", {"alpha": 0.5}),
-                                   ("synthetic_to_holdout", "synthetic → nearest holdout", {"alpha": 0.5})):
+        for name, label, style in (
+            ("synthetic_to_train", "synthetic → nearest train", {"alpha": 0.5}),
+            ("synthetic_to_holdout", "synthetic → nearest holdout", {"alpha": 0.5}),
+        ):
             counts = np.asarray(histograms[space][name][:-1], dtype=float)
             ax.bar(centres, counts / max(counts.sum(), 1), width=width, label=label, **style)
         ref = np.asarray(histograms[space]["holdout_to_train"][:-1], dtype=float)
-        ax.stairs(ref / max(ref.sum(), 1), edges, color="k", lw=2, label="holdout → nearest train (fresh real data)")
+        ax.stairs(
+            ref / max(ref.sum(), 1), edges, color="k", lw=2, label="holdout → nearest train (fresh real data)"
+        )
         beyond = {n: histograms[space][n][-1] for n in ("synthetic_to_train", "holdout_to_train")}
         ax.set_title(f"{title} ({space})", fontsize=9)
-        ax.set_xlabel(f"distance / median fresh-data distance (beyond {edges[-1]:g}: "
-                      f"{beyond['synthetic_to_train']} synthetic, {beyond['holdout_to_train']} holdout)", fontsize=7)
+        ax.set_xlabel(
+            f"distance / median fresh-data distance (beyond {edges[-1]:g}: {beyond['synthetic_to_train']} "
+            f"synthetic, {beyond['holdout_to_train']} holdout)",
+            fontsize=7,
+        )
         ax.set_ylabel("share of images")
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -78,7 +94,7 @@ def plot_dcr_counts(histograms: Mapping[str, Mapping[str, Sequence[int]]], edges
 
 def plot_roc(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str | Path) -> Path:
     """Membership-inference ROC curves, name -> (FPR, TPR), on log axes."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 5))
     for name, (fpr, tpr) in curves.items():
         ax.plot(np.maximum(np.asarray(fpr), 1e-4), np.maximum(np.asarray(tpr), 1e-4), label=name)

@@ -24,6 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedsynth.core.progress import Progress
+from fedsynth.core.stats import mean_interval
+
 __all__ = ["SegmentationUNet", "dice", "moved", "segmentation_utility", "train_segmenter"]
 
 CONDITIONS = ("real", "real+synthetic", "real+moved-real")
@@ -56,8 +59,9 @@ def _as_input(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images.astype(np.float32) / 127.5 - 1)[:, None]
 
 
-def train_segmenter(images: np.ndarray, targets: np.ndarray, *, steps: int, seed: int,
-                    batch: int = 16) -> SegmentationUNet:
+def train_segmenter(
+    images: np.ndarray, targets: np.ndarray, *, steps: int, seed: int, batch: int = 16
+) -> SegmentationUNet:
     """A U-Net trained for ``steps`` steps of ``batch`` pairs (Adam 1e-3, binary cross-entropy)."""
     torch.manual_seed(seed)
     net = SegmentationUNet()
@@ -76,14 +80,17 @@ def train_segmenter(images: np.ndarray, targets: np.ndarray, *, steps: int, seed
 def dice(net: SegmentationUNet, images: np.ndarray, targets: np.ndarray) -> float:
     """Dice of the thresholded prediction over all slices pooled (1.0 when both are empty)."""
     with torch.no_grad():
-        pred = np.concatenate([(net(_as_input(images[i:i + 64])) > 0).numpy()[:, 0]
-                               for i in range(0, len(images), 64)])
+        pred = np.concatenate(
+            [(net(_as_input(images[i : i + 64])) > 0).numpy()[:, 0] for i in range(0, len(images), 64)]
+        )
     truth = targets.astype(bool)
     total = pred.sum() + truth.sum()
     return 1.0 if total == 0 else float(2 * (pred & truth).sum() / total)
 
 
-def moved(masks: np.ndarray, images: np.ndarray | None, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
+def moved(
+    masks: np.ndarray, images: np.ndarray | None, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Each mask (and its slice, if given) flipped left-right with probability 1/2 and
     shifted by up to 1/8 of the side; what moves in is background (label 0, intensity 0)."""
     n, size, _ = masks.shape
@@ -103,22 +110,29 @@ def moved(masks: np.ndarray, images: np.ndarray | None, rng: np.random.Generator
 def _shift(a: np.ndarray, dy: int, dx: int) -> np.ndarray:
     out = np.zeros_like(a)
     h, w = a.shape
-    out[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = a[max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+    out[max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = a[
+        max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)
+    ]
     return out
 
 
 def _ci(values: list[float]) -> dict[str, Any]:
-    arr = np.asarray(values, dtype=float)
-    half = 1.96 * arr.std(ddof=1) / np.sqrt(len(arr)) if len(arr) > 1 else float("nan")
-    return {"mean": float(arr.mean()), "ci_low": float(arr.mean() - half), "ci_high": float(arr.mean() + half),
-            "values": [float(v) for v in arr]}
+    return {**mean_interval(values, method="normal"), "values": [float(v) for v in values]}
 
 
 def segmentation_utility(
-    train_images: np.ndarray, train_masks: np.ndarray, holdout_images: np.ndarray, holdout_masks: np.ndarray,
-    synthesize: Callable[[np.ndarray, int], np.ndarray], *, label: int | None = None, seeds: int = 3,
-    steps: int = 300, seed: int = 0, threads: int | None = None,
-    progress: Callable[[str, int, int], None] | None = None,
+    train_images: np.ndarray,
+    train_masks: np.ndarray,
+    holdout_images: np.ndarray,
+    holdout_masks: np.ndarray,
+    synthesize: Callable[[np.ndarray, int], np.ndarray],
+    *,
+    label: int | None = None,
+    seeds: int = 3,
+    steps: int = 300,
+    seed: int = 0,
+    threads: int | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Dice on the holdout for each training set (see the module), with the mean and a
     95% CI over seeds, and the paired gains over ``real`` and of synthetic over the
@@ -142,13 +156,22 @@ def segmentation_utility(
             synthetic = synthesize(moved_masks, seed + 2000 + s)
             sets = {
                 "real": (train_images, train_masks),
-                "real+synthetic": (np.concatenate([train_images, synthetic]), np.concatenate([train_masks, moved_masks])),
-                "real+moved-real": (np.concatenate([train_images, moved_images]),
-                                    np.concatenate([train_masks, moved_masks])),
+                "real+synthetic": (
+                    np.concatenate([train_images, synthetic]),
+                    np.concatenate([train_masks, moved_masks]),
+                ),
+                "real+moved-real": (
+                    np.concatenate([train_images, moved_images]),
+                    np.concatenate([train_masks, moved_masks]),
+                ),
             }
             for i, (name, (x, m)) in enumerate(sets.items()):
                 if progress:
-                    progress(f"segmentation utility: {name}, seed {s + 1}/{seeds}", s * len(sets) + i, seeds * len(sets))
+                    progress(
+                        s * len(sets) + i,
+                        seeds * len(sets),
+                        f"segmentation utility: {name}, seed {s + 1}/{seeds}",
+                    )
                 net = train_segmenter(x, m == label, steps=steps, seed=seed + s)
                 scores[name].append(dice(net, holdout_images, holdout_masks == label))
     finally:
@@ -157,10 +180,18 @@ def segmentation_utility(
     def diff(a: str, b: str) -> dict[str, Any]:
         return _ci([x - y for x, y in zip(scores[a], scores[b], strict=True)])
 
-    return {"label": label, "seeds": seeds, "steps": steps,
-            "slices_with_label": {"train": int((train_masks == label).any(axis=(1, 2)).sum()),
-                                  "holdout": int((holdout_masks == label).any(axis=(1, 2)).sum())},
-            "dice": {name: _ci(v) for name, v in scores.items()},
-            "gains": {"synthetic over real": diff("real+synthetic", "real"),
-                      "control over real": diff("real+moved-real", "real"),
-                      "synthetic over control": diff("real+synthetic", "real+moved-real")}}
+    return {
+        "label": label,
+        "seeds": seeds,
+        "steps": steps,
+        "slices_with_label": {
+            "train": int((train_masks == label).any(axis=(1, 2)).sum()),
+            "holdout": int((holdout_masks == label).any(axis=(1, 2)).sum()),
+        },
+        "dice": {name: _ci(v) for name, v in scores.items()},
+        "gains": {
+            "synthetic over real": diff("real+synthetic", "real"),
+            "control over real": diff("real+moved-real", "real"),
+            "synthetic over control": diff("real+synthetic", "real+moved-real"),
+        },
+    }

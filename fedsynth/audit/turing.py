@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 from scipy.stats import binomtest
 
-from ..shared.documents import array_data_uri, esc, write_html, write_pdf
-from ..shared.files import atomic_open
+from fedsynth.audit.documents import array_data_uri, esc, write_html, write_pdf
+from fedsynth.core.files import atomic_open, write_json_atomic
 
 __all__ = [
     "ANSWERS_FILE",
@@ -145,13 +145,18 @@ def make_test(
         "provenance": provenance,
         "items": items,
     }
-    with atomic_open(key_path, "w") as handle:
-        json.dump(key, handle, indent=2)
+    write_json_atomic(key_path, key)
     return key
 
 
-def _matching_draw(rng: np.random.Generator, real_labels: np.ndarray | None, real_index: np.ndarray,
-                   synthetic_labels: np.ndarray | None, n_synthetic: int, n: int) -> np.ndarray:
+def _matching_draw(
+    rng: np.random.Generator,
+    real_labels: np.ndarray | None,
+    real_index: np.ndarray,
+    synthetic_labels: np.ndarray | None,
+    n_synthetic: int,
+    n: int,
+) -> np.ndarray:
     """Synthetic indices with the same class counts as the real draw where both have labels
     (otherwise the class mix itself would hint at the source); a class with too few
     synthetic images is topped up at random."""
@@ -173,8 +178,10 @@ def _check_inputs(real_images: np.ndarray, synthetic_images: np.ndarray, n: int)
         raise TuringError("images must be (N, H, W) arrays of slices")
     if real_images.shape[1:] != synthetic_images.shape[1:]:
         # a size difference would give the answer away
-        raise TuringError(f"real slices are {real_images.shape[1]}x{real_images.shape[2]} px but synthetic ones "
-                          f"{synthetic_images.shape[1]}x{synthetic_images.shape[2]} px; they must match")
+        raise TuringError(
+            f"real slices are {real_images.shape[1]}x{real_images.shape[2]} px but synthetic ones "
+            f"{synthetic_images.shape[1]}x{synthetic_images.shape[2]} px; they must match"
+        )
     for kind, images in ((REAL, real_images), (SYNTHETIC, synthetic_images)):
         if len(images) < n:
             raise TuringError(f"only {len(images)} {kind} slices for n = {n}; lower n")
@@ -182,8 +189,9 @@ def _check_inputs(real_images: np.ndarray, synthetic_images: np.ndarray, n: int)
 
 def _check_destinations(out_dir: Path, key_path: Path) -> None:
     if key_path.resolve().is_relative_to(out_dir.resolve()):
-        raise TuringError(f"key {key_path} lies inside {out_dir}, the folder handed to the expert; "
-                          "put the key elsewhere")
+        raise TuringError(
+            f"key {key_path} lies inside {out_dir}, the folder handed to the expert; put the key elsewhere"
+        )
     for path in (out_dir / SHEET_FILE, out_dir / PDF_FILE, out_dir / ANSWERS_FILE, key_path):
         if path.exists():
             raise TuringError(f"{path} already exists; choose another folder or key (nothing is overwritten)")
@@ -196,19 +204,53 @@ def _as_uint8(image: np.ndarray) -> np.ndarray:
 
 _STYLE = """
 @page { size: A4; margin: 12mm; }
-body { font-family: "DejaVu Sans", Arial, sans-serif; font-size: 10pt; color: #111; margin: 0 auto; max-width: 190mm; }
+body {
+  font-family: "DejaVu Sans", Arial, sans-serif;
+  font-size: 10pt;
+  color: #111;
+  margin: 0 auto;
+  max-width: 190mm;
+}
 h1 { font-size: 15pt; margin: 0 0 4pt 0; }
 .instructions { border: 1px solid #999; padding: 4pt 10pt; margin-bottom: 8pt; page-break-after: always; }
 .instructions li { margin: 3pt 0; }
 code { font-family: "DejaVu Sans Mono", monospace; }
 .items { orphans: 1; widows: 1; }
-.item { display: inline-block; width: 42mm; margin: 0 1mm 4mm 1mm; vertical-align: top; break-inside: avoid; page-break-inside: avoid; }
-.item img { display: block; width: 40mm; height: 40mm; image-rendering: pixelated; border: 1px solid #666; background: #000; }
+.item {
+  display: inline-block;
+  width: 42mm;
+  margin: 0 1mm 4mm 1mm;
+  vertical-align: top;
+  break-inside: avoid;
+  page-break-inside: avoid;
+}
+.item img {
+  display: block;
+  width: 40mm;
+  height: 40mm;
+  image-rendering: pixelated;
+  border: 1px solid #666;
+  background: #000;
+}
 .id { font-weight: bold; font-size: 11pt; margin-top: 2pt; }
-.box { display: inline-block; width: 9pt; height: 9pt; border: 1px solid #111; vertical-align: middle; margin-right: 2pt; }
+.box {
+  display: inline-block;
+  width: 9pt;
+  height: 9pt;
+  border: 1px solid #111;
+  vertical-align: middle;
+  margin-right: 2pt;
+}
 .choice { margin-right: 6pt; }
 .confidence { font-size: 8.5pt; }
-.level { display: inline-block; border: 1px solid #111; border-radius: 50%; width: 11pt; text-align: center; margin-left: 1pt; }
+.level {
+  display: inline-block;
+  border: 1px solid #111;
+  border-radius: 50%;
+  width: 11pt;
+  text-align: center;
+  margin-left: 1pt;
+}
 """
 
 
@@ -221,7 +263,8 @@ def _sheet_html(ids: list[str], pictures: list[str], display_px: int) -> str:
         f'height="{display_px}"><div class="id">{esc(item_id)}</div>'
         '<div class="answer"><span class="choice"><span class="box"></span>real</span>'
         '<span class="choice"><span class="box"></span>synthetic</span></div>'
-        '<div class="confidence">sure: ' + "".join(f'<span class="level">{level}</span>' for level in _CONFIDENCE_LEVELS)
+        '<div class="confidence">sure: '
+        + "".join(f'<span class="level">{level}</span>' for level in _CONFIDENCE_LEVELS)
         + "</div></div>"
         for item_id, picture in zip(ids, pictures, strict=True)
     )
@@ -243,7 +286,8 @@ We want to know whether an expert can tell them apart.</p>
 guess; please do not leave any image blank (blanks are counted as unanswered).</li>
 <li>If you like, circle how sure you are: 1 = a guess, 5 = certain.</li>
 <li>The images are in random order. Their numbers (T001, T002, ...) are only labels and say nothing about
-the answer. There is no time limit. Please work alone and do not discuss the images until you have finished.</li>
+the answer. There is no time limit. Please work alone and do not discuss the images until you have
+finished.</li>
 <li>Return your answers in <code>answers.csv</code>, one row per image: write <code>real</code> or
 <code>synthetic</code> in the <code>answer</code> column and, if you wish, 1 to 5 in <code>confidence</code>.
 You may instead return this printed sheet with the boxes ticked.</li>
@@ -294,7 +338,9 @@ def read_answers(path: str | Path) -> list[dict[str, str]]:
             reader = csv.DictReader(handle)
             columns = [c.strip().lower() for c in reader.fieldnames or []]
             if "id" not in columns or "answer" not in columns:
-                raise TuringError(f"{path}: needs columns id and answer (found {', '.join(columns) or 'none'})")
+                raise TuringError(
+                    f"{path}: needs columns id and answer (found {', '.join(columns) or 'none'})"
+                )
             reader.fieldnames = columns
             return [{k: (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
     except (csv.Error, UnicodeDecodeError) as err:
@@ -337,8 +383,10 @@ def score(key: Mapping[str, Any], answers_rows: Iterable[Mapping[str, str]]) -> 
         answer = (row.get("answer") or "").strip().lower()
         confidence = (row.get("confidence") or "").strip() or None
         if answer and answer not in _ANSWER_WORDS:
-            raise TuringError(f"line {row_number} (id {item_id}): answer {row.get('answer')!r} is not "
-                              "real or synthetic (r or s)")
+            raise TuringError(
+                f"line {row_number} (id {item_id}): answer {row.get('answer')!r} is not real or synthetic (r "
+                "or s)"
+            )
         if confidence is not None and confidence not in _CONFIDENCE_LEVELS:
             raise TuringError(f"line {row_number} (id {item_id}): confidence {confidence!r} is not 1 to 5")
         if answer:
@@ -389,8 +437,9 @@ def score(key: Mapping[str, Any], answers_rows: Iterable[Mapping[str, str]]) -> 
         "specificity": rate(REAL),
         "per_class": dict(sorted(per_class.items())),
         "by_confidence": dict(sorted(by_confidence.items())),
-        "interpretation": _interpret(accuracy, float(test.pvalue), (float(ci.low), float(ci.high)),
-                                     len(given), len(missing)),
+        "interpretation": _interpret(
+            accuracy, float(test.pvalue), (float(ci.low), float(ci.high)), len(given), len(missing)
+        ),
     }
 
 
@@ -407,8 +456,10 @@ def _interpret(accuracy: float, p: float, ci: tuple[float, float], answered: int
     elif accuracy > 0.5:
         sentence = f"the expert told them apart ({figures})"
     else:
-        sentence = (f"the expert was wrong more often than chance ({figures}): something tells the images apart, "
-                    "but the expert took it the wrong way round")
+        sentence = (
+            f"the expert was wrong more often than chance ({figures}): something tells the images apart, but "
+            "the expert took it the wrong way round"
+        )
     if missing:
         sentence += f"; {missing} image{'s' if missing != 1 else ''} left unanswered"
     return sentence + "."

@@ -16,7 +16,15 @@ held-out REAL slices, which no classifier ever trains on:
   themselves; that part of a gain is not the generator's. (Measured once on brain MRI:
   a weak GAN's +0.09 balanced-accuracy gain over real alone became -0.05, 95% CI -0.12
   to +0.02, against this control.)
-- ``synthetic-only``: as many synthetic slices as real training slices.
+- ``synthetic-only``: as many synthetic slices as real training slices (the
+  classification accuracy score, CAS: how well the synthetic classes alone teach a
+  classifier, beside ``real`` trained on as many real images).
+- ``real+unseen-real-balanced``: the oracle, run when a pool of real training images the
+  small set does not contain is given. Real plus exactly the balanced condition's
+  per-class numbers drawn from that pool: the ceiling of what a generator trained on all
+  the training data could transfer. Each synthetic condition's gain over the control is
+  also reported as a share of the oracle's; an oracle that gains nothing over the control
+  means the study has no headroom to show, and a synthetic gain of zero means nothing.
 
 Every condition trains for the same number of optimiser steps, with no early stopping
 and no model selection: the model after the last step is the one scored. Gains come
@@ -31,33 +39,35 @@ import logging
 import math
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sklearn.metrics import (
     accuracy_score,
     balanced_accuracy_score,
     confusion_matrix,
     roc_auc_score,
 )
-from torch import nn
+
+from fedsynth.core.plotting import pyplot
+from fedsynth.core.progress import Progress
+from fedsynth.core.stats import interval, percentile_bounds
+from fedsynth.metrics.classifier import MODELS, predict_proba, train_classifier
 
 __all__ = [
     "BALANCED",
     "CONDITIONS",
     "CONTROL",
     "DEFAULT_STEPS",
-    "MODELS",
+    "ORACLE",
     "REAL",
     "SYNTHETIC_ONLY",
-    "SmallCNN",
-    "build_classifier",
     "ratio_condition",
     "plot_gain_vs_ratio",
+    "small_set",
     "utility_study",
 ]
 
@@ -67,6 +77,7 @@ REAL = "real"
 BALANCED = "real+synthetic-balanced"
 CONTROL = "real+resampled-balanced"
 SYNTHETIC_ONLY = "synthetic-only"
+ORACLE = "real+unseen-real-balanced"
 CONDITIONS = (
     REAL,
     "real+synthetic-0.5x",
@@ -76,7 +87,6 @@ CONDITIONS = (
     CONTROL,
     SYNTHETIC_ONLY,
 )
-MODELS = ("cnn", "resnet18")
 GAIN_METRICS = ("balanced_accuracy", "auc")
 # Optimiser steps for every condition: with batch 64, ~15 epochs of a 2,000-image real
 # training set. Measured for the small CNN at 64x64 on a 2-core CPU: ~2,300 images/s
@@ -87,171 +97,13 @@ GAIN_METRICS = ("balanced_accuracy", "auc")
 # real+synthetic sets, which see fewer epochs in the same number of steps.
 DEFAULT_STEPS = 480
 MIN_IMAGE_SIZE = 16
-_LEARNING_RATE = 2e-3
-_WEIGHT_DECAY = 5e-4
-_EVAL_BATCH = 512
 _BOOTSTRAP_CHUNK = 250
-
-ProgressFn = Callable[[int, int], None]
 
 
 def ratio_condition(ratio: float) -> str:
     """The condition name for ``ratio`` x the real training size of synthetic slices
     (``0.5`` -> ``real+synthetic-0.5x``, ``2.0`` -> ``real+synthetic-2x``)."""
     return f"real+synthetic-{ratio:g}x"
-
-
-# --- the classifiers ----------------------------------------------------------------------
-class SmallCNN(nn.Module):
-    """A small CNN for single-channel slices: four conv-BN-ReLU blocks (the first with
-    stride 2), max-pooling between them, global average pooling and a linear layer.
-
-    At 64x64 the convolutions run at 32, 16, 8 and 4 pixels. Pooling before each
-    convolution rather than after it is both ~3x faster on CPU (2,450 against 720
-    images/s on one core) and more accurate on brain MRI at a fixed number of steps
-    (balanced accuracy 0.85-0.87 against 0.81-0.83 after 500 steps on 2,009 slices).
-
-    Parameters
-    ----------
-    n_classes : number of output classes.
-    width : channels of the first block; the others have 2x, 4x and 8x as many.
-    """
-
-    def __init__(self, n_classes: int, width: int = 16) -> None:
-        super().__init__()
-        layers: list[nn.Module] = [
-            nn.Conv2d(1, width, 3, stride=2, padding=1, bias=False),
-            nn.BatchNorm2d(width),
-            nn.ReLU(inplace=True),
-        ]
-        channels = width
-        for out in (2 * width, 4 * width, 8 * width):
-            layers += [
-                nn.MaxPool2d(2),
-                nn.Conv2d(channels, out, 3, padding=1, bias=False),
-                nn.BatchNorm2d(out),
-                nn.ReLU(inplace=True),
-            ]
-            channels = out
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(channels, n_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
-        return self.head(pooled)
-
-
-def build_classifier(model: str, n_classes: int) -> nn.Module:
-    """A fresh, randomly initialised classifier for 1-channel images.
-
-    Parameters
-    ----------
-    model : ``cnn`` (:class:`SmallCNN`) or ``resnet18`` (torchvision's ResNet-18 with
-        ``weights=None`` and a 1-channel first convolution, trained from scratch).
-    n_classes : number of output classes.
-
-    Raises
-    ------
-    ValueError
-        An unknown model name.
-    """
-    if model == "cnn":
-        return SmallCNN(n_classes)
-    if model == "resnet18":
-        from torchvision.models import resnet18
-
-        net = resnet18(weights=None, num_classes=n_classes)
-        net.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        return net
-    raise ValueError(f"model {model!r}: use one of {', '.join(MODELS)}")
-
-
-def _to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 1, H, W) -> float in [-1, 1]."""
-    return images.float().div_(127.5).sub_(1.0)
-
-
-def _augment(batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Light augmentation of a float batch in [-1, 1]: a random left-right flip and a
-    random shift of up to 1/16 of the side (the border filled with black, -1)."""
-    b, _, h, w = batch.shape
-    flip = torch.rand(b, generator=gen) < 0.5
-    batch = torch.where(flip.to(batch.device)[:, None, None, None], batch.flip(3), batch)
-    pad = max(1, min(h, w) // 16)
-    padded = F.pad(batch, (pad, pad, pad, pad), value=-1.0)
-    dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen).to(batch.device)
-    dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen).to(batch.device)
-    rows = (dy[:, None] + torch.arange(h, device=batch.device)[None, :])[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w, device=batch.device)[None, :])[:, None, None, :]
-    sample = torch.arange(b, device=batch.device)[:, None, None, None]
-    return padded[sample, 0:1, rows, cols].reshape(b, 1, h, w)
-
-
-def _batch_order(n: int, steps: int, batch_size: int, rng: np.random.Generator) -> np.ndarray:
-    """(steps, batch_size) indices: shuffled passes over ``n`` items, back to back."""
-    needed = steps * batch_size
-    passes = [rng.permutation(n) for _ in range(math.ceil(needed / n))]
-    return np.concatenate(passes)[:needed].reshape(steps, batch_size)
-
-
-def _train_classifier(
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    model: str,
-    n_classes: int,
-    steps: int,
-    batch_size: int,
-    init_seed: int,
-    order_seed: int,
-    device: torch.device,
-) -> tuple[nn.Module, float, int]:
-    """Train one classifier for exactly ``steps`` steps; return it, its mean training
-    loss over the last tenth of the steps and the number of optimiser steps taken."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(init_seed)
-        net = build_classifier(model, n_classes)
-    # channels-last runs the convolutions ~1.3-1.7x faster on CPU (measured) and is as
-    # fast on GPU
-    net = net.to(device).to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(
-        net.parameters(), lr=_LEARNING_RATE, weight_decay=_WEIGHT_DECAY, foreach=True
-    )
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=_LEARNING_RATE, total_steps=steps, pct_start=0.15
-    )
-    order = _batch_order(len(images), steps, batch_size, np.random.default_rng(order_seed))
-    aug_gen = torch.Generator().manual_seed(order_seed)
-    tail = max(1, steps // 10)
-    tail_loss = 0.0
-    taken = 0
-    net.train()
-    for step, index in enumerate(order):
-        idx = torch.from_numpy(index)
-        x = _augment(_to_float(images[idx].to(device)), aug_gen)
-        x = x.contiguous(memory_format=torch.channels_last)
-        y = labels[idx].to(device)
-        loss = F.cross_entropy(net(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        schedule.step()
-        taken += 1
-        if step >= steps - tail:
-            tail_loss += float(loss.detach())
-    return net, tail_loss / tail, taken
-
-
-@torch.no_grad()
-def _predict_proba(net: nn.Module, images: torch.Tensor, device: torch.device) -> np.ndarray:
-    """Class probabilities (N, K) in float64 (rows sum to 1), in eval mode."""
-    net.eval()
-    out = []
-    for start in range(0, len(images), _EVAL_BATCH):
-        x = _to_float(images[start : start + _EVAL_BATCH].to(device))
-        logits = net(x.contiguous(memory_format=torch.channels_last))
-        out.append(torch.softmax(logits.double(), dim=1).cpu().numpy())
-    return np.concatenate(out)
 
 
 # --- metrics ------------------------------------------------------------------------------
@@ -270,9 +122,7 @@ def _metrics(labels: np.ndarray, probs: np.ndarray, n_classes: int) -> dict[str,
     if n_classes == 2:
         auc = roc_auc_score(labels, probs[:, 1])
     else:
-        auc = roc_auc_score(
-            labels, probs, multi_class="ovr", average="macro", labels=list(range(n_classes))
-        )
+        auc = roc_auc_score(labels, probs, multi_class="ovr", average="macro", labels=list(range(n_classes)))
     out = {
         "accuracy": float(accuracy_score(labels, pred)),
         "balanced_accuracy": float(balanced_accuracy_score(labels, pred)),
@@ -417,9 +267,7 @@ def _plan_counts(
     return added, skipped
 
 
-def _draw(
-    labels: np.ndarray, counts: np.ndarray, rng: np.random.Generator, *, replace: bool
-) -> np.ndarray:
+def _draw(labels: np.ndarray, counts: np.ndarray, rng: np.random.Generator, *, replace: bool) -> np.ndarray:
     """Indices into ``labels``: ``counts[k]`` of class k, drawn at random."""
     picked = [
         rng.choice(np.flatnonzero(labels == k), size=int(c), replace=replace)
@@ -435,11 +283,17 @@ def _compose(
     train_labels: np.ndarray,
     synthetic_labels: np.ndarray,
     rng: np.random.Generator,
+    unseen_labels: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(real indices, synthetic indices) of one condition's training set for one seed."""
+    """(real indices, synthetic indices) of one condition's training set for one seed;
+    the oracle's unseen real images are indexed after the training images."""
     everything = np.arange(len(train_labels))
     if condition == REAL:
         return everything, np.zeros(0, dtype=np.int64)
+    if condition == ORACLE:
+        assert unseen_labels is not None
+        extra = len(train_labels) + _draw(unseen_labels, added, rng, replace=False)
+        return np.concatenate([everything, extra]), np.zeros(0, dtype=np.int64)
     if condition == CONTROL:
         extra = _draw(train_labels, added, rng, replace=True)
         return np.concatenate([everything, extra]), np.zeros(0, dtype=np.int64)
@@ -447,6 +301,35 @@ def _compose(
     if condition == SYNTHETIC_ONLY:
         return np.zeros(0, dtype=np.int64), synthetic
     return everything, synthetic
+
+
+def small_set(labels: np.ndarray, groups: np.ndarray, fraction: float, *, seed: int = 0) -> np.ndarray:
+    """A mask of a small hospital's share of a training set: whole patients (``groups``),
+    drawn at random until every class holds ``fraction`` of its images (at least 2).
+    The rest are the images the oracle may add: other patients, never the small set's.
+
+    Raises
+    ------
+    ValueError
+        ``fraction`` outside (0, 1).
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"utility fraction must be between 0 and 1 (exclusive); got {fraction}")
+    labels, groups = np.asarray(labels), np.asarray(groups)
+    classes, counts = np.unique(labels, return_counts=True)
+    target = dict(
+        zip(classes.tolist(), np.maximum(2, np.ceil(fraction * counts)).astype(int).tolist(), strict=True)
+    )
+    held = dict.fromkeys(target, 0)
+    small = np.zeros(len(labels), dtype=bool)
+    for group in np.random.default_rng([seed, 0x5A11]).permutation(np.unique(groups)):
+        members = groups == group
+        present = np.unique(labels[members]).tolist()
+        if any(held[k] < target[k] for k in present):
+            small |= members
+            for k in present:
+                held[k] += int(np.sum(labels[members] == k))
+    return small
 
 
 # --- validation ---------------------------------------------------------------------------
@@ -459,15 +342,14 @@ def _check_set(name: str, images: np.ndarray, labels: np.ndarray, n_classes: int
     labels = np.asarray(labels)
     if labels.ndim != 1 or len(labels) != len(images):
         raise ValueError(
-            f"{name}_labels must be one label per image: {labels.shape} labels for "
-            f"{len(images)} images"
+            f"{name}_labels must be one label per image: {labels.shape} labels for {len(images)} images"
         )
     if len(labels) and not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"{name}_labels must be integer class indices; got {labels.dtype}")
     if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
         raise ValueError(
-            f"{name}_labels out of range: must lie in 0..{n_classes - 1} for "
-            f"{n_classes} class names; found {labels.min()}..{labels.max()}"
+            f"{name}_labels out of range: must lie in 0..{n_classes - 1} for {n_classes} class names; found "
+            f"{labels.min()}..{labels.max()}"
         )
 
 
@@ -492,7 +374,12 @@ def _validate(
         raise ValueError(f"class_names: a classifier needs at least 2 classes; got {list(class_names)}")
     if model not in MODELS:
         raise ValueError(f"model {model!r}: use one of {', '.join(MODELS)}")
-    for what, value in (("seeds", seeds), ("steps", steps), ("batch_size", batch_size), ("bootstrap", bootstrap)):
+    for what, value in (
+        ("seeds", seeds),
+        ("steps", steps),
+        ("batch_size", batch_size),
+        ("bootstrap", bootstrap),
+    ):
         if int(value) != value or value < 1:
             raise ValueError(f"{what} must be a positive integer; got {value!r}")
     bad_ratios = [r for r in ratios if not (r > 0 and math.isfinite(r))]
@@ -509,32 +396,34 @@ def _validate(
     for name, images in (("holdout", holdout_images), ("synthetic", synthetic_images)):
         if len(images) and images.shape[1:] != shape:
             raise ValueError(
-                f"image sizes differ: train images are {shape[0]}x{shape[1]}, "
-                f"{name} images {images.shape[1]}x{images.shape[2]}"
+                f"image sizes differ: train images are {shape[0]}x{shape[1]}, {name} images "
+                f"{images.shape[1]}x{images.shape[2]}"
             )
     if min(shape) < MIN_IMAGE_SIZE:
-        raise ValueError(f"images of {shape[0]}x{shape[1]} are too small: need at least {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE}")
+        raise ValueError(
+            f"images of {shape[0]}x{shape[1]} are too small: need at least {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE}"
+        )
     missing_train = [class_names[k] for k in range(n_classes) if not np.any(train_labels == k)]
     if missing_train:
         raise ValueError(
-            f"no real training images of class {', '.join(missing_train)}: every class needs "
-            "real training images (the control re-draws from them)"
+            f"no real training images of class {', '.join(missing_train)}: every class needs real training "
+            "images (the control re-draws from them)"
         )
     present = np.unique(holdout_labels)
     if len(present) < 2:
         raise ValueError(
-            f"the holdout has a single class ({class_names[int(present[0])]}): ROC AUC and "
-            "balanced accuracy are undefined; hold out images of every class"
+            f"the holdout has a single class ({class_names[int(present[0])]}): ROC AUC and balanced accuracy "
+            "are undefined; hold out images of every class"
         )
     missing_holdout = [class_names[k] for k in range(n_classes) if k not in present]
     if missing_holdout:
         raise ValueError(
-            f"no holdout images of class {', '.join(missing_holdout)}: one-vs-rest AUC and "
-            "sensitivity are undefined for it; hold out images of every class"
+            f"no holdout images of class {', '.join(missing_holdout)}: one-vs-rest AUC and sensitivity are "
+            "undefined for it; hold out images of every class"
         )
     if holdout_groups is not None and len(np.asarray(holdout_groups)) != len(holdout_images):
         raise ValueError(
-            f"holdout_groups must give one group (patient) per holdout image: "
+            "holdout_groups must give one group (patient) per holdout image: "
             f"{len(np.asarray(holdout_groups))} groups for {len(holdout_images)} images"
         )
 
@@ -556,6 +445,8 @@ def utility_study(
     *,
     class_names: Sequence[str],
     holdout_groups: np.ndarray | None = None,
+    unseen_images: np.ndarray | None = None,
+    unseen_labels: np.ndarray | None = None,
     seeds: int = 5,
     steps: int | None = None,
     batch_size: int = 64,
@@ -564,7 +455,7 @@ def utility_study(
     bootstrap: int = 1000,
     seed: int = 0,
     threads: int | None = None,
-    progress: ProgressFn | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Train a classifier on real, real+synthetic and control training sets; score each
     on held-out real images; report metrics and gains with bootstrap intervals.
@@ -580,6 +471,8 @@ def utility_study(
     class_names : class names in label order.
     holdout_groups : a patient id per holdout image; the bootstrap then draws whole
         patients, which is honest when one patient contributes several slices.
+    unseen_images, unseen_labels : real training images the training set does not
+        contain (better: other patients); given, the oracle condition runs.
     seeds : classifiers per condition. Each seed changes the initialisation, the
         synthetic (or re-drawn) subset and the batch order; for a given seed every
         condition starts from the same initial weights.
@@ -630,19 +523,52 @@ def utility_study(
     holdout_labels = np.asarray(holdout_labels)
     synthetic_labels = np.asarray(synthetic_labels)
     _validate(
-        train_images, train_labels, holdout_images, holdout_labels, synthetic_images,
-        synthetic_labels, class_names, holdout_groups, seeds, steps, batch_size, model,
-        ratios, bootstrap,
+        train_images,
+        train_labels,
+        holdout_images,
+        holdout_labels,
+        synthetic_images,
+        synthetic_labels,
+        class_names,
+        holdout_groups,
+        seeds,
+        steps,
+        batch_size,
+        model,
+        ratios,
+        bootstrap,
     )
     n_classes = len(class_names)
+    if (unseen_images is None) != (unseen_labels is None):
+        raise ValueError("unseen_images and unseen_labels go together: give both or neither")
+    if unseen_images is not None and unseen_labels is not None:
+        unseen_labels = np.asarray(unseen_labels)
+        _check_set("unseen real", unseen_images, unseen_labels, n_classes)
+        if len(unseen_images) and unseen_images.shape[1:] != train_images.shape[1:]:
+            raise ValueError(
+                f"image sizes differ: train images are {train_images.shape[1]}x{train_images.shape[2]}, "
+                f"unseen real images {unseen_images.shape[1]}x{unseen_images.shape[2]}"
+            )
+        unseen_labels = unseen_labels.astype(np.int64)
     train_labels = train_labels.astype(np.int64)
     holdout_labels = holdout_labels.astype(np.int64)
     synthetic_labels = synthetic_labels.astype(np.int64)
     train_counts = np.bincount(train_labels, minlength=n_classes)
     synthetic_counts = np.bincount(synthetic_labels, minlength=n_classes)
     added, skipped = _plan_counts(train_counts, synthetic_counts, ratios, class_names)
+    if unseen_labels is not None:
+        unseen_counts = np.bincount(unseen_labels, minlength=n_classes)
+        short = [
+            f"{class_names[k]} (needs {added[CONTROL][k]}, has {unseen_counts[k]})"
+            for k in range(n_classes)
+            if added[CONTROL][k] > unseen_counts[k]
+        ]
+        if short:
+            skipped[ORACLE] = "too few unseen real images of " + ", ".join(short)
+        else:
+            added[ORACLE] = added[CONTROL]
     ratio_of = {ratio_condition(r): float(r) for r in ratios}
-    order = [REAL, *ratio_of, BALANCED, CONTROL, SYNTHETIC_ONLY]
+    order = [REAL, *ratio_of, BALANCED, CONTROL, ORACLE, SYNTHETIC_ONLY]
     conditions = [c for c in order if c in added]
     for name, reason in skipped.items():
         log.warning("utility: %s skipped: %s", name, reason)
@@ -652,18 +578,31 @@ def utility_study(
         pixels = train_images.shape[1] * train_images.shape[2] / 64**2
         minutes = len(conditions) * seeds * steps * batch_size * pixels / 90 / 60
         log.warning(
-            "utility: resnet18 on CPU trains at ~90 images/s at 64x64: expect ~%.0f "
-            "minutes for %d classifiers (use a GPU, or model='cnn')",
-            minutes, len(conditions) * seeds,
+            "utility: resnet18 on CPU trains at ~90 images/s at 64x64: expect ~%.0f minutes for %d "
+            "classifiers (use a GPU, or model='cnn')",
+            minutes,
+            len(conditions) * seeds,
         )
     previous_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
         probs, losses, steps_taken, train_seconds = _train_all(
-            conditions, added, train_images, train_labels, synthetic_images,
-            synthetic_labels, holdout_images, n_classes=n_classes, seeds=seeds,
-            steps=steps, batch_size=batch_size, model=model, seed=seed, device=device,
+            conditions,
+            added,
+            train_images,
+            train_labels,
+            synthetic_images,
+            synthetic_labels,
+            holdout_images,
+            unseen=None if unseen_images is None or unseen_labels is None else (unseen_images, unseen_labels),
+            n_classes=n_classes,
+            seeds=seeds,
+            steps=steps,
+            batch_size=batch_size,
+            model=model,
+            seed=seed,
+            device=device,
             progress=progress,
         )
     finally:
@@ -673,7 +612,7 @@ def utility_study(
     for name in conditions:
         per_seed = [_metrics(holdout_labels, p, n_classes) for p in probs[name]]
         totals = (train_counts if name != SYNTHETIC_ONLY else 0) + added[name]
-        n_synthetic = 0 if name in (REAL, CONTROL) else int(added[name].sum())
+        n_synthetic = 0 if name in (REAL, CONTROL, ORACLE) else int(added[name].sum())
         entry: dict[str, Any] = {
             "n_train": int(totals.sum()),
             "n_real": int(totals.sum()) - n_synthetic,
@@ -692,9 +631,16 @@ def utility_study(
         condition_report[name] = entry
 
     gains = _gains(
-        conditions, probs, holdout_labels, holdout_groups, condition_report,
-        n_classes=n_classes, rounds=bootstrap, seed=seed,
+        conditions,
+        probs,
+        holdout_labels,
+        holdout_groups,
+        condition_report,
+        n_classes=n_classes,
+        rounds=bootstrap,
+        seed=seed,
     )
+    oracle = _oracle_shares(gains) if ORACLE in conditions else None
     images_trained = len(conditions) * seeds * steps * batch_size
     return {
         "model": model,
@@ -714,6 +660,7 @@ def utility_study(
         "device": device.type,
         "conditions": condition_report,
         "gains": gains,
+        **({"oracle": oracle} if oracle else {}),
         "skipped": skipped,
         "images_per_second": float(images_trained / train_seconds) if train_seconds > 0 else 0.0,
         "seconds": float(time.perf_counter() - started),
@@ -729,6 +676,7 @@ def _train_all(
     synthetic_labels: np.ndarray,
     holdout_images: np.ndarray,
     *,
+    unseen: tuple[np.ndarray, np.ndarray] | None,
     n_classes: int,
     seeds: int,
     steps: int,
@@ -736,10 +684,15 @@ def _train_all(
     model: str,
     seed: int,
     device: torch.device,
-    progress: ProgressFn | None,
+    progress: Progress | None,
 ) -> tuple[dict[str, list[np.ndarray]], dict[str, list[float]], dict[str, list[int]], float]:
     """Train every (condition, seed) classifier: holdout probabilities, final training
-    losses, optimiser steps taken, and the seconds spent training."""
+    losses, optimiser steps taken, and the seconds spent training. The unseen real images
+    (the oracle's pool) sit after the training images in the real tensor."""
+    unseen_labels = None if unseen is None else unseen[1]
+    if unseen is not None:
+        train_images = np.concatenate([train_images, unseen[0]])
+        train_labels = np.concatenate([train_labels, unseen[1]])
     real_t = torch.from_numpy(np.ascontiguousarray(train_images))[:, None]
     synthetic_t = torch.from_numpy(np.ascontiguousarray(synthetic_images))[:, None]
     holdout_t = torch.from_numpy(np.ascontiguousarray(holdout_images))[:, None]
@@ -748,6 +701,7 @@ def _train_all(
     probs: dict[str, list[np.ndarray]] = {c: [] for c in conditions}
     losses: dict[str, list[float]] = {c: [] for c in conditions}
     steps_taken: dict[str, list[int]] = {c: [] for c in conditions}
+    n_train = len(train_labels) - (0 if unseen_labels is None else len(unseen_labels))
     total, done, train_seconds = len(conditions) * seeds, 0, 0.0
     for s in range(seeds):
         init_seed = int(np.random.SeedSequence([seed, s]).generate_state(1)[0])
@@ -757,24 +711,36 @@ def _train_all(
             seq = np.random.SeedSequence([seed, s, zlib.crc32(name.encode())])
             sample_rng = np.random.default_rng(seq.spawn(1)[0])
             order_seed = int(seq.generate_state(1)[0])
-            real_idx, syn_idx = _compose(name, added[name], train_labels, synthetic_labels, sample_rng)
+            real_idx, syn_idx = _compose(
+                name, added[name], train_labels[:n_train], synthetic_labels, sample_rng, unseen_labels
+            )
             parts = [(real_t, real_y, real_idx), (synthetic_t, synthetic_y, syn_idx)]
             images = torch.cat([x[i] for x, _, i in parts if len(i)])
             labels = torch.cat([y[i] for _, y, i in parts if len(i)])
             tic = time.perf_counter()
-            net, loss, taken = _train_classifier(
-                images.to(device), labels.to(device), model=model, n_classes=n_classes,
-                steps=steps, batch_size=batch_size, init_seed=init_seed,
-                order_seed=order_seed, device=device,
+            net, loss, taken = train_classifier(
+                images.to(device),
+                labels.to(device),
+                model=model,
+                n_classes=n_classes,
+                steps=steps,
+                batch_size=batch_size,
+                init_seed=init_seed,
+                order_seed=order_seed,
+                device=device,
             )
             train_seconds += time.perf_counter() - tic
-            probs[name].append(_predict_proba(net, holdout_t, device))
+            probs[name].append(predict_proba(net, holdout_t, device))
             losses[name].append(loss)
             steps_taken[name].append(taken)
             done += 1
             log.info(
                 "utility: seed %d, %s (%d images): final training loss %.3f, %.1f s",
-                s, name, len(images), loss, time.perf_counter() - tic,
+                s,
+                name,
+                len(images),
+                loss,
+                time.perf_counter() - tic,
             )
             if progress:
                 progress(done, total)
@@ -815,13 +781,9 @@ def _gains(
         for metric in GAIN_METRICS:
             per_seed = np.subtract(report[cond][metric]["per_seed"], report[ref][metric]["per_seed"])
             diff = boot[metric][cond] - boot[metric][ref]
-            low, high = np.nanpercentile(diff, [2.5, 97.5])
-            out[metric] = {
-                "mean": float(per_seed.mean()),
-                "ci_low": float(low),
-                "ci_high": float(high),
-                "per_seed": [float(v) for v in per_seed],
-            }
+            out[metric] = interval(
+                per_seed.mean(), *percentile_bounds(diff), per_seed=[float(v) for v in per_seed]
+            )
         return out
 
     gains: dict[str, Any] = {}
@@ -832,6 +794,23 @@ def _gains(
         if c != CONTROL:
             gains[c]["over_control"] = gain(c, CONTROL)
     return gains
+
+
+def _oracle_shares(gains: dict[str, Any]) -> dict[str, Any]:
+    """The oracle's gain over the control, whether it shows headroom (its 95% CI above 0),
+    and each synthetic condition's gain over the control as a share of it."""
+    out: dict[str, Any] = {}
+    for metric in GAIN_METRICS:
+        ceiling = gains[ORACLE]["over_control"][metric]
+        headroom = bool(ceiling["ci_low"] > 0)
+        top = ceiling["mean"]
+        shares = {
+            name: float(g["over_control"][metric]["mean"] / top) if top > 0 else None
+            for name, g in gains.items()
+            if name not in (CONTROL, ORACLE, SYNTHETIC_ONLY)
+        }
+        out[metric] = {"gain_over_control": ceiling, "headroom": headroom, "share_of_oracle": shares}
+    return out
 
 
 # --- the figure ---------------------------------------------------------------------------
@@ -855,25 +834,32 @@ def plot_gain_vs_ratio(result: dict[str, Any], path: str | Path) -> Path:
     ValueError
         ``result`` holds no gains to plot.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     path = Path(path)
     gains = result.get("gains", {})
     ratios = [r for r in result.get("ratios", []) if ratio_condition(r) in gains]
     names = [ratio_condition(r) for r in ratios]
     labels = [f"{r:g}×" for r in ratios]
-    extras = [(c, lab) for c, lab in ((BALANCED, "balanced"), (SYNTHETIC_ONLY, "synthetic\nonly")) if c in gains]
+    extras = [
+        (c, lab)
+        for c, lab in (
+            (BALANCED, "balanced"),
+            (ORACLE, "unseen real\n(oracle)"),
+            (SYNTHETIC_ONLY, "synthetic\nonly"),
+        )
+        if c in gains
+    ]
     names += [c for c, _ in extras]
     labels += [lab for _, lab in extras]
     if not names:
         raise ValueError("plot_gain_vs_ratio: the result holds no synthetic conditions to plot")
     x = np.arange(len(names), dtype=float)
     fig, ax = plt.subplots(figsize=(6.4, 4.0), constrained_layout=True)
-    series = (("over_real", "over real only", "C0", -0.08, "o"),
-              ("over_control", "over re-balancing control (real re-drawn)", "C3", 0.08, "s"))
+    series = (
+        ("over_real", "over real only", "C0", -0.08, "o"),
+        ("over_control", "over re-balancing control (real re-drawn)", "C3", 0.08, "s"),
+    )
     for key, label, colour, offset, marker in series:
         stats = [gains[c].get(key, {}).get("balanced_accuracy") for c in names]
         keep = [i for i, st in enumerate(stats) if st is not None]
@@ -883,8 +869,7 @@ def plot_gain_vs_ratio(result: dict[str, Any], path: str | Path) -> Path:
         low = np.array([stats[i]["ci_low"] for i in keep])
         high = np.array([stats[i]["ci_high"] for i in keep])
         err = np.vstack([np.clip(mean - low, 0, None), np.clip(high - mean, 0, None)])
-        ax.errorbar(x[keep] + offset, mean, yerr=err, fmt=marker, color=colour, capsize=4,
-                    label=label)
+        ax.errorbar(x[keep] + offset, mean, yerr=err, fmt=marker, color=colour, capsize=4, label=label)
         on_ratio = [i for i in keep if i < len(ratios)]
         if len(on_ratio) > 1:
             ax.plot(x[on_ratio] + offset, mean[: len(on_ratio)], color=colour, linewidth=1)

@@ -2,29 +2,29 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from ..shared.checkpoint import file_sha256
-from ..shared.config import RunConfig
-from ..shared.rundir import HOSPITALS_MANIFEST
-from ..shared.records import ARRAYS, CONFIG, HOSPITAL, METRICS, record_to_tensors, tensors_to_record
-from ..shared.weights import DISCRIMINATOR, GENERATOR, split_model
-from .hospital import HospitalSite, run_local_round, score_validation
+from fedsynth.client.hospital import HospitalSite, run_local_round, score_validation
+from fedsynth.core.checkpoint import file_sha256
+from fedsynth.core.weights import DISCRIMINATOR, GENERATOR, split_model
+from fedsynth.engine.records import (
+    ARRAYS,
+    CONFIG,
+    HOSPITAL,
+    METRICS,
+    number,
+    record_to_tensors,
+    tensors_to_record,
+)
+from fedsynth.engine.supernode import DATA_PATH, HOSPITAL_NAME, PARTITION_ID, STATE_DIR
+from fedsynth.runs.config import RunConfig
+from fedsynth.runs.rundir import Hospitals
 
 __all__ = ["app", "site_from_context"]
-
-# Node config keys a hospital sets on its SuperNode (per hospital, never run config).
-DATA_PATH, STATE_DIR, HOSPITAL_NAME = "data-path", "state-dir", "hospital-name"
-PARTITION_ID = "partition-id"
-# A simulated hospital's own settings (dp.* keys), written by `fedsynth simulate --hospital-set`.
-HOSPITAL_SETTINGS = "hospital.yaml"
 
 app = ClientApp()
 
@@ -50,20 +50,28 @@ def site_from_context(context: Context, cfg: RunConfig) -> HospitalSite:
         overrides = {k: v for k, v in node.items() if k.startswith("dp.")}
         # The privacy ledger belongs to the data, not to the run: every run on this slice
         # set spends from the same budget.
-        ledger = state_root / "privacy" / f"{file_sha256(data_path)[:16]}.json" if data_path.is_file() else None
-        return HospitalSite(name=name, data_path=data_path, state_dir=state_root / run_name, overrides=overrides,
-                            privacy_path=ledger)
+        ledger = (
+            state_root / "privacy" / f"{file_sha256(data_path)[:16]}.json" if data_path.is_file() else None
+        )
+        return HospitalSite(
+            name=name,
+            data_path=data_path,
+            state_dir=state_root / run_name,
+            overrides=overrides,
+            privacy_path=ledger,
+        )
     if PARTITION_ID in node and cfg.simulation.hospitals_dir:
-        folder = Path(cfg.simulation.hospitals_dir)
-        names = json.loads((folder / HOSPITALS_MANIFEST).read_text())["hospitals"]
-        name = names[int(node[PARTITION_ID])]
-        settings = folder / name / HOSPITAL_SETTINGS
-        overrides: dict[str, Any] = yaml.safe_load(settings.read_text()) if settings.is_file() else {}
-        return HospitalSite(name=name, data_path=folder / name / "slices.npz", state_dir=folder / name / "state",
-                            overrides=overrides or {})
+        hospitals = Hospitals(cfg.simulation.hospitals_dir)
+        name = hospitals.names()[int(node[PARTITION_ID])]
+        return HospitalSite(
+            name=name,
+            data_path=hospitals.slices(name),
+            state_dir=hospitals.state(name).folder,
+            overrides=hospitals.settings(name),
+        )
     raise ValueError(
-        "this SuperNode has no 'data-path' in its node config "
-        "(start it with --node-config \"data-path='/path/slices.npz'\")"
+        "this SuperNode has no 'data-path' in its node config (start it with --node-config "
+        "\"data-path='/path/slices.npz'\")"
     )
 
 
@@ -72,16 +80,21 @@ def train(msg: Message, context: Context) -> Message:
     """Run one local GAN round on the global generator and reply with the new weights."""
     cfg = RunConfig.from_run_config(context.run_config)
     site = site_from_context(context, cfg)
-    server_round = int(msg.content[CONFIG]["server-round"])
-    gen_state, disc_state = split_model(record_to_tensors(msg.content[ARRAYS]))
+    server_round = int(number(msg.content.config_records[CONFIG]["server-round"]))
+    gen_state, disc_state = split_model(record_to_tensors(msg.content.array_records[ARRAYS]))
     try:
         result = run_local_round(
-            site, cfg, server_round=server_round,
-            global_generator=gen_state, global_discriminator=disc_state or None,
+            site,
+            cfg,
+            server_round=server_round,
+            global_generator=gen_state,
+            global_discriminator=disc_state or None,
         )
     except Exception as err:
         # Flower reports a ClientApp's exception by node id only: name the hospital.
-        raise RuntimeError(f"{site.name}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+        raise RuntimeError(
+            f"{site.name}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        ) from err
     hospital: dict[str, Any] = {"name": site.name}
     metrics: dict[str, Any] = {}
     if result.privacy is not None:
@@ -91,17 +104,21 @@ def train(msg: Message, context: Context) -> Message:
     if result.declined is not None or result.generator is None or result.stats is None:
         # A hospital that declines sends no weights, only why (and what it has spent).
         hospital["declined"] = result.declined or "declined"
-        return Message(content=RecordDict({METRICS: MetricRecord(metrics), HOSPITAL: ConfigRecord(hospital)}),
-                       reply_to=msg)
+        return Message(
+            content=RecordDict({METRICS: MetricRecord(metrics), HOSPITAL: ConfigRecord(hospital)}),
+            reply_to=msg,
+        )
     tensors = {f"{GENERATOR}.{k}": v for k, v in result.generator.items()}
     if result.discriminator is not None:
         tensors.update({f"{DISCRIMINATOR}.{k}": v for k, v in result.discriminator.items()})
     metrics.update(result.stats.as_metrics())
-    content = RecordDict({
-        ARRAYS: tensors_to_record(tensors),
-        METRICS: MetricRecord(metrics),
-        HOSPITAL: ConfigRecord(hospital),
-    })
+    content = RecordDict(
+        {
+            ARRAYS: tensors_to_record(tensors),
+            METRICS: MetricRecord(metrics),
+            HOSPITAL: ConfigRecord(hospital),
+        }
+    )
     return Message(content=content, reply_to=msg)
 
 
@@ -111,10 +128,14 @@ def evaluate(msg: Message, context: Context) -> Message:
     the score (and how many slices it rests on) leaves."""
     cfg = RunConfig.from_run_config(context.run_config)
     site = site_from_context(context, cfg)
-    gen_state, _ = split_model(record_to_tensors(msg.content[ARRAYS]))
+    gen_state, _ = split_model(record_to_tensors(msg.content.array_records[ARRAYS]))
     try:
         scores = score_validation(site, cfg, gen_state)
     except Exception as err:
-        raise RuntimeError(f"{site.name}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
-    return Message(content=RecordDict({METRICS: MetricRecord(scores), HOSPITAL: ConfigRecord({"name": site.name})}),
-                   reply_to=msg)
+        raise RuntimeError(
+            f"{site.name}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        ) from err
+    return Message(
+        content=RecordDict({METRICS: MetricRecord(scores), HOSPITAL: ConfigRecord({"name": site.name})}),
+        reply_to=msg,
+    )

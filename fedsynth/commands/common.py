@@ -11,30 +11,39 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
-from ..audit.federated import ShareError
-from ..client.supernode import NodeError
-from ..server.deployment import DeploymentError
-from ..shared.checkpoint import CheckpointError
-from ..shared.config import ConfigError
-from ..shared.ingest import IngestError
-from ..shared.partition import PartitionError
-from ..shared.rundir import RunDirError
-from ..shared.sliceset import SliceSetError
+from fedsynth.audit.federated import ShareError
+from fedsynth.core.checkpoint import CheckpointError
+from fedsynth.core.errors import ConfigError, UserError
+from fedsynth.data.ingest import IngestError
+from fedsynth.data.partition import PartitionError
+from fedsynth.data.sliceset import SliceSetError
+from fedsynth.engine.deployment import DeploymentError
+from fedsynth.engine.supernode import NodeError
+from fedsynth.runs.rundir import RunDirError
 
-__all__ = ["USER_ERRORS", "console", "err_console", "setup_logging", "user_errors"]
+__all__ = ["USER_ERRORS", "CommandError", "console", "err_console", "setup_logging", "user_errors"]
 
 console = Console()
 err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class CommandError(Exception):
-    """A user-facing error raised by a command itself."""
-
+# A user-facing error raised by a command itself: the library's UserError, by the name the
+# commands use (the library raises the same class, e.g. when a family cannot draw what is asked).
+CommandError = UserError
 
 USER_ERRORS: tuple[type[Exception], ...] = (
-    CommandError, ConfigError, SliceSetError, IngestError, PartitionError, RunDirError, CheckpointError,
-    FileNotFoundError, ShareError, DeploymentError, NodeError,
+    UserError,
+    ConfigError,
+    SliceSetError,
+    IngestError,
+    PartitionError,
+    RunDirError,
+    CheckpointError,
+    FileNotFoundError,
+    ShareError,
+    DeploymentError,
+    NodeError,
 )
 
 

@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
+from typing import Any
 
 import typer
 
-from ..audit.pipeline import AuditOptions
-from ..server.simulate import prepare_simulation
-from ..shared.config import RunConfig, parse_overrides
-from ..shared.volumes import MaskClasses, ingest_volumes
-from ..shared.phantoms import DEFAULT_HOSPITALS, LESION, LIVER, write_phantom_hospitals
-from ..shared.rundir import RunDir
-from .audit import federated_audit
-from .common import CommandError, console, setup_logging, user_errors
-from .prepare import card_path_for, print_card
-from .simulate import print_hospitals, run_with_progress
+from fedsynth.audit.pipeline import AuditOptions
+from fedsynth.commands.audit import federated_audit
+from fedsynth.commands.common import CommandError, console, setup_logging, user_errors
+from fedsynth.commands.prepare import card_path_for, print_card
+from fedsynth.commands.progress import run_with_progress
+from fedsynth.commands.simulate import print_hospitals
+from fedsynth.data.phantoms import (
+    DEFAULT_HOSPITALS,
+    LESION,
+    LIVER,
+    write_phantom_hospitals,
+)
+from fedsynth.data.volumes import MaskClasses, ingest_volumes
+from fedsynth.engine.simulation import prepare_simulation
+from fedsynth.runs.config import RunConfig, parse_overrides
+from fedsynth.runs.rundir import RunDir
 
 __all__ = ["DEMO_SETTINGS", "demo"]
 
@@ -30,16 +36,24 @@ DEMO_SETTINGS = {
 }
 # The demo's audit: lighter than `fedsynth audit`'s defaults (5 seeds, ~15 epochs, 500
 # encoder steps) so three local audits take about two minutes; its intervals are wider.
-DEMO_AUDIT = {"utility_seeds": 2, "utility_steps": 240, "encoder_steps": 300}
+DEMO_AUDIT: dict[str, Any] = {"utility_seeds": 2, "utility_steps": 240, "encoder_steps": 300}
 
 
 @user_errors
 def demo(
-    out: Path = typer.Option(Path("fedsynth-demo"), "--out", "-o", help="Folder for the phantom data, slice set and run."),
+    out: Path = typer.Option(
+        Path("fedsynth-demo"), "--out", "-o", help="Folder for the phantom data, slice set and run."
+    ),
     rounds: int = typer.Option(DEMO_SETTINGS["federation.rounds"], help="Federated rounds."),
-    size: int = typer.Option(32, help="Slice size in pixels (32 keeps the demo to minutes; 64 takes about 4x longer)."),
-    set_: list[str] = typer.Option([], "--set", help="Override any config key, e.g. --set train.local-steps=50."),
-    audit: bool = typer.Option(True, "--audit/--no-audit", help="End with the federated audit and its reports."),
+    size: int = typer.Option(
+        32, help="Slice size in pixels (32 keeps the demo to minutes; 64 takes about 4x longer)."
+    ),
+    set_: list[str] = typer.Option(
+        [], "--set", help="Override any config key, e.g. --set train.local-steps=50."
+    ),
+    audit: bool = typer.Option(
+        True, "--audit/--no-audit", help="End with the federated audit and its reports."
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log fedsynth's progress messages."),
 ) -> None:
     """The whole loop in a few minutes: phantom hospitals, ingestion, federated training,
@@ -60,26 +74,35 @@ def demo(
     with console.status("rendering phantom CT volumes"):
         volumes = write_phantom_hospitals(phantoms, seed=0)
     for profile in DEFAULT_HOSPITALS:
-        console.print(f"  {profile.name}: {profile.patients} patients, noise {profile.noise_hu:g} HU, "
-                      f"contrast x{profile.contrast:g}, lesion prevalence {profile.lesion_prevalence:.0%}")
+        console.print(
+            f"  {profile.name}: {profile.patients} patients, noise {profile.noise_hu:g} HU, contrast "
+            f"x{profile.contrast:g}, lesion prevalence {profile.lesion_prevalence:.0%}"
+        )
     console.print(f"  {len(volumes)} NIfTI volumes with masks in {phantoms}")
     console.rule("2. prepare: volumes to a slice set")
     slices_path = out / "phantoms.npz"
     lesion = MaskClasses("no_lesion", (("lesion", (LESION,)),), min_voxels=max(1, (size // 32) ** 2 * 4))
     slices, card = ingest_volumes(
-        phantoms, size=size, window="ct-abdomen", classes=lesion, keep_slices_with=[LIVER], holdout_fraction=0.2,
+        phantoms,
+        size=size,
+        window="ct-abdomen",
+        classes=lesion,
+        keep_slices_with=[LIVER],
+        holdout_fraction=0.2,
         seed=0,
     )
     slices.save(slices_path)
     card.output = str(slices_path)
     print_card(card, card.write(card_path_for(slices_path)))
     console.rule("3. simulate: three hospitals federate through Flower")
-    # All hospitals train at once, sharing the machine's cores (on 2 cores, 3 hospitals
-    # in parallel finish a round sooner than 2 at a time and then 1 alone).
-    overrides = {**DEMO_SETTINGS, "federation.rounds": rounds, "simulation.hospitals": len(DEFAULT_HOSPITALS),
-                 "simulation.partition": "by-site",
-                 "simulation.parallel-hospitals": max(len(DEFAULT_HOSPITALS), os.cpu_count() or 1),
-                 **parse_overrides(set_)}
+    # simulate's default plan trains all three at once on 2 cores (no core idles)
+    overrides = {
+        **DEMO_SETTINGS,
+        "federation.rounds": rounds,
+        "simulation.hospitals": len(DEFAULT_HOSPITALS),
+        "simulation.partition": "by-site",
+        **parse_overrides(set_),
+    }
     run = RunDir(out / "run")
     cfg = prepare_simulation(RunConfig.from_overrides(overrides), slices_path, run)
     print_hospitals(run)
@@ -87,7 +110,9 @@ def demo(
         raise typer.Exit(1)
     report = None
     if audit:
-        console.rule("4. audit: each hospital audits the generator locally; the consortium sees statistics only")
+        console.rule(
+            "4. audit: each hospital audits the generator locally; the consortium sees statistics only"
+        )
         report = federated_audit(run, out / "audit", AuditOptions(**DEMO_AUDIT))
     console.rule("done")
     console.print(f"demo finished in {time.monotonic() - started:.0f} s. Look at:")
@@ -99,6 +124,8 @@ def demo(
     console.print(f"  {run.root / 'samples' / 'real.png'}  (real phantom slices, for comparison)")
     console.print(f"  {run.curves_path}  (losses per hospital)")
     if report is not None:
-        console.print(f"  {report}  (the consortium's ethics report; each hospital's own report with its "
-                      f"galleries is in {out / 'audit' / 'hospitals'})")
+        console.print(
+            f"  {report}  (the consortium's ethics report; each hospital's own report with its galleries is "
+            f"in {out / 'audit' / 'hospitals'})"
+        )
     console.print(f"  fedsynth sample --run {run.root} --n 64 --label lesion --out {out / 'samples'}")

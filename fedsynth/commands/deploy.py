@@ -16,14 +16,19 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from ..client.supernode import prepare_node
-from ..server.deployment import DEFAULT_PORT, Coordinator, DeploymentError, run_deployment
-from ..server.launcher import EngineError
-from ..server.simulate import resume_config
-from ..shared.config import ConfigError, RunConfig, parse_overrides
-from ..shared.rundir import RunDir, RunDirError, collect_manifest
-from .common import CommandError, console, setup_logging, user_errors
-from .simulate import run_with_progress
+from fedsynth.commands.common import CommandError, console, setup_logging, user_errors
+from fedsynth.commands.progress import run_with_progress
+from fedsynth.engine.deployment import (
+    DEFAULT_PORT,
+    Coordinator,
+    DeploymentError,
+    create_run,
+    run_deployment,
+)
+from fedsynth.engine.launcher import EngineError
+from fedsynth.engine.supernode import prepare_node
+from fedsynth.runs.config import RunConfig, parse_overrides
+from fedsynth.runs.rundir import RunDir
 
 __all__ = ["client", "register_hospital", "run", "server", "server_app"]
 
@@ -37,7 +42,9 @@ server_app = typer.Typer(no_args_is_help=False, add_completion=False)
 @user_errors
 def server(
     ctx: typer.Context,
-    certs: Path = typer.Option(None, "--certs", help="Folder with ca.crt, server.pem and server.key (from deploy/make-certs.sh)."),
+    certs: Path = typer.Option(
+        None, "--certs", help="Folder with ca.crt, server.pem and server.key (from deploy/make-certs.sh)."
+    ),
     host: str = typer.Option("0.0.0.0", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(DEFAULT_PORT, help="The one TCP port hospitals connect to (HTTPS)."),
     home: Path = typer.Option(DEFAULT_HOME, "--home", help=HOME_HELP),
@@ -56,12 +63,18 @@ def server(
     coordinator = Coordinator(home)
     command = coordinator.superlink_command(certs, host=host, port=port)
     registered = coordinator.registry()
-    console.print(f"SuperLink on https://{host}:{port} (TLS, SuperNode authentication); home {coordinator.home}")
+    console.print(
+        f"SuperLink on https://{host}:{port} (TLS, SuperNode authentication); home {coordinator.home}"
+    )
     console.print(f"  registered hospitals: {', '.join(registered) if registered else 'none yet'}")
-    console.print("  admit one:  fedsynth server register-hospital NAME hospital.key.pub"
-                  + (f" --home {home}" if home != DEFAULT_HOME else ""))
-    console.print("  launch:     fedsynth run --config run.yaml --out runs/NAME"
-                  + (f" --home {home}" if home != DEFAULT_HOME else ""))
+    console.print(
+        "  admit one:  fedsynth server register-hospital NAME hospital.key.pub"
+        + (f" --home {home}" if home != DEFAULT_HOME else "")
+    )
+    console.print(
+        "  launch:     fedsynth run --config run.yaml --out runs/NAME"
+        + (f" --home {home}" if home != DEFAULT_HOME else "")
+    )
     console.print(f"  logs:       {coordinator.log_path}  (Ctrl-C stops the server)")
     sys.stdout.flush()
     # Become the SuperLink: a signal to this process (Ctrl-C, a service manager's stop)
@@ -72,14 +85,20 @@ def server(
 @server_app.command("register-hospital")
 @user_errors
 def register_hospital(
-    name: str = typer.Argument(..., help="The hospital's name, as it will appear in every record (e.g. north)."),
-    public_key: Path = typer.Argument(..., help="The hospital's public key (hospital.key.pub, ECDSA, OpenSSH format)."),
+    name: str = typer.Argument(
+        ..., help="The hospital's name, as it will appear in every record (e.g. north)."
+    ),
+    public_key: Path = typer.Argument(
+        ..., help="The hospital's public key (hospital.key.pub, ECDSA, OpenSSH format)."
+    ),
     home: Path = typer.Option(DEFAULT_HOME, "--home", help=HOME_HELP),
 ) -> None:
     """Admit a hospital: register its SuperNode public key with the running server."""
     with console.status("registering (waiting up to 30 s for the server if it is still starting)"):
         node_id = Coordinator(home).register(name, public_key)
-    console.print(f"registered [bold]{name}[/] (SuperNode {node_id}); it can now connect with `fedsynth client`")
+    console.print(
+        f"registered [bold]{name}[/] (SuperNode {node_id}); it can now connect with `fedsynth client`"
+    )
 
 
 @server_app.command("hospitals")
@@ -98,16 +117,42 @@ def hospitals(home: Path = typer.Option(DEFAULT_HOME, "--home", help=HOME_HELP))
 @user_errors
 def client(
     superlink: str = typer.Option(..., "--superlink", help="The coordinator's address, HOST:PORT."),
-    data: Path = typer.Option(..., "--data", "-d", help="This hospital's slice set (.npz from `fedsynth prepare`). Never leaves the hospital."),
+    data: Path = typer.Option(
+        ...,
+        "--data",
+        "-d",
+        help="This hospital's slice set (.npz from `fedsynth prepare`). Never leaves the hospital.",
+    ),
     ca_cert: Path = typer.Option(..., "--ca-cert", help="The consortium's CA certificate (ca.crt)."),
-    key: Path = typer.Option(..., "--key", help="This hospital's private key (its .pub is registered at the coordinator)."),
-    name: str = typer.Option(None, "--name", help="Name shown in this hospital's logs [default: the key file's name]."),
-    state_dir: Path = typer.Option(None, "--state-dir", help="Local training state and privacy ledger [default: fedsynth-state beside --data]."),
-    target_epsilon: float = typer.Option(None, "--dp.target-epsilon", help="This hospital's privacy budget (DP-SGD on its discriminator); overrides the run's."),
-    delta: float = typer.Option(None, "--dp.delta", help="This hospital's delta (default: min(1e-5, 1/(10 N)))."),
+    key: Path = typer.Option(
+        ..., "--key", help="This hospital's private key (its .pub is registered at the coordinator)."
+    ),
+    name: str = typer.Option(
+        None, "--name", help="Name shown in this hospital's logs [default: the key file's name]."
+    ),
+    state_dir: Path = typer.Option(
+        None,
+        "--state-dir",
+        help="Local training state and privacy ledger [default: fedsynth-state beside --data].",
+    ),
+    target_epsilon: float = typer.Option(
+        None,
+        "--dp.target-epsilon",
+        help="This hospital's privacy budget (DP-SGD on its discriminator); overrides the run's.",
+    ),
+    delta: float = typer.Option(
+        None, "--dp.delta", help="This hospital's delta (default: min(1e-5, 1/(10 N)))."
+    ),
     max_grad_norm: float = typer.Option(None, "--dp.max-grad-norm", help="Per-sample clipping norm."),
-    port: int = typer.Option(9094, "--port", help="Local port of the SuperNode's ClientApp API (127.0.0.1 only; change it to run two on one machine)."),
-    max_wait: float = typer.Option(0.0, "--max-wait", help="Give up after this many seconds without the coordinator (0: keep trying)."),
+    port: int = typer.Option(
+        9094,
+        "--port",
+        help="Local port of the SuperNode's ClientApp API (127.0.0.1 only; change it to run two on one "
+        "machine).",
+    ),
+    max_wait: float = typer.Option(
+        0.0, "--max-wait", help="Give up after this many seconds without the coordinator (0: keep trying)."
+    ),
 ) -> None:
     """Start this hospital's SuperNode: train on local slices when the coordinator asks.
 
@@ -115,15 +160,35 @@ def client(
     discriminator and the privacy ledger stay here. Runs in the foreground (Ctrl-C stops it)
     and reconnects by itself if the coordinator restarts.
     """
-    dp = {k: v for k, v in (("dp.target-epsilon", target_epsilon), ("dp.delta", delta),
-                            ("dp.max-grad-norm", max_grad_norm)) if v is not None}
-    node = prepare_node(superlink=superlink, data=data, ca_cert=ca_cert, key=key, name=name, state_dir=state_dir,
-                        dp=dp, port=port, max_wait=max_wait)
+    dp = {
+        k: v
+        for k, v in (
+            ("dp.target-epsilon", target_epsilon),
+            ("dp.delta", delta),
+            ("dp.max-grad-norm", max_grad_norm),
+        )
+        if v is not None
+    }
+    node = prepare_node(
+        superlink=superlink,
+        data=data,
+        ca_cert=ca_cert,
+        key=key,
+        name=name,
+        state_dir=state_dir,
+        dp=dp,
+        port=port,
+        max_wait=max_wait,
+    )
     s = node.summary
     console.print(f"hospital [bold]{s['hospital']}[/] -> {s['superlink']} (TLS, authenticated with {key})")
-    console.print(f"  data: {s['data']} ({s['train']} training slices of {s['slices']}, {s['image_size']} px, "
-                  f"classes {', '.join(s['classes'])})")
-    console.print(f"  privacy: {', '.join(f'{k}={v}' for k, v in s['privacy'].items()) or 'as the run config says'}")
+    console.print(
+        f"  data: {s['data']} ({s['train']} training slices of {s['slices']}, {s['image_size']} px, classes "
+        f"{', '.join(s['classes'])})"
+    )
+    console.print(
+        f"  privacy: {', '.join(f'{k}={v}' for k, v in s['privacy'].items()) or 'as the run config says'}"
+    )
     console.print(f"  local state and privacy ledger: {s['state_dir']}")
     console.print("  leaves this hospital: generator weights and scalar metrics only")
     sys.stdout.flush()
@@ -132,12 +197,31 @@ def client(
 
 @user_errors
 def run(
-    config: Path = typer.Option(None, "--config", "-c", help="YAML run config (see `fedsynth config`); must set data.image-size and data.class-names."),
-    out: Path = typer.Option(..., "--out", "-o", help="Run directory to create on this (the coordinator's) machine, or to continue with --resume."),
-    set_: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set federation.rounds=10 (repeatable)."),
-    resume: bool = typer.Option(False, help="Continue the run in --out from its last completed round (after a coordinator restart)."),
+    config: Path = typer.Option(
+        None,
+        "--config",
+        "-c",
+        help="YAML run config (see `fedsynth config`); must set data.image-size and data.class-names.",
+    ),
+    out: Path = typer.Option(
+        ...,
+        "--out",
+        "-o",
+        help="Run directory to create on this (the coordinator's) machine, or to continue with --resume.",
+    ),
+    set_: list[str] = typer.Option(
+        [], "--set", help="Override a config key, e.g. --set federation.rounds=10 (repeatable)."
+    ),
+    resume: bool = typer.Option(
+        False, help="Continue the run in --out from its last completed round (after a coordinator restart)."
+    ),
     home: Path = typer.Option(DEFAULT_HOME, "--home", help=HOME_HELP),
-    wait: float = typer.Option(60.0, "--wait", help="Seconds to wait for every registered hospital to be online before launching (then it goes on with those online)."),
+    wait: float = typer.Option(
+        60.0,
+        "--wait",
+        help="Seconds to wait for every registered hospital to be online before launching (then it goes on "
+        "with those online).",
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log fedsynth's progress messages."),
 ) -> None:
     """Launch a federated run on the coordinator's SuperLink and follow it round by round.
@@ -154,46 +238,29 @@ def run(
     if resume:
         if config is not None:
             raise CommandError("--resume continues with the run's saved config: drop --config")
-        cfg = resume_config(rundir, overrides)
+        cfg = rundir.resume_config(overrides)
         console.print(f"resuming {rundir.root} after round {rundir.last_round()} of {cfg.federation.rounds}")
     else:
         cfg = RunConfig.from_yaml(config, overrides) if config else RunConfig.from_overrides(overrides)
-        if not cfg.data.classes:
-            raise ConfigError("data.class-names is empty: in a deployment the coordinator has no slices, so the "
-                              "run config must name the classes (as the hospitals' slice sets do), e.g. "
-                              "--set data.class-names=glioma,meningioma,no-tumor,pituitary")
-        if cfg.model.on_masks and not cfg.data.mask_labels:
-            raise ConfigError("data.mask-labels is empty: a pix2pix run's round grids draw masks from a shape model "
-                              "with the hospitals' label values, e.g. --set data.mask-labels=5,1,2,3")
-        if cfg.model.on_domains and not (cfg.data.domain_a and cfg.data.domain_b):
-            raise ConfigError("data.domain-a/data.domain-b are empty: a cyclegan run names its two domains, values of "
-                              "the hospitals' data.domain-field, e.g. --set data.domain-a=ct --set data.domain-b=mr")
-        if cfg.model.on_domains and cfg.output.preview:
-            from ..shared.domains import domains_of
-            from ..shared.sliceset import SliceSet
-
-            domains_of(SliceSet.load(cfg.output.preview), cfg.data, path=f"output.preview {cfg.output.preview}")
-        if rundir.last_round() is not None or rundir.config_path.exists():
-            raise RunDirError(f"{rundir.root} already holds a run: continue it with --resume, or choose a new --out")
-        cfg = cfg.with_overrides({"output.run-dir": str(rundir.root), "output.resume": False,
-                                  "simulation.hospitals-dir": ""})
-        rundir.root.mkdir(parents=True, exist_ok=True)
-        rundir.config_path.write_text(cfg.to_yaml())
-        rundir.write_json(rundir.manifest_path, collect_manifest(
-            seeds={"train": cfg.train.seed},
-            deployment={"superlink": settings["address"], "hospitals": sorted(coordinator.registry())},
-        ))
-    console.print(f"SuperLink {settings['address']}; registered hospitals: "
-                  f"{', '.join(sorted(coordinator.registry())) or 'none'}")
+        cfg = create_run(cfg, rundir, coordinator)
+    console.print(
+        f"SuperLink {settings['address']}; registered hospitals: "
+        f"{', '.join(sorted(coordinator.registry())) or 'none'}"
+    )
     offline = _wait_for_hospitals(coordinator, wait)
     if offline:
-        console.print(f"[yellow]not online after {wait:.0f} s:[/] {', '.join(offline)}; launching with the others "
-                      "(a hospital that connects later joins the next round)")
+        console.print(
+            f"[yellow]not online after {wait:.0f} s:[/] {', '.join(offline)}; launching with the others (a "
+            "hospital that connects later joins the next round)"
+        )
     try:
         ok = run_with_progress(
-            cfg, rundir, lambda on_poll: run_deployment(cfg, rundir, coordinator, on_poll=on_poll),
+            cfg,
+            rundir,
+            lambda on_poll: run_deployment(cfg, rundir, coordinator, on_poll=on_poll),
             starting="waiting for the SuperLink and the hospitals",
-            resume=f"fedsynth run --out {rundir.root} --resume" + (f" --home {home}" if home != DEFAULT_HOME else ""),
+            resume=f"fedsynth run --out {rundir.root} --resume"
+            + (f" --home {home}" if home != DEFAULT_HOME else ""),
         )
     except (EngineError, DeploymentError) as err:
         raise CommandError(str(err)) from None
@@ -211,6 +278,7 @@ def _wait_for_hospitals(coordinator: Coordinator, wait: float) -> list[str]:
             offline = [r["hospital"] for r in rows if r["status"] != "online"]
             if not offline or time.monotonic() > deadline:
                 return offline
-            status.update(f"waiting for {', '.join(offline)} to connect "
-                          f"({deadline - time.monotonic():.0f} s left)")
+            status.update(
+                f"waiting for {', '.join(offline)} to connect ({deadline - time.monotonic():.0f} s left)"
+            )
             time.sleep(2)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from ..shared.config import PRESETS, RunConfig
-from ..shared.models import MODEL_FAMILIES, build_gan, count_parameters
-from .common import console
+from fedsynth.commands.common import console
+from fedsynth.models import FAMILIES, build_gan, count_parameters, presets
+from fedsynth.runs.config import RunConfig
 
 __all__ = ["config", "models"]
 
@@ -16,24 +16,41 @@ def models(size: int = typer.Option(64, help="Image size for the parameter count
     """List the GAN families: name, sizes, conditioning, DP support, parameter counts, and the presets."""
     if size not in (32, 64, 128, 256):
         raise typer.BadParameter(f"{size}: use 32, 64, 128 or 256", param_hint="--size")
-    table = Table(title=f"model families (parameters at {size} px, default width), set with model.name",
-                  title_justify="left")
+    table = Table(
+        title=f"model families (parameters at {size} px, default width), set with model.name",
+        title_justify="left",
+    )
     for column in ("name", "sizes", "conditioned on", "DP-SGD", "G params", "D params", "description"):
         table.add_column(column)
     cfg = RunConfig()
-    for family in MODEL_FAMILIES.values():
+    for family in FAMILIES.values():
         model_cfg = cfg.model.model_copy(update={"name": family.name})
         gen, disc = build_gan(model_cfg, image_size=size, num_classes=2)
-        table.add_row(family.name, "/".join(map(str, family.sizes)), family.condition,
-                      family.dp, f"{count_parameters(gen):,}", f"{count_parameters(disc):,}", family.description)
-    for name, preset in PRESETS.items():
+        table.add_row(
+            family.name,
+            "/".join(map(str, family.sizes)),
+            family.condition,
+            family.dp.summary,
+            f"{count_parameters(gen):,}",
+            f"{count_parameters(disc):,}",
+            family.description,
+        )
+    for name, preset in presets().items():
         preset_cfg = RunConfig.from_overrides({"model.name": name})
         gen, disc = build_gan(preset_cfg.model, image_size=size, num_classes=2)
-        family = MODEL_FAMILIES[preset_cfg.model.name]
-        settings = ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in preset.items() if k != "model.name")
-        table.add_row(f"{name} (preset)", "/".join(map(str, family.sizes)), "class", "no (spectral norm)",
-                      f"{count_parameters(gen):,}", f"{count_parameters(disc):,}",
-                      f"{preset['model.name']} with {settings}")
+        family = preset_cfg.model.family
+        settings = ", ".join(
+            f"{k.split('.', 1)[1]}={v}" for k, v in preset.settings.items() if k != "model.name"
+        )
+        table.add_row(
+            f"{name} (preset)",
+            "/".join(map(str, family.sizes)),
+            family.condition,
+            preset.dp_summary,
+            f"{count_parameters(gen):,}",
+            f"{count_parameters(disc):,}",
+            f"{preset.settings['model.name']} with {settings}",
+        )
     console.print(table)
 
 

@@ -1,0 +1,1 @@
+"""The coordinator's side of a federated round: what it keeps each round; and the Flower ServerApp."""

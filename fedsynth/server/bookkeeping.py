@@ -10,31 +10,37 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..shared.checkpoint import load_checkpoint, save_checkpoint
-from ..shared.config import RunConfig
-from ..shared.models import build_gan
-from ..shared.rundir import RunDir
-from ..shared.sampling import generate, grid_labels, paired_grid, save_grid, shape_masks, translate_grid
-from ..shared.weights import load_weights, model_tensors, split_model
+from fedsynth.core.checkpoint import save_checkpoint
+from fedsynth.core.plotting import pyplot
+from fedsynth.core.weights import load_weights, model_tensors
+from fedsynth.models import build_networks
+from fedsynth.models.networks import GeneratorNet
+from fedsynth.privacy import epsilon_for
+from fedsynth.runs.config import RunConfig
+from fedsynth.runs.rundir import RunDir
 
-__all__ = ["GRID_SEED_OFFSET", "build_global_models", "plot_curves", "record_privacy", "record_round",
-           "restore_round"]
+__all__ = [
+    "build_global_models",
+    "plot_curves",
+    "record_client_privacy",
+    "record_privacy",
+    "record_round",
+    "restore_round",
+]
 
 log = logging.getLogger(__name__)
-GRID_SEED_OFFSET = 7919  # grids use seed + this, so they never share noise with training
 
 
-def build_global_models(cfg: RunConfig) -> tuple[nn.Module, nn.Module | None]:
+def build_global_models(cfg: RunConfig) -> tuple[GeneratorNet, nn.Module | None]:
     """The initial global generator (and discriminator, if aggregated), seeded."""
     torch.manual_seed(cfg.train.seed)
-    gen, disc = build_gan(cfg.model, image_size=cfg.data.image_size, num_classes=len(cfg.data.classes))
+    gen, disc = build_networks(cfg)
     return gen, (disc if cfg.federation.aggregate_discriminator else None)
 
 
-def restore_round(run: RunDir, round_: int, gen: nn.Module, disc: nn.Module | None) -> None:
+def restore_round(run: RunDir, round_: int, gen: GeneratorNet, disc: nn.Module | None) -> None:
     """Load a round's checkpoint into the global models."""
-    tensors, _ = load_checkpoint(run.checkpoint(round_))
-    gen_state, disc_state = split_model(tensors)
+    gen_state, disc_state = run.read_checkpoint(round_)
     load_weights(gen, gen_state)
     if disc is not None and disc_state:
         load_weights(disc, disc_state)
@@ -44,7 +50,7 @@ def record_round(
     run: RunDir,
     cfg: RunConfig,
     round_: int,
-    gen: nn.Module,
+    gen: GeneratorNet,
     disc: nn.Module | None,
     *,
     report: dict[str, Any],
@@ -59,33 +65,14 @@ def record_round(
     checkpoint = save_checkpoint(
         run.checkpoint(round_),
         model_tensors(gen, disc),
-        {"round": str(round_), "model": cfg.model.name, "image-size": str(cfg.data.image_size),
-         "class-names": cfg.data.class_names},
+        {
+            "round": str(round_),
+            "model": cfg.model.name,
+            "image-size": str(cfg.data.image_size),
+            "class-names": cfg.data.class_names,
+        },
     )
-    classes = cfg.data.classes
-    scale = max(1, 128 // cfg.data.image_size)
-    grid = None
-    if getattr(gen, "cycle", False):
-        # CycleGAN: the server holds no slices; it translates the preview set, if given.
-        if cfg.output.preview:
-            grid = translate_grid(gen, cfg, run.grid(round_), title=f"round {round_}")
-    elif getattr(gen, "paired", False):
-        # pix2pix: the server holds no masks; the grid's come from the shape model, the
-        # same every round.
-        masks = shape_masks(4 * cfg.output.grid_per_class, cfg.data.image_size, cfg.data.mask_values,
-                            seed=cfg.train.seed + GRID_SEED_OFFSET)
-        images = generate(gen, masks, seed=cfg.train.seed + GRID_SEED_OFFSET)
-        grid = paired_grid(masks, images, run.grid(round_), columns=cfg.output.grid_per_class,
-                           title=f"round {round_} (masks from the shape model)", scale=scale)
-    else:
-        images = generate(gen, grid_labels(len(classes), cfg.output.grid_per_class),
-                          seed=cfg.train.seed + GRID_SEED_OFFSET)
-        grid = save_grid(
-            images, run.grid(round_), columns=cfg.output.grid_per_class,
-            row_names=classes if getattr(gen, "conditional", False) else None,
-            title=f"round {round_}" + ("" if getattr(gen, "conditional", False) else " (unconditional)"),
-            scale=scale,
-        )
+    grid = cfg.model.family.round_grid(gen, cfg, run.grid(round_), title=f"round {round_}")
     record = {
         "round": round_,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -108,50 +95,27 @@ def record_privacy(run: RunDir, round_: int, report: Any) -> None:
     if the round itself is lost.
     """
     for hospital, spent in sorted(report.privacy.items()):
-        def num(key: str) -> float | int | None:
-            value = spent.get(key)
-            # NaN / inf: the accountant could not bound it (PRV at very large epsilon); JSON null.
-            return None if value is None or (isinstance(value, float) and not math.isfinite(value)) else value
+        # NaN / inf (the accountant could not bound it: PRV at very large epsilon) is written as null.
+        num = spent.get
 
-        run.append_privacy({
-            "round": round_,
-            "hospital": hospital,
-            "trained": hospital in report.hospitals,
-            "declined": next((d["reason"] for d in report.declined if d["hospital"] == hospital), None),
-            "privacy_unit": spent.get("dp-unit"),
-            "units": num("dp-units"),
-            "noise_multiplier": num("dp-noise-multiplier"),
-            "sample_rate": num("dp-sample-rate"),
-            "max_grad_norm": num("dp-max-grad-norm"),
-            "steps": num("dp-steps"),
-            "delta": num("dp-delta"),
-            "epsilon_rdp": num("dp-epsilon"),
-            "epsilon_prv": num("dp-epsilon-prv"),
-            "target_epsilon": num("dp-target-epsilon") or None,
-        })
-
-
-def recompute_batchnorm(gen: nn.Module, num_classes: int, *, seed: int, batches: int = 8, batch: int = 64) -> None:
-    """Recompute the generator's BatchNorm statistics from its own output on fresh noise
-    (a cumulative average over ``batches`` batches). Used under client-level DP, where
-    the hospitals' statistics are not averaged: this reads no hospital data."""
-    norms = [m for m in gen.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        return
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-    rng = torch.Generator().manual_seed(seed)
-    was_training = gen.training
-    gen.train()
-    with torch.no_grad():
-        for _ in range(batches):
-            z = torch.randn(batch, gen.latent_dim, generator=rng)
-            gen(z, torch.randint(num_classes, (batch,), generator=rng))
-    for m, momentum in zip(norms, momenta, strict=True):
-        m.momentum = momentum
-    gen.train(was_training)
+        run.append_privacy(
+            {
+                "round": round_,
+                "hospital": hospital,
+                "trained": hospital in report.hospitals,
+                "declined": next((d["reason"] for d in report.declined if d["hospital"] == hospital), None),
+                "privacy_unit": spent.get("dp-unit"),
+                "units": num("dp-units"),
+                "noise_multiplier": num("dp-noise-multiplier"),
+                "sample_rate": num("dp-sample-rate"),
+                "max_grad_norm": num("dp-max-grad-norm"),
+                "steps": num("dp-steps"),
+                "delta": num("dp-delta"),
+                "epsilon_rdp": num("dp-epsilon"),
+                "epsilon_prv": num("dp-epsilon-prv"),
+                "target_epsilon": num("dp-target-epsilon") or None,
+            }
+        )
 
 
 def record_client_privacy(run: RunDir, cfg: RunConfig, round_: int, report: Any) -> None:
@@ -162,29 +126,26 @@ def record_client_privacy(run: RunDir, cfg: RunConfig, round_: int, report: Any)
     without sampling amplification (all hospitals are asked each round), accounted by
     Opacus's RDP accountant over the rounds released so far, resumed runs included.
     """
-    from ..client.dp import epsilon_for
-
     fed = cfg.federation
     released = [r for r in run.read_client_privacy() if r["round"] < round_]
     history = [(r["noise_multiplier"], 1.0, 1) for r in released] + [(fed.client_dp_noise_multiplier, 1.0, 1)]
-    run.append_client_privacy({
-        "round": round_,
-        "privacy_unit": "hospital",
-        **report.client_dp,
-        "releases": len(history),
-        "delta": fed.client_dp_delta,
-        "epsilon_rdp": epsilon_for(history, fed.client_dp_delta),
-    })
+    run.append_client_privacy(
+        {
+            "round": round_,
+            "privacy_unit": "hospital",
+            **report.client_dp,
+            "releases": len(history),
+            "delta": fed.client_dp_delta,
+            "epsilon_rdp": epsilon_for(history, fed.client_dp_delta),
+        }
+    )
 
 
 def plot_curves(run: RunDir) -> None:
     """``curves.png``: discriminator and generator loss per hospital over rounds; the
     validation Fréchet distance per hospital and overall, with the best round marked,
     when the hospitals score one; epsilon spent per hospital for DP runs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     rounds = run.read_rounds()
@@ -219,8 +180,14 @@ def plot_curves(run: RunDir) -> None:
     for ax, (key, title) in zip(axes, panels, strict=True):
         for name, points in sorted(series.get(key, {}).items()):
             xs, ys = zip(*points, strict=True)
-            ax.plot(xs, ys, marker="o", label=name, color=colours[name],
-                    linewidth=2.2 if name == "all (weighted)" else 1.2)
+            ax.plot(
+                xs,
+                ys,
+                marker="o",
+                label=name,
+                color=colours[name],
+                linewidth=2.2 if name == "all (weighted)" else 1.2,
+            )
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title, fontsize=10)
@@ -234,8 +201,14 @@ def plot_curves(run: RunDir) -> None:
         ax.text(best, ax.get_ylim()[0], f" best: round {best}", fontsize=8, va="bottom", color="0.3")
     withheld = sorted(set(series.get("g-loss", {})) - set(series.get("d-loss", {})))
     if withheld:
-        axes[0].text(0.02, 0.02, f"withheld under DP: {', '.join(withheld)}", transform=axes[0].transAxes,
-                     fontsize=8, color="0.35")
+        axes[0].text(
+            0.02,
+            0.02,
+            f"withheld under DP: {', '.join(withheld)}",
+            transform=axes[0].transAxes,
+            fontsize=8,
+            color="0.35",
+        )
     tmp = run.curves_path.with_name(".curves.tmp.png")
     fig.savefig(tmp, dpi=100)
     plt.close(fig)

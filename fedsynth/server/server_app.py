@@ -8,22 +8,29 @@ import time
 import uuid
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid, ServerApp
 
-from ..shared.config import RunConfig
-from ..shared.records import METRICS, pack_model, unpack_model
-from ..shared.rundir import RunDir
-from ..shared.weights import DISCRIMINATOR, GENERATOR, load_weights
-from .bookkeeping import (
+from fedsynth.core.weights import DISCRIMINATOR, GENERATOR, load_weights
+from fedsynth.engine.records import METRICS, number, pack_model, unpack_model
+from fedsynth.engine.strategy import GeneratorFedAvg, RoundReport, first_line
+from fedsynth.runs.config import RunConfig
+from fedsynth.runs.rundir import RunDir
+from fedsynth.server.bookkeeping import (
     build_global_models,
-    recompute_batchnorm,
     record_client_privacy,
     record_privacy,
     record_round,
     restore_round,
 )
-from .strategy import GeneratorFedAvg, RoundReport, _first_line
 
 __all__ = ["RoundFailed", "app", "federate"]
 
@@ -65,8 +72,12 @@ def federate(grid: Grid, cfg: RunConfig) -> RunDir:
     if run.status().get("owner") != owner:
         log.warning("%s was taken over by another ServerApp; leaving its status alone", run.root)
     elif stopped:
-        run.set_status("finished", rounds=run.last_round() or 0, planned_rounds=cfg.federation.rounds,
-                       stopped_early=stopped)
+        run.set_status(
+            "finished",
+            rounds=run.last_round() or 0,
+            planned_rounds=cfg.federation.rounds,
+            stopped_early=stopped,
+        )
     else:
         run.set_status("finished", rounds=cfg.federation.rounds)
     return run
@@ -120,8 +131,10 @@ def _federate(grid: Grid, cfg: RunConfig, run: RunDir) -> str | None:
         if aggregated is None or len(report.hospitals) < cfg.federation.min_hospitals:
             if report.declined and not report.failures and not report.rejected:
                 names = ", ".join(d["hospital"] for d in report.declined)
-                return (f"round {round_}: too few hospitals with privacy budget left to train "
-                        f"({names} declined; federation.min-hospitals is {cfg.federation.min_hospitals})")
+                return (
+                    f"round {round_}: too few hospitals with privacy budget left to train ({names} declined; "
+                    f"federation.min-hospitals is {cfg.federation.min_hospitals})"
+                )
             raise RoundFailed(_describe_failure(report, cfg.federation.min_hospitals))
         arrays = aggregated
         gen_state, disc_state = unpack_model(arrays)
@@ -129,27 +142,43 @@ def _federate(grid: Grid, cfg: RunConfig, run: RunDir) -> str | None:
         if disc is not None:
             load_weights(disc, disc_state)
         if client_dp is not None:
-            recompute_batchnorm(gen, len(cfg.data.classes), seed=cfg.train.seed + round_)
-            if hasattr(gen, "reset_buffers_from_weights"):  # stylegan2-lite: EMA and average styles, from noised weights
-                gen.reset_buffers_from_weights(seed=cfg.train.seed + round_)
+            cfg.model.family.after_noised_update(
+                gen, num_classes=len(cfg.data.classes), seed=cfg.train.seed + round_
+            )
             arrays = pack_model(gen, disc)
             record_client_privacy(run, cfg, round_, report)
         trained = [node for node, name in strategy.node_names.items() if name in report.hospitals]
-        validation = (_validate(strategy, round_, arrays, grid, cfg, trained)
-                      if validation_enabled(cfg) else None)
+        validation = (
+            _validate(strategy, round_, arrays, grid, cfg, trained) if validation_enabled(cfg) else None
+        )
         record_round(
-            run, cfg, round_, gen, disc,
-            report={"hospitals": report.hospitals, "failures": report.failures, "rejected": report.rejected,
-                    "declined": report.declined, **({"validation": validation} if validation else {})},
+            run,
+            cfg,
+            round_,
+            gen,
+            disc,
+            report={
+                "hospitals": report.hospitals,
+                "failures": report.failures,
+                "rejected": report.rejected,
+                "declined": report.declined,
+                **({"validation": validation} if validation else {}),
+            },
             seconds=time.perf_counter() - began,
         )
         if report.declined and cfg.dp.on_budget_exhausted == "stop":
             names = ", ".join(d["hospital"] for d in report.declined)
             return f"round {round_}: {names} declined for privacy budget and dp.on-budget-exhausted is 'stop'"
         spent = time.perf_counter() - started
-        if cfg.federation.time_budget and spent >= cfg.federation.time_budget and round_ < cfg.federation.rounds:
-            return (f"round {round_}: federation.time-budget of {cfg.federation.time_budget:g} s spent "
-                    f"({spent:.0f} s)")
+        if (
+            cfg.federation.time_budget
+            and spent >= cfg.federation.time_budget
+            and round_ < cfg.federation.rounds
+        ):
+            return (
+                f"round {round_}: federation.time-budget of {cfg.federation.time_budget:g} s spent "
+                f"({spent:.0f} s)"
+            )
     return None
 
 
@@ -161,8 +190,14 @@ def validation_enabled(cfg: RunConfig) -> bool:
     return not (cfg.dp.enabled or cfg.federation.client_dp_noise_multiplier > 0)
 
 
-def _validate(strategy: GeneratorFedAvg, round_: int, arrays: ArrayRecord, grid: Grid, cfg: RunConfig,
-              trained: list[int]) -> dict[str, Any]:
+def _validate(
+    strategy: GeneratorFedAvg,
+    round_: int,
+    arrays: ArrayRecord,
+    grid: Grid,
+    cfg: RunConfig,
+    trained: list[int],
+) -> dict[str, Any]:
     """The hospitals that trained this round score the new global generator on their own
     validation slices (patients they never train on); only the score comes back. The
     round's score is their Fréchet distances averaged with their validation slice counts
@@ -171,9 +206,12 @@ def _validate(strategy: GeneratorFedAvg, round_: int, arrays: ArrayRecord, grid:
     the server waits at most 10 minutes (or federation.round-timeout, if shorter)."""
     if not trained:
         return {"hospitals": {}}
-    record = RecordDict({strategy.arrayrecord_key: arrays,
-                         strategy.configrecord_key: ConfigRecord({"server-round": round_})})
-    messages = [Message(content=record, dst_node_id=node, message_type=MessageType.EVALUATE) for node in trained]
+    record = RecordDict(
+        {strategy.arrayrecord_key: arrays, strategy.configrecord_key: ConfigRecord({"server-round": round_})}
+    )
+    messages = [
+        Message(content=record, dst_node_id=node, message_type=MessageType.EVALUATE) for node in trained
+    ]
     scores: dict[str, dict[str, float]] = {}
     failures: list[dict[str, Any]] = []
     answered: set[int] = set()
@@ -184,18 +222,23 @@ def _validate(strategy: GeneratorFedAvg, round_: int, arrays: ArrayRecord, grid:
         answered.add(node)
         name = strategy.node_names.get(node, f"node-{node}")
         if reply.has_error():
-            failures.append({"node": node, "hospital": name, "reason": _first_line(reply.error.reason)})
+            failures.append({"node": node, "hospital": name, "reason": first_line(reply.error.reason)})
             continue
-        metrics = reply.content[METRICS] if METRICS in reply.content.metric_records else {}
-        n = int(metrics.get("val-n", 0))
-        fd = metrics.get("val-fd")
-        if n > 0 and fd is not None and math.isfinite(float(fd)):
-            scores[name] = {"fd": float(fd), "n": n}
+        metrics = (
+            reply.content.metric_records[METRICS]
+            if METRICS in reply.content.metric_records
+            else MetricRecord()
+        )
+        n = int(number(metrics.get("val-n", 0)))
+        fd = number(metrics["val-fd"]) if "val-fd" in metrics else None
+        if n > 0 and fd is not None and math.isfinite(fd):
+            scores[name] = {"fd": fd, "n": n}
             if "val-cycle" in metrics:  # cyclegan: the mean cycle error on the validation slices
-                scores[name]["cycle"] = float(metrics["val-cycle"])
+                scores[name]["cycle"] = number(metrics["val-cycle"])
     for node in sorted(set(trained) - answered):
-        failures.append({"node": node, "hospital": strategy.node_names.get(node, f"node-{node}"),
-                         "reason": "no reply"})
+        failures.append(
+            {"node": node, "hospital": strategy.node_names.get(node, f"node-{node}"), "reason": "no reply"}
+        )
     out: dict[str, Any] = {"hospitals": scores}
     if scores:
         total = sum(v["n"] for v in scores.values())
@@ -210,6 +253,6 @@ def _describe_failure(report: RoundReport, needed: int) -> str:
     problems += [f"{r['hospital']}: rejected, {r['reason']}" for r in report.rejected]
     detail = "; ".join(problems) if problems else "no replies"
     return (
-        f"round {report.round}: {len(report.hospitals)} usable update(s), "
-        f"federation.min-hospitals is {needed} ({detail})"
+        f"round {report.round}: {len(report.hospitals)} usable update(s), federation.min-hospitals is "
+        f"{needed} ({detail})"
     )

@@ -1,0 +1,151 @@
+"""What the long commands show while a federated run goes on: a progress bar, one line per
+round, and where the results are when it ends."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fedsynth.commands.common import CommandError, console
+from fedsynth.engine.launcher import EngineError, RunOutcome, run_simulation_engine
+from fedsynth.runs.config import RunConfig
+from fedsynth.runs.rundir import RunDir
+
+__all__ = ["run_with_progress"]
+
+
+def _round_line(record: dict[str, Any], total: int, privacy: list[dict[str, Any]] | None = None) -> str:
+    spent = {p["hospital"]: p for p in privacy or []}
+
+    def eps(name: str) -> str:
+        row = spent.get(name)
+        if not row or row.get("epsilon_rdp") is None:
+            return ""
+        target = f"/{row['target_epsilon']:g}" if row.get("target_epsilon") else ""
+        return f" ε={row['epsilon_rdp']:.2f}{target}"
+
+    parts = []
+    for name, m in sorted(record.get("hospitals", {}).items()):
+        d = f"d={m['d-loss']:.2f} " if "d-loss" in m else ""  # withheld under DP
+        parts.append(
+            f"{name} {d}g={m.get('g-loss', float('nan')):.2f} {m.get('images-per-second', 0):.0f} "
+            f"img/s{eps(name)}"
+        )
+    for failure in record.get("failures", []):
+        who = failure.get("hospital") or f"node {failure['node']}"
+        parts.append(f"[red]{who} failed: {failure['reason']}[/]")
+    for rejected in record.get("rejected", []):
+        parts.append(f"[red]{rejected['hospital']} rejected: {rejected['reason']}[/]")
+    for declined in record.get("declined", []):
+        parts.append(
+            f"[yellow]{declined['hospital']}{eps(declined['hospital'])} declined: {declined['reason']}[/]"
+        )
+    validation = record.get("validation") or {}
+    if "fd" in validation:
+        parts.append(f"validation FD {validation['fd']:.1f}")
+    for failure in validation.get("failures", []):
+        parts.append(f"[yellow]{failure['hospital']} could not score validation: {failure['reason']}[/]")
+    line = f"round {record['round']}/{total} ({record.get('seconds', 0):.1f} s): " + " | ".join(parts)
+    if spent:
+        first = next(iter(spent.values()))
+        line += (
+            f"  [dim](ε per {first.get('privacy_unit') or 'slice'}, RDP accountant, "
+            f"δ={first.get('delta'):.0e})[/]"
+        )
+    return line
+
+
+def run_with_progress(
+    cfg: RunConfig,
+    run: RunDir,
+    engine: Callable[..., RunOutcome] | None = None,
+    *,
+    starting: str = "starting Flower's simulation engine",
+    resume: str | None = None,
+) -> bool:
+    """Run with a progress bar and a line per finished round; print where the results
+    are. Returns whether the run finished.
+
+    ``engine(on_poll=...)`` runs it (the simulation engine by default); ``resume`` is the
+    command that continues the run, shown when it stops half-way."""
+    engine = engine or (lambda on_poll: run_simulation_engine(cfg, run, on_poll=on_poll))
+    resume = resume or f"fedsynth simulate --out {run.root} --resume"
+    total = cfg.federation.rounds
+    seen = {r["round"] for r in run.read_rounds()}
+    start = time.monotonic()
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} rounds"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task(starting, total=total, completed=len(seen))
+
+        def poll() -> None:
+            for record in run.read_rounds():
+                if record["round"] not in seen:
+                    seen.add(record["round"])
+                    spent = [p for p in run.read_privacy() if p["round"] == record["round"]]
+                    line = _round_line(record, total, spent)
+                    client = [c for c in run.read_client_privacy() if c["round"] == record["round"]]
+                    if client:
+                        c = client[-1]
+                        line += (
+                            f"  [dim]client-level DP: ε={c['epsilon_rdp']:.2f} per hospital "
+                            f"(δ={c['delta']:.0e}), {c['clipped']} of {c['hospitals']} updates clipped[/]"
+                        )
+                    progress.console.print(line, highlight=False)
+            done = len(seen)
+            label = "training" if run.status().get("state") == "running" else starting
+            progress.update(
+                task, completed=done, description=f"{label}: round {min(done + 1, total)}/{total}"
+            )
+
+        try:
+            outcome = engine(on_poll=poll)
+        except EngineError as err:
+            raise CommandError(str(err)) from None
+        except KeyboardInterrupt:
+            console.print(f"[yellow]interrupted[/]; finished rounds are kept. Continue with: {resume}")
+            raise typer.Exit(130) from None
+    elapsed = time.monotonic() - start
+    if not outcome.ok:
+        error = outcome.status.get("error") or f"Flower exited with code {outcome.returncode}"
+        console.print(f"[bold red]error:[/] the run did not finish: {error}", highlight=False)
+        console.print(f"Flower's log: {outcome.log_path}")
+        last = run.last_round()
+        if last is not None and last > 0:
+            console.print(f"rounds up to {last} are saved; continue with: {resume}")
+        return False
+    last = run.last_round()
+    stopped = outcome.status.get("stopped_early")
+    if stopped:
+        console.print(f"[yellow]stopped early[/] after round {last}: {stopped}", highlight=False)
+    console.print(
+        f"[green]finished[/] {last} of {total} rounds in {elapsed:.0f} s. Run directory: {run.root}"
+    )
+    console.print(f"  checkpoints   {run.root / 'checkpoints'}  (round-0000 = initial weights)")
+    real = "; real.png for comparison" if (run.root / "samples" / "real.png").is_file() else ""
+    console.print(f"  sample grids  {run.grid(last or 0)}  (one per round{real})")
+    console.print(f"  metrics       {run.rounds_path}, {run.curves_path}")
+    best = run.best_round()
+    if best is not None:
+        console.print(
+            f"  best round    {best} by the hospitals' validation score (fedsynth sample --run {run.root} "
+            "--round best)"
+        )
+    if run.privacy_path.is_file():
+        console.print(f"  privacy       {run.privacy_path}  (epsilon per hospital per round)")
+    if run.client_privacy_path.is_file():
+        console.print(f"  client DP     {run.client_privacy_path}  (client-level epsilon per round)")
+    if run.messages_path.is_file():
+        console.print(
+            f"  received      {run.messages_path}  (what each hospital's replies carried: shapes and types)"
+        )
+    return True

@@ -1,0 +1,34 @@
+"""DP-SGD's parts that know nothing of GANs: accounting, a hospital's ledger, per-sample
+clipping and Poisson sampling of patients. The only package that imports Opacus."""
+
+from fedsynth.privacy.accounting import (
+    PrivacyError,
+    PrivacyPlan,
+    default_delta,
+    epsilon_for,
+    plan_privacy,
+)
+from fedsynth.privacy.clipping import PerSampleClipper, check_private_layers
+from fedsynth.privacy.ledger import (
+    PrivacyState,
+    plan_for_run,
+    privacy_report,
+    sigma_for_remaining,
+)
+from fedsynth.privacy.sampling import PatientSampler, secure_generator
+
+__all__ = [
+    "PatientSampler",
+    "PerSampleClipper",
+    "PrivacyError",
+    "PrivacyPlan",
+    "PrivacyState",
+    "check_private_layers",
+    "default_delta",
+    "epsilon_for",
+    "plan_for_run",
+    "plan_privacy",
+    "privacy_report",
+    "secure_generator",
+    "sigma_for_remaining",
+]

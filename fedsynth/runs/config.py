@@ -1,0 +1,588 @@
+"""The one typed run configuration: defaults, YAML, CLI overrides and Flower run config,
+validated against the model families (each family checks the keys it cares about)."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from fedsynth.core.errors import ConfigError
+from fedsynth.models.augment import POLICIES as AUGMENTATIONS
+from fedsynth.models.registry import FAMILIES, get_family, presets
+
+if TYPE_CHECKING:
+    from fedsynth.models.family import Family
+
+__all__ = [
+    "ConfigError",
+    "DPConfig",
+    "DataConfig",
+    "FederationConfig",
+    "ModelConfig",
+    "OutputConfig",
+    "RunConfig",
+    "SimulationConfig",
+    "TrainConfig",
+    "parse_overrides",
+]
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        alias_generator=_kebab,
+        populate_by_name=True,
+        validate_assignment=True,
+        frozen=False,
+    )
+
+
+class DataConfig(_Section):
+    """What the generator produces. Filled from the slice set in simulation; set by
+    the coordinator in a deployment, where the server never sees data."""
+
+    image_size: Literal[32, 64, 128, 256] = Field(
+        64, description="slice side in pixels (256: on a GPU in practice; CPU runs, slowly)"
+    )
+    class_names: str = Field("", description="comma-separated class names, in label order")
+
+    mask_labels: str = Field(
+        "",
+        description="pix2pix: comma-separated label values of the masks (e.g. 5,1 for liver and spleen), for "
+        "the server's round grids from the shape model; filled from the slice set in simulation",
+    )
+
+    domain_field: Literal["site", "class"] = Field(
+        "site",
+        description="cyclegan: the slice-set field that names each slice's domain (site: the acquiring "
+        "site, e.g. the folder a volume sat in; class: the class name)",
+    )
+    domain_a: str = Field(
+        "",
+        description="cyclegan: the value of data.domain-field that is domain A (e.g. ct); filled from the "
+        "slice set in simulation when the field has exactly two values",
+    )
+    domain_b: str = Field(
+        "", description="cyclegan: the value of data.domain-field that is domain B (e.g. mr)"
+    )
+
+    @property
+    def classes(self) -> list[str]:
+        return [c for c in self.class_names.split(",") if c]
+
+    @property
+    def num_classes(self) -> int:
+        """Rows of the networks' class embeddings: the classes, at least one."""
+        return max(1, len(self.classes))
+
+    @property
+    def mask_values(self) -> list[int]:
+        return [int(v) for v in self.mask_labels.split(",") if v.strip()]
+
+    @field_validator("mask_labels")
+    @classmethod
+    def _check_mask_labels(cls, value: str) -> str:
+        parts = [v.strip() for v in str(value).split(",") if v.strip()]
+        if any(not v.isdigit() or int(v) > 255 for v in parts):
+            raise ValueError("must be comma-separated label values 0-255, e.g. 5,1")
+        return ",".join(parts)
+
+
+class ModelConfig(_Section):
+    """Which GAN family and how large."""
+
+    name: str = Field(
+        "cdcgan",
+        description="model family (see `fedsynth models`; a preset such as medscangan expands to its family)",
+    )
+    latent_dim: int = Field(64, ge=1, le=1024, description="noise vector length")
+    width: int = Field(32, ge=4, le=512, description="base channel count")
+    conditioning: Literal["projection", "ac", "none"] = Field(
+        "projection",
+        description="class conditioning of the discriminator: projection head, "
+        "auxiliary classifier, or none (unconditional)",
+    )
+    spectral_norm: bool = Field(
+        True,
+        description="wgan-gp: spectral normalisation on the critic's layers (not under DP: Opacus "
+        "has no per-sample gradient through it)",
+    )
+    residual: bool = Field(True, description="wgan-gp: residual blocks in generator and critic")
+    mapping_layers: int = Field(4, ge=1, le=8, description="stylegan2-lite: layers of the mapping network")
+    mbstd_group: int = Field(
+        4,
+        ge=0,
+        le=32,
+        description="stylegan2-lite: minibatch standard deviation group size in D (0: off; required off "
+        "under DP)",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if value not in FAMILIES:
+            raise ValueError(f"unknown model family (choose from {', '.join([*FAMILIES, *presets()])})")
+        return value
+
+    @property
+    def family(self) -> Family:
+        """The family this section names (``fedsynth.models``)."""
+        return get_family(self.name)
+
+
+class TrainConfig(_Section):
+    """The local GAN round each hospital runs."""
+
+    local_steps: int = Field(50, ge=1, description="discriminator+generator steps per round per hospital")
+    batch_size: int = Field(
+        32,
+        ge=2,
+        description="real slices per step (32: twice the steps of 64 in the same time, "
+        "which bought more than the larger batch on 2 CPU cores)",
+    )
+    lr_g: float = Field(2e-4, gt=0, description="generator learning rate (Adam)")
+    lr_d: float = Field(2e-4, gt=0, description="discriminator learning rate (Adam)")
+    beta1: float = Field(0.5, ge=0, lt=1)
+    beta2: float = Field(0.999, ge=0, lt=1)
+    loss: Literal["auto", "hinge", "bce", "wgan-gp"] = Field(
+        "auto",
+        description="adversarial loss: hinge, non-saturating BCE, or Wasserstein with gradient "
+        "penalty (auto: wgan-gp for the wgan-gp family, bce (logistic) for stylegan2-lite, pix2pix and "
+        "cyclegan, hinge for the others)",
+    )
+    n_critic: int = Field(
+        0,
+        ge=0,
+        le=20,
+        description="discriminator (critic) steps per generator step (0: 5 for the wgan-gp loss, else 1); "
+        "train.local-steps counts generator steps",
+    )
+    gp_weight: float = Field(10.0, ge=0, description="wgan-gp: gradient penalty weight lambda")
+    r1_gamma: float = Field(
+        0.1,
+        ge=0,
+        description="stylegan2-lite: R1 penalty weight gamma on real images (0: off; required off under DP)",
+    )
+    l1_weight: float = Field(
+        100.0,
+        ge=0,
+        description="pix2pix: weight lambda of the L1 distance between the generated and the real slice "
+        "of the same mask in the generator loss",
+    )
+    cycle_weight: float = Field(
+        10.0,
+        ge=0,
+        description="cyclegan: weight lambda of the cycle-consistency L1 (A -> B -> A and B -> A -> B)",
+    )
+    identity_weight: float = Field(
+        0.5,
+        ge=0,
+        description="cyclegan: identity L1 (G_AB(b) = b, G_BA(a) = a) as a fraction of "
+        "train.cycle-weight (0.5, as in the CycleGAN code)",
+    )
+    r1_interval: int = Field(16, ge=1, le=64, description="stylegan2-lite: lazy R1, every this many D steps")
+    augment: str = Field(
+        "translation,cutout",
+        description="DiffAugment policy applied to every image the discriminator sees, real and "
+        "generated (comma-separated: color, translation, cutout; none: off). color is off by default: with "
+        "it the generator drifted to over-bright slices",
+    )
+    diversity_weight: float = Field(
+        0.1,
+        ge=0,
+        description="mode-seeking term (MSGAN) in the generator loss against one-image-per-class "
+        "collapse; reads no real data (0: off)",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto picks CUDA when present, else CPU"
+    )
+    mixed_precision: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="bfloat16 autocast in training steps: auto = on a CUDA GPU only (not under DP, whose "
+        "per-sample clipping stays in float32); on also forces it on the CPU",
+    )
+    threads: int = Field(0, ge=0, description="torch CPU threads (0: torch default)")
+    seed: int = Field(0, ge=0, description="base seed; each hospital and round derive theirs")
+
+    _family: str = PrivateAttr(default="cdcgan")  # model.name, set by RunConfig (resolves "auto")
+
+    @property
+    def family(self) -> Family:
+        """The family of the run this section belongs to (cdcgan for a section on its own)."""
+        return get_family(self._family)
+
+    @property
+    def critic_steps_per_step(self) -> int:
+        """Discriminator updates per generator update."""
+        return self.n_critic or (5 if self.objective == "wgan-gp" else 1)
+
+    @property
+    def objective(self) -> str:
+        """The loss actually trained: ``auto`` is the family's default loss."""
+        if self.loss != "auto":
+            return self.loss
+        return self.family.default_loss
+
+    @property
+    def critic_steps(self) -> int:
+        """Discriminator updates per local round: under DP, the steps charged to the ledger."""
+        return self.local_steps * self.critic_steps_per_step
+
+    @field_validator("augment")
+    @classmethod
+    def _check_augment(cls, value: str) -> str:
+        if value in ("", "none"):
+            return "none"
+        unknown = [p for p in value.split(",") if p not in AUGMENTATIONS]
+        if unknown:
+            raise ValueError(
+                f"unknown augmentation {', '.join(unknown)} (choose from {', '.join(AUGMENTATIONS)}, or none)"
+            )
+        return value
+
+
+class FederationConfig(_Section):
+    """Rounds and aggregation on the server."""
+
+    rounds: int = Field(5, ge=1, description="federated rounds")
+    min_hospitals: int = Field(1, ge=1, description="fewest hospitals whose updates make a round count")
+    fraction_train: float = Field(
+        1.0, gt=0, le=1, description="share of connected hospitals asked each round"
+    )
+    aggregate_discriminator: bool = Field(
+        False,
+        description="also average discriminators (by default each stays at its hospital)",
+    )
+    round_timeout: float = Field(3600.0, gt=0, description="seconds to wait for replies")
+    time_budget: float = Field(
+        0.0,
+        ge=0,
+        description="stop after the round during which this many seconds of training have passed "
+        "(0: run all rounds); counted from the start of this invocation, so a resumed run gets it afresh",
+    )
+    server_momentum: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="FedAvgM (Hsu et al. 2019): momentum of the server's step along the averaged "
+        "update (0: plain FedAvg)",
+    )
+    server_lr: float = Field(
+        1.0, gt=0, le=10, description="server step size on the averaged update (FedAvgM)"
+    )
+    validation_score: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="each round, hospitals score the new generator on their validation slices (only the "
+        "score leaves); auto: on unless DP (dp.* or client-level) is on, since the score is released "
+        "without noise",
+    )
+    max_update_norm: float = Field(
+        3.0,
+        ge=0,
+        description="reject a hospital's update whose change ||update - global|| exceeds this multiple of "
+        "the global model's norm (0: no bound)",
+    )
+    client_dp_noise_multiplier: float = Field(
+        0.0,
+        ge=0,
+        description="client-level DP on the server (0: off): each hospital's update is clipped to "
+        "client-dp-clip and the average noised; protects which hospitals took part, not patients",
+    )
+    client_dp_clip: float = Field(
+        1.0, gt=0, description="client-level DP: L2 clip of one hospital's model update"
+    )
+    client_dp_delta: float = Field(
+        1e-5, gt=0, lt=1, description="client-level DP: delta of the reported epsilon"
+    )
+
+
+class DPConfig(_Section):
+    """DP-SGD on each hospital's discriminator (the only network that sees real images).
+
+    Off unless ``target-epsilon`` or ``noise-multiplier`` is set. With a target, the
+    noise multiplier is chosen up front so that ``federation.rounds`` x
+    ``train.local-steps`` steps at this hospital spend at most the target (RDP
+    accountant), and a hospital declines any round that would exceed it.
+    """
+
+    target_epsilon: float = Field(
+        0.0, ge=0, description="privacy budget per hospital over the whole run (0: no budget)"
+    )
+    delta: float = Field(
+        0.0, ge=0, lt=1, description="delta (0: min(1e-5, 1/(10 N)), N = privacy units at the hospital)"
+    )
+    max_grad_norm: float = Field(1.0, gt=0, description="per-sample gradient clipping norm C")
+    noise_multiplier: float = Field(
+        0.0, ge=0, description="fixed noise multiplier sigma (0: chosen from target-epsilon)"
+    )
+    on_budget_exhausted: Literal["continue", "stop"] = Field(
+        "continue",
+        description="server policy when a hospital declines for budget: carry on with the others, or stop "
+        "the run",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.target_epsilon > 0 or self.noise_multiplier > 0
+
+
+class OutputConfig(_Section):
+    """Where the run directory is and what goes into it."""
+
+    run_dir: str = Field("runs/default", description="run directory")
+    grid_per_class: int = Field(8, ge=1, le=32, description="samples per class in round grids")
+    resume: bool = Field(False, description="continue from the last checkpoint in run-dir")
+    preview: str = Field(
+        "",
+        description="cyclegan: a slice set (.npz) whose domain A and B slices the server translates for each "
+        "round's grid; simulate writes one from the training slices; in a deployment give a set that may "
+        "be shown (empty: no round grids, the server holds no slices)",
+    )
+
+
+class SimulationConfig(_Section):
+    """Only for `fedsynth simulate`: how the slice set is split into hospitals."""
+
+    hospitals: int = Field(3, ge=1, le=64, description="simulated hospitals")
+    partition: str = Field("iid", description="iid, dirichlet:ALPHA (non-IID by class) or by-site")
+    hospitals_dir: str = Field("", description="folder of per-hospital slice sets (written by simulate)")
+    client_cpus: int = Field(
+        0,
+        ge=0,
+        description="CPU cores (and torch threads) per simulated hospital (0: chosen with "
+        "parallel-hospitals so that every core trains all round: the cores split among fewer hospitals)",
+    )
+    parallel_hospitals: int = Field(
+        0,
+        ge=0,
+        description="hospitals training at once (0: chosen so no core idles: one wave per core count "
+        "when the hospitals divide evenly, else all at once sharing the cores, up to 4 per core)",
+    )
+    client_gpus: float = Field(0.0, ge=0, description="GPU share per simulated hospital")
+    validation: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="share of the training patients kept out of training to score every round's generator "
+        "(fedsynth sample --round best), when the slice set has no validation split of its own (0: none)",
+    )
+
+    @field_validator("partition")
+    @classmethod
+    def _check_partition(cls, value: str) -> str:
+        if value in ("iid", "by-site"):
+            return value
+        if value.startswith("dirichlet:"):
+            try:
+                alpha = float(value.split(":", 1)[1])
+            except ValueError:
+                alpha = -1.0
+            if alpha > 0:
+                return value
+        raise ValueError("must be iid, by-site or dirichlet:ALPHA with ALPHA > 0")
+
+
+class RunConfig(_Section):
+    """Everything a federated run needs, with defaults that fit a 2-core CPU."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    dp: DPConfig = Field(default_factory=DPConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    simulation: SimulationConfig = Field(default_factory=SimulationConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_presets(cls, raw: Any) -> Any:
+        """``model.name: PRESET`` (e.g. medscangan, seed 003's recipe on the wgan-gp family)
+        expands to the preset's keys; keys the user gives explicitly win over the preset's."""
+        if not isinstance(raw, dict):
+            return raw
+        model = raw.get("model")
+        if not isinstance(model, dict) or model.get("name") not in presets():
+            return raw
+        raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+        preset = presets()[raw["model"].pop("name")].settings
+        for dotted, value in preset.items():
+            section, key = dotted.split(".")
+            node = raw.setdefault(section, {})
+            if not isinstance(node, dict):
+                continue  # reported by validation
+            if key not in node and key.replace("-", "_") not in node:
+                node[key] = value
+        return raw
+
+    @model_validator(mode="after")
+    def _link_sections(self) -> RunConfig:
+        self.train._family = self.model.name  # `train.loss: auto` depends on the family
+        self.model.family.check_config(self)
+        return self
+
+    # --- construction -------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], *, source: str = "config") -> RunConfig:
+        """Validate a nested dict (kebab-case keys). Raises ConfigError naming every bad key."""
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as err:
+            raise ConfigError(_describe(err, source)) from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+        """Load a YAML file, apply dotted-key overrides, validate.
+
+        Raises
+        ------
+        ConfigError
+            The file is missing or not YAML, or a key is unknown or ill-typed.
+        """
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err})".replace("\n", " ")) from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+        for key, value in (overrides or {}).items():
+            _set_dotted(raw, key, value)
+        return cls.from_dict(raw, source=str(path))
+
+    @classmethod
+    def from_overrides(cls, overrides: dict[str, Any], *, source: str = "options") -> RunConfig:
+        """Defaults plus dotted-key overrides such as ``{"train.local-steps": 10}``."""
+        raw: dict[str, Any] = {}
+        for key, value in overrides.items():
+            _set_dotted(raw, key, value)
+        return cls.from_dict(raw, source=source)
+
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, Any]) -> RunConfig:
+        """Build from Flower's flat run config (``"train.local-steps": 50``).
+
+        Keys Flower passes but fedsynth does not know are errors, as elsewhere. Flower
+        passes every key (the app's defaults filled in), so with a preset name in
+        ``model.name`` the keys still at their default value are left to the preset.
+        """
+        flat = dict(run_config)
+        preset = presets().get(str(flat.get("model.name")))
+        if preset is not None:
+            defaults = RunConfig().to_run_config()
+            flat = {
+                k: v
+                for k, v in flat.items()
+                if k == "model.name" or k not in preset.settings or v != defaults.get(k)
+            }
+        return cls.from_overrides(flat, source="run config")
+
+    # --- export ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Nested dict with kebab-case keys, as written to ``config.yaml``."""
+        return self.model_dump(by_alias=True, mode="json")
+
+    def to_run_config(self) -> dict[str, Any]:
+        """Flat dotted keys, the shape of Flower's run config."""
+        return _flatten(self.to_dict())
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> RunConfig:
+        """A copy with dotted-key overrides applied and validated."""
+        raw = self.to_dict()
+        for key, value in overrides.items():
+            _set_dotted(raw, key, value)
+        return RunConfig.from_dict(raw, source="options")
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Parse ``KEY=VALUE`` strings; VALUE is read as YAML (``10`` is an int, ``true`` a bool).
+
+    Raises
+    ------
+    ConfigError
+        An item has no ``=``.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.local-steps=100")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            out[key.strip()] = value
+    return out
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{key}: '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _flatten(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict):
+            flat.update(_flatten(value, dotted))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        alias = field.alias or name
+        dotted = f"{prefix}.{alias}" if prefix else alias
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys.extend(_known_keys(annotation, dotted))
+        else:
+            keys.append(dotted)
+    return keys
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    known = _known_keys(RunConfig)
+    lines = []
+    for item in err.errors():
+        key = ".".join(str(p) for p in item["loc"])
+        if not key:  # a rule across keys (model validator): its message names them
+            lines.append(str(item["msg"]).removeprefix("Value error, "))
+        elif item["type"] == "extra_forbidden":
+            hint = difflib.get_close_matches(key, known, n=1)
+            suffix = f" (did you mean {hint[0]}?)" if hint else ""
+            lines.append(f"{key}: unknown key{suffix}")
+        else:
+            lines.append(
+                f"{key}: {str(item['msg']).removeprefix('Value error, ')} (got {item.get('input')!r})"
+            )
+    noun = "problem" if len(lines) == 1 else "problems"
+    return f"{source}: {len(lines)} {noun}: " + "; ".join(lines)
