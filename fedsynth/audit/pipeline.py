@@ -606,47 +606,29 @@ def _utility(
     return result
 
 
+_LEDGER_KEYS = (
+    "epsilon_rdp",
+    "epsilon_prv",
+    "delta",
+    "noise_multiplier",
+    "max_grad_norm",
+    "sample_rate",
+    "steps",
+    "units",
+    "privacy_unit",
+    "target_epsilon",
+)
+
+
 def _privacy(ledger: list[dict[str, Any]], client: list[dict[str, Any]]) -> dict[str, Any]:
     latest: dict[str, dict[str, Any]] = {}
     for row in ledger:
         latest[row["hospital"]] = row
     hospitals = {
-        name: {
-            k: row.get(k)
-            for k in (
-                "round",
-                "epsilon_rdp",
-                "epsilon_prv",
-                "delta",
-                "noise_multiplier",
-                "max_grad_norm",
-                "sample_rate",
-                "steps",
-                "units",
-                "privacy_unit",
-                "target_epsilon",
-            )
-        }
-        for name, row in sorted(latest.items())
+        name: {k: row.get(k) for k in ("round", *_LEDGER_KEYS)} for name, row in sorted(latest.items())
     }
     rows = [
-        {
-            k: row.get(k)
-            for k in (
-                "hospital",
-                "round",
-                "epsilon_rdp",
-                "epsilon_prv",
-                "delta",
-                "noise_multiplier",
-                "max_grad_norm",
-                "sample_rate",
-                "steps",
-                "units",
-                "privacy_unit",
-                "target_epsilon",
-            )
-        }
+        {k: row.get(k) for k in ("hospital", "round", *_LEDGER_KEYS)}
         for row in ledger
         if row.get("trained", True) and row.get("epsilon_rdp") is not None
     ]
