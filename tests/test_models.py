@@ -103,3 +103,23 @@ def test_models_command_lists_every_family_and_preset_with_its_dp_support() -> N
     assert "without spectral norm" in result.output and "no (spectral norm)" in result.output
     assert "mask" in result.output, "pix2pix is listed as conditioned on a mask"
     assert "domain" in result.output, "cyclegan is listed as translating between domains"
+
+
+def test_cdcgan_upsample_nearest_builds_a_generator_without_transposed_convolutions() -> None:
+    """`model.upsample=nearest` (a user's choice against checkerboard texture) changes the
+    generator's doubling layers and nothing else: same image shape and range, and the same
+    discriminator; the default keeps DCGAN's transposed convolutions (old checkpoints load)."""
+    from fedsynth.runs.config import RunConfig
+
+    default = RunConfig().model
+    nearest = RunConfig.from_overrides({"model.upsample": "nearest"}).model
+    gen_t, disc_t = build_gan(default, image_size=64, num_classes=3)
+    gen_n, disc_n = build_gan(nearest, image_size=64, num_classes=3)
+    assert any(isinstance(m, torch.nn.ConvTranspose2d) for m in gen_t.modules())
+    assert not any(isinstance(m, torch.nn.ConvTranspose2d) for m in gen_n.modules())
+    assert any(isinstance(m, torch.nn.Upsample) for m in gen_n.modules())
+    images = gen_n.eval()(torch.randn(5, gen_n.latent_dim), torch.tensor([0, 1, 2, 0, 1]))
+    assert images.shape == (5, 1, 64, 64) and images.abs().max() <= 1
+    assert disc_t.state_dict().keys() == disc_n.state_dict().keys()
+    with pytest.raises(ValueError, match="upsample"):
+        RunConfig.from_overrides({"model.upsample": "bilinear"})

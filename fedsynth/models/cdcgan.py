@@ -26,9 +26,12 @@ __all__ = ["CDCGAN", "ConditionalGenerator", "ProjectionDiscriminator"]
 class ConditionalGenerator(GeneratorNet):
     """Noise (and a class label) to a 1-channel image in [-1, 1].
 
-    A linear projection to 4x4 feature maps, then transposed-convolution blocks that
-    double the side until ``image_size``; the label enters as a learned embedding
-    concatenated with the noise.
+    A linear projection to 4x4 feature maps, then blocks that double the side until
+    ``image_size``; the label enters as a learned embedding concatenated with the noise.
+    ``upsample`` chooses the doubling: ``nearest`` (nearest-neighbour upsampling, then a
+    3x3 convolution: no checkerboard, since every output pixel sees the same number of
+    inputs) or ``transpose`` (DCGAN's 4x4 stride-2 transposed convolution, whose uneven
+    overlap draws the checkerboard texture seen in its samples).
     """
 
     def __init__(
@@ -39,8 +42,11 @@ class ConditionalGenerator(GeneratorNet):
         latent_dim: int = 64,
         width: int = 32,
         conditional: bool = True,
+        upsample: str = "transpose",
     ) -> None:
         super().__init__()
+        if upsample not in ("nearest", "transpose"):
+            raise ValueError(f"unknown upsampling {upsample!r} (nearest or transpose)")
         self.image_size, self.num_classes = image_size, num_classes
         self.latent_dim, self.conditional = latent_dim, conditional
         ups = n_up(image_size)
@@ -54,13 +60,15 @@ class ConditionalGenerator(GeneratorNet):
             nn.ReLU(),
         )
         blocks: list[nn.Module] = []
+
+        def double(c_in: int, c_out: int, *, bias: bool) -> list[nn.Module]:
+            if upsample == "transpose":
+                return [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=bias)]
+            return [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c_in, c_out, 3, 1, 1, bias=bias)]
+
         for c_in, c_out in zip(channels[:-1], channels[1:], strict=True):
-            blocks += [
-                nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False),
-                nn.BatchNorm2d(c_out),
-                nn.ReLU(),
-            ]
-        blocks += [nn.ConvTranspose2d(channels[-1], 1, 4, 2, 1), nn.Tanh()]
+            blocks += [*double(c_in, c_out, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+        blocks += [*double(channels[-1], 1, bias=True), nn.Tanh()]
         self.blocks = nn.Sequential(*blocks)
         self.apply(dcgan_init)
 
@@ -134,6 +142,7 @@ class CDCGAN(Family):
             latent_dim=model.latent_dim,
             width=model.width,
             conditional=model.conditioning != "none",
+            upsample=model.upsample,
         )
         disc = ProjectionDiscriminator(
             image_size=image_size, num_classes=num_classes, width=model.width, head=model.conditioning

@@ -118,6 +118,12 @@ class ModelConfig(_Section):
         description="class conditioning of the discriminator: projection head, "
         "auxiliary classifier, or none (unconditional)",
     )
+    upsample: Literal["transpose", "nearest"] = Field(
+        "transpose",
+        description="cdcgan: how the generator doubles the side: DCGAN's transposed convolution, or "
+        "nearest-neighbour upsampling + 3x3 convolution (no checkerboard; not yet better on all data "
+        "sets: benchmarks/recipe_ablation.py)",
+    )
     spectral_norm: bool = Field(
         True,
         description="wgan-gp: spectral normalisation on the critic's layers (not under DP: Opacus "
