@@ -277,8 +277,9 @@ def peak_memory(data: Path, work: Path, *, hospitals: int, steps: int, threads: 
 
 
 def audit_scale(sizes: list[int], *, image_size: int, threads: int, full_audit_max: int,
-                work: Path) -> tuple[dict, list[str]]:
-    """Nearest-neighbour search (and the whole audit, utility study aside) at each size."""
+                work: Path, steps: int = 0) -> tuple[dict, list[str]]:
+    """Nearest-neighbour search (and the whole audit, utility study aside) at each size. ``steps``
+    (0: the audit's defaults) trains the audit's encoder and classifier for that many steps."""
     from fedsynth.audit.pipeline import AuditInputs, AuditOptions, run_audit
 
     torch.set_num_threads(threads)
@@ -297,10 +298,13 @@ def audit_scale(sizes: list[int], *, image_size: int, threads: int, full_audit_m
                 holdout_patients=(np.arange(len(holdout)) + n).astype(str),
                 synthetic_images=synthetic, synthetic_labels=labels, class_names=("a", "b"))
             start = time.perf_counter()
-            run_audit(inputs, work / f"audit-{n}", AuditOptions(utility=False, threads=threads))
+            options = AuditOptions(utility=False, threads=threads)
+            if steps:
+                options.encoder_steps = options.classifier_steps = steps
+            run_audit(inputs, work / f"audit-{n}", options)
             row["full_audit_without_utility_s"] = time.perf_counter() - start
         rows.append(row)
-    result = {"image_size": image_size, "threads": threads, "images": what, "rows": rows,
+    result = {"image_size": image_size, "threads": threads, "images": what, "rows": rows, "audit_steps": steps or "defaults",
               "goal_50k_search_s": GOALS["audit_50k_s"]}
     lines = [f"### Audit scaling ({image_size} px, n synthetic x n training images, {threads} threads; {what})", "",
              "| n | PCA fit | project | nearest-neighbour search | aligned search (9 shifts) | whole audit, no utility |",

@@ -48,6 +48,7 @@ class QualityConfig:
     audit_seeds: int
     audit_utility_steps: int
     audit_encoder_steps: int
+    audit_classifier_steps: int
     lowdata_fraction: float
     lowdata_seeds: int
     lowdata_steps: int
@@ -56,10 +57,10 @@ class QualityConfig:
 
 
 QUICK = QualityConfig(image_size=32, limit=600, rounds=2, local_steps=10, batch=32, epsilons=(10.0,), n_synthetic=200,
-                      audit_seeds=2, audit_utility_steps=30, audit_encoder_steps=200, lowdata_fraction=0.2,
+                      audit_seeds=2, audit_utility_steps=30, audit_encoder_steps=200, audit_classifier_steps=60, lowdata_fraction=0.2,
                       lowdata_seeds=2, lowdata_steps=30, threads=2)
 FULL = QualityConfig(image_size=32, limit=None, rounds=8, local_steps=100, batch=32, epsilons=(10.0, 3.0, 1.0),
-                     n_synthetic=2000, audit_seeds=5, audit_utility_steps=200, audit_encoder_steps=500,
+                     n_synthetic=2000, audit_seeds=5, audit_utility_steps=200, audit_encoder_steps=500, audit_classifier_steps=480,
                      lowdata_fraction=0.15, lowdata_seeds=5, lowdata_steps=200, threads=2)
 HOSPITALS = ("hospital-a", "hospital-b", "hospital-c")
 
@@ -235,6 +236,7 @@ def audits(cfg: QualityConfig, runs: dict[str, dict[str, Any]], work: Path, prog
             run([FEDSYNTH, "audit", "--run", str(runs[arm]["run"]), "--out", str(folder), "--no-pdf",
                  "--seeds", str(cfg.audit_seeds),
                  "--utility-steps", str(cfg.audit_utility_steps), "--encoder-steps", str(cfg.audit_encoder_steps),
+                 "--classifier-steps", str(cfg.audit_classifier_steps),
                  "--threads", str(cfg.threads), "--seed", str(cfg.seed)], log=work / "logs" / f"audit-{arm}.log")
         audit = json.loads((folder / "audit.json").read_text())
         attacks = audit["membership_inference"]["attacks"]

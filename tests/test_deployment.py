@@ -297,7 +297,7 @@ def test_a_hospital_killed_mid_run_leaves_a_gap_and_can_rejoin(consortium: Conso
 def test_a_restarted_coordinator_resumes_from_the_last_completed_round(consortium: Consortium) -> None:
     out = consortium.root / "runs" / "restart"
     run = RunDir(out)
-    proc = start_run_until_round_one(consortium, out, rounds=3, log="run-restart.log")
+    proc = start_run_until_round_one(consortium, out, rounds=2, log="run-restart.log")
     consortium.procs.kill(consortium.server)  # the coordinator's machine goes down
     assert proc.wait(timeout=120) != 0
     log = (consortium.root / "run-restart.log").read_text()
@@ -308,10 +308,10 @@ def test_a_restarted_coordinator_resumes_from_the_last_completed_round(consortiu
     done = consortium.fedsynth_run("--out", str(out), "--resume")
     assert done.returncode == 0, done.stdout + done.stderr
     rounds = run.read_rounds()
-    assert [r["round"] for r in rounds] == [1, 2, 3][: len(rounds)] and len(rounds) == 3
+    assert [r["round"] for r in rounds] == [1, 2]
     assert rounds[: len(kept)] == kept, "nothing completed before the crash is rewritten"
     assert run.status()["state"] == "finished"
-    assert run.checkpoint_rounds() == [0, 1, 2, 3]
+    assert run.checkpoint_rounds() == [0, 1, 2]
 
 
 def test_the_readme_deployment_steps_work_when_followed_literally(tmp_path: Path) -> None:

@@ -77,7 +77,7 @@ def test_a_toy_family_trains_through_flower_samples_and_is_audited(toy_family: s
     assert drawn.images.shape == (6, 32, 32) and np.array_equal(drawn.labels, np.arange(6) % 2)
 
     audit = runner.invoke(app, ["audit", "--run", str(out), "--no-utility", "--no-pdf",
-                                "--encoder-steps", "20", "--out", str(tmp_path / "audit")])
+                                "--encoder-steps", "20", "--classifier-steps", "20", "--out", str(tmp_path / "audit")])
     assert audit.exit_code == 0, audit.output
     report = json.loads((tmp_path / "audit" / "audit.json").read_text())
     assert report["context"]["model"]["name"] == toy_family

@@ -203,7 +203,7 @@ def test_audit_of_a_pix2pix_run_reports_paired_fidelity_and_segmentation_utility
     assert result.exit_code == 0, result.output
     audit_dir = tmp_path / "audit"
     result = runner.invoke(app, ["audit", "--run", str(out), "--data", str(data), "--out", str(audit_dir),
-                                 "--seeds", "2", "--utility-steps", "20", "--encoder-steps", "60",
+                                 "--seeds", "2", "--utility-steps", "20", "--encoder-steps", "60", "--classifier-steps", "60",
                                  "--n-synthetic", "60", "--no-pdf"])
     assert result.exit_code == 0, result.output
     audit = json.loads((audit_dir / "audit.json").read_text())

@@ -31,7 +31,7 @@ runner = CliRunner()
 HOSPITALS = ("hospital-a", "hospital-b", "hospital-c")
 SECTIONS = ("Executive summary", "Scope and data", "Model and training", "Formal privacy guarantee",
             "Empirical privacy", "Fidelity", "Utility", "Limitations and residual risk")
-FAST = ["--no-utility", "--encoder-steps", "60", "--n-synthetic", "200"]
+FAST = ["--no-utility", "--encoder-steps", "60", "--classifier-steps", "60", "--n-synthetic", "200"]
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +216,8 @@ def test_a_copying_generator_is_red_in_the_report(federated: tuple[Path, Path], 
     syn = copies.save(tmp_path / "copies.npz")
     out = tmp_path / "audit"
     result = runner.invoke(app, ["audit", "--run", str(run), "--hospital", "hospital-a", "--synthetic", str(syn),
-                                 "--out", str(out), "--no-utility", "--encoder-steps", "60"])
+                                 "--out", str(out), "--no-utility", "--encoder-steps", "60",
+                                 "--classifier-steps", "60"])
     assert result.exit_code == 0, result.output
     html = (out / "report.html").read_text()
     summary = html[html.index('<table class="summary">'):html.index("</table>", html.index('class="summary"'))]

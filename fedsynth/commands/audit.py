@@ -91,6 +91,12 @@ def audit(
         "shows how much there was to gain.",
     ),
     encoder_steps: int = typer.Option(500, help="Training steps of the audit's own encoder."),
+    classifier_steps: int = typer.Option(
+        480,
+        min=1,
+        help="Training steps of the classifier (on the real train slices) whose features give the "
+        "headline fidelity figures.",
+    ),
     seed: int = typer.Option(
         0, help="Seed of the synthetic draw, the encoder, the attacks and the classifiers."
     ),
@@ -133,6 +139,7 @@ def audit(
     options = AuditOptions(
         seed=seed,
         encoder_steps=encoder_steps,
+        classifier_steps=classifier_steps,
         inception_weights=str(inception_weights) if inception_weights else None,
         utility=utility,
         utility_seeds=seeds,
