@@ -1,0 +1,234 @@
+"""Issue 25: which ingredients of the cdcgan recipe learn more per second, on three data sets.
+
+    python -m benchmarks.recipe_ablation --budget 100         # about 35 minutes on 2 CPU cores
+    python -m benchmarks.recipe_ablation --budget 20 --quick  # a few minutes: checks that it runs
+
+A fast screen before the federated benchmarks (``benchmarks/recipe.py``): every arm trains
+ONE central cdcgan in this process, with fedsynth's own training round
+(``fedsynth.models.training.train_round``), for the same wall-clock budget on the same
+threads, on each of three data sets with a different look:
+
+- ``brain``: the de-duplicated brain MRI slices (4 diagnosis classes; real MR);
+- ``phantom-lesion``: the phantom abdominal CT hospitals, liver slices, classes lesion / no
+  lesion (synthetic CT);
+- ``phantom-site``: every slice of the same phantoms (above, through and below the liver),
+  classed by hospital, whose scanners differ in noise, contrast, field of view and blur.
+
+Each arm's generator draws as many images as the holdout in the training class mix, scored
+in the audit's classifier feature space (a small CNN trained on the real TRAIN slices
+only) against the real holdout: FD and precision/recall (k = 5); real training slices give
+the real-vs-real floor. The grids (fixed noise, 8 per class, not picked) go beside the
+tables, so the numbers can be checked by eye.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .common import FEDSYNTH, HERE, machine, machine_line, prepare_brain, progress, run, write
+from fedsynth.data.phantoms import LESION, LIVER, write_phantom_hospitals
+from fedsynth.data.sliceset import SliceSet
+from fedsynth.data.volumes import MaskClasses, ingest_volumes
+from fedsynth.metrics.features import ClassifierSpace
+from fedsynth.metrics.fidelity import frechet_distance, precision_recall_density_coverage
+from fedsynth.models import build_gan
+from fedsynth.models.sampling import generate
+from fedsynth.models.training import BatchSource, make_optimizers, train_round
+from fedsynth.runs.config import RunConfig
+from fedsynth.runs.rundir import RunDir
+from fedsynth.synthesis.generator import load_generator
+
+# The central plain conditional DCGAN of issue 12 (benchmarks/recipe.py's REFERENCE).
+REFERENCE = {"model.upsample": "transpose", "train.batch-size": 64, "train.loss": "bce", "train.augment": "none",
+             "train.diversity-weight": 0}
+# fedsynth's default recipe (hinge loss, DiffAugment translation+cutout, mode seeking, batch 32,
+# transposed-convolution generator), and the same with the upsample + conv generator.
+DEFAULT: dict[str, Any] = {}
+NEAREST = {"model.upsample": "nearest"}
+ARMS: dict[str, dict[str, Any]] = {
+    "reference": REFERENCE,
+    "reference+nearest": {**REFERENCE, "model.upsample": "nearest"},
+    "fedsynth": DEFAULT,
+    "fedsynth+nearest": NEAREST,
+    "nearest-no-cutout": {**NEAREST, "train.augment": "translation"},
+    "nearest-no-augment": {**NEAREST, "train.augment": "none"},
+    "nearest-no-mode-seeking": {**NEAREST, "train.diversity-weight": 0},
+    "nearest-batch-64": {**NEAREST, "train.batch-size": 64},
+}
+DATASETS = ("brain", "phantom-lesion", "phantom-site")
+
+
+@dataclass(frozen=True)
+class AblationConfig:
+    budget: float = 100.0  # seconds of training per arm
+    image_size: int = 64
+    threads: int = 2
+    local_steps: int = 25  # steps between budget checks
+    classifier_steps: int = 480
+    seed: int = 0
+    arms: tuple[str, ...] = tuple(ARMS)
+    datasets: tuple[str, ...] = DATASETS
+
+
+QUICK = dict(image_size=32, classifier_steps=60, arms=("reference", "fedsynth+nearest"), local_steps=5)
+
+
+def prepare(name: str, work: Path, size: int) -> Path:
+    if name == "brain":
+        return prepare_brain(work, size)
+    path = work / f"{name}-{size}px.npz"
+    if path.exists():
+        return path
+    with tempfile.TemporaryDirectory() as tmp:
+        write_phantom_hospitals(tmp, seed=0)
+        if name == "phantom-lesion":
+            slices, _ = ingest_volumes(tmp, size=size, classes=MaskClasses("no_lesion", (("lesion", (LESION,)),)),
+                                       keep_slices_with=[LIVER])
+        else:
+            slices, _ = ingest_volumes(tmp, size=size)
+            assert slices.site is not None
+            names = tuple(sorted(set(slices.site.tolist())))
+            from dataclasses import replace
+
+            slices = replace(slices, labels=np.searchsorted(names, slices.site).astype(np.int64), class_names=names)
+    return slices.save(path)
+
+
+def train_arm(cfg: AblationConfig, settings: dict[str, Any], train: SliceSet) -> tuple[torch.nn.Module, dict[str, Any]]:
+    run = RunConfig.from_overrides({**settings, "data.image-size": cfg.image_size, "train.local-steps": cfg.local_steps,
+                                    "train.seed": cfg.seed})
+    torch.manual_seed(cfg.seed)
+    gen, disc = build_gan(run.model, image_size=cfg.image_size, num_classes=len(train.class_names))
+    opt_g, opt_d = make_optimizers(gen, disc, run.train)
+    rng = torch.Generator().manual_seed(cfg.seed)
+    images = torch.from_numpy(train.as_float())
+    batches = BatchSource(images, torch.from_numpy(train.labels), batch_size=run.train.batch_size, generator=rng)
+    start, steps, seen, last = time.perf_counter(), 0, 0, None
+    while time.perf_counter() - start < cfg.budget:
+        last = train_round(gen, disc, opt_g, opt_d, batches, run.train, generator=rng)
+        steps += last.steps
+        seen += last.images_seen
+    seconds = time.perf_counter() - start
+    assert last is not None
+    return gen, {"seconds": seconds, "generator_steps": steps, "images_seen": seen, "images_per_second": seen / seconds,
+                 "d_loss_last": last.d_loss, "g_loss_last": last.g_loss}
+
+
+def train_federated(cfg: AblationConfig, settings: dict[str, Any], data: Path, work: Path) -> tuple[torch.nn.Module,
+                                                                                                   dict[str, Any]]:
+    """``fedsynth simulate``: 3 non-IID hospitals (Dirichlet 0.5 over classes) on Flower's simulation engine,
+    stopped after the round in which the budget ran out; its last global generator."""
+    run_dir = work / "run"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cmd = [FEDSYNTH, "simulate", "--data", str(data), "--hospitals", "3", "--partition", "dirichlet:0.5",
+           "--rounds", "10000", "--out", str(run_dir), "--set", f"federation.time-budget={cfg.budget:g}",
+           "--set", f"train.seed={cfg.seed}", "--set", "simulation.validation=0"]
+    for key, value in settings.items():
+        cmd += ["--set", f"{key}={value}"]
+    seconds = run(cmd, log=work / "simulate.log")
+    rounds = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines() if line.strip()]
+    loaded = load_generator(RunDir(run_dir))
+    per_hospital = [m for r in rounds for m in r.get("hospitals", {}).values()]
+    seen = int(sum(m.get("images-seen", 0) for m in per_hospital))
+    return loaded.gen, {"seconds": seconds, "rounds": len(rounds), "images_seen": seen, "images_per_second": seen / seconds,
+                        "generator_steps": int(sum(m.get("steps", 0) for m in per_hospital))}
+
+
+def grid(images: np.ndarray, path: Path) -> None:
+    """Rows of 8 images (one row per class), written as a PNG."""
+    from PIL import Image
+
+    rows = [np.concatenate(list(images[r * 8 : (r + 1) * 8]), axis=1) for r in range(len(images) // 8)]
+    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+
+
+def measure(space: ClassifierSpace, holdout: np.ndarray, images: np.ndarray) -> dict[str, float]:
+    real, fake = space.transform(holdout), space.transform(images)
+    prdc = precision_recall_density_coverage(real, fake, k=5)
+    return {"fd": frechet_distance(real, fake), "precision": float(prdc["precision"]), "recall": float(prdc["recall"])}
+
+
+def run_dataset(cfg: AblationConfig, name: str, work: Path, out: Path) -> dict[str, Any]:
+    data = prepare(name, work, cfg.image_size)
+    slices = SliceSet.load(data)
+    train, holdout = slices.only("train"), slices.only("holdout")
+    progress(f"{name}: {len(train)} train / {len(holdout)} holdout slices, classes {', '.join(train.class_names)}")
+    space = ClassifierSpace(steps=cfg.classifier_steps, threads=cfg.threads, seed=cfg.seed)
+    space.fit(train.images, train.labels, len(train.class_names), check=(holdout.images, holdout.labels))
+    rng = np.random.default_rng(cfg.seed)
+    real_pick = rng.choice(len(train), size=min(len(train), len(holdout)), replace=False)
+    result: dict[str, Any] = {"train": len(train), "holdout": len(holdout), "classes": list(train.class_names),
+                              "classifier": space.describe(), "real-train": measure(space, holdout.images,
+                                                                                    train.images[real_pick])}
+    draw = rng.choice(train.labels, size=len(holdout), replace=True)  # the training class mix
+    fixed = np.repeat(np.arange(len(train.class_names)), 8)
+    for arm in cfg.arms:
+        progress(f"{name}: {arm}, {cfg.budget:g} s")
+        if arm.startswith("fed-"):
+            gen, stats = train_federated(cfg, ARMS[arm.removeprefix("fed-")], data, work / f"fed-{name}")
+        else:
+            gen, stats = train_arm(cfg, ARMS[arm], train)
+        result[arm] = {**stats, **measure(space, holdout.images, generate(gen, draw, seed=cfg.seed + 1))}
+        grid(generate(gen, fixed, seed=12345), out / "grids" / f"{name}-{arm}.png")
+        progress(f"{name}: {arm}: FD {result[arm]['fd']:.2f}, precision {result[arm]['precision']:.2f}, "
+                 f"recall {result[arm]['recall']:.2f}, {result[arm]['generator_steps']} steps")
+    real = train.images[np.concatenate([np.flatnonzero(train.labels == k)[:8] for k in range(len(train.class_names))])]
+    grid(real, out / "grids" / f"{name}-real.png")
+    return result
+
+
+def markdown(cfg: AblationConfig, result: dict[str, Any]) -> list[str]:
+    lines = [f"# Recipe ablation: one central cdcgan, {cfg.budget:g} s per arm, {cfg.image_size} px", "",
+             machine_line(result["machine"]), "",
+             "Classifier-feature FD against the real holdout (lower is better), precision / recall (k = 5).", "",
+             "| arm | " + " | ".join(cfg.datasets) + " |", "| --- |" + " --- |" * len(cfg.datasets)]
+    for arm in ("real-train", *cfg.arms):
+        cells = []
+        for d in cfg.datasets:
+            r = result["datasets"][d][arm]
+            steps = f", {r['generator_steps']} steps" if "generator_steps" in r else ""
+            cells.append(f"{r['fd']:.2f} ({r['precision']:.2f} / {r['recall']:.2f}{steps})")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--budget", type=float, default=100.0, help="seconds of training per arm")
+    p.add_argument("--quick", action="store_true", help="tiny settings: checks that it runs")
+    p.add_argument("--arms", default="", help=f"comma-separated arms (default all: {', '.join(ARMS)})")
+    p.add_argument("--datasets", default="", help=f"comma-separated data sets (default: {', '.join(DATASETS)})")
+    p.add_argument("--out", type=Path, default=HERE / "results" / "recipe-ablation")
+    p.add_argument("--work", type=Path, default=HERE / ".work")
+    args = p.parse_args(argv)
+    overrides: dict[str, Any] = dict(QUICK) if args.quick else {}
+    if args.arms:
+        overrides["arms"] = tuple(args.arms.split(","))
+    if args.datasets:
+        overrides["datasets"] = tuple(args.datasets.split(","))
+    cfg = AblationConfig(budget=args.budget, **overrides)
+    unknown = [a for a in cfg.arms if a.removeprefix("fed-") not in ARMS] + [d for d in cfg.datasets if d not in DATASETS]
+    if unknown:
+        raise SystemExit(f"unknown arm or data set: {', '.join(unknown)}")
+    torch.set_num_threads(cfg.threads)
+    (args.out / "grids").mkdir(parents=True, exist_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"config": asdict(cfg), "machine": machine(), "datasets": {}}
+    for name in cfg.datasets:
+        result["datasets"][name] = run_dataset(cfg, name, args.work, args.out)
+        (args.out / "partial.json").write_text(json.dumps(result, indent=1, default=str))
+    write(args.out, "recipe_ablation", result, markdown(cfg, result))
+
+
+if __name__ == "__main__":
+    main()
