@@ -279,7 +279,7 @@ def peak_memory(data: Path, work: Path, *, hospitals: int, steps: int, threads: 
 def audit_scale(sizes: list[int], *, image_size: int, threads: int, full_audit_max: int,
                 work: Path, steps: int = 0) -> tuple[dict, list[str]]:
     """Nearest-neighbour search (and the whole audit, utility study aside) at each size. ``steps``
-    (0: the audit's defaults) trains the audit's encoder and classifier for that many steps."""
+    (0: the audit's default) trains the audit's classifier for that many steps."""
     from fedsynth.audit.pipeline import AuditInputs, AuditOptions, run_audit
 
     torch.set_num_threads(threads)
@@ -300,11 +300,11 @@ def audit_scale(sizes: list[int], *, image_size: int, threads: int, full_audit_m
             start = time.perf_counter()
             options = AuditOptions(utility=False, threads=threads)
             if steps:
-                options.encoder_steps = options.classifier_steps = steps
+                options.classifier_steps = steps
             run_audit(inputs, work / f"audit-{n}", options)
             row["full_audit_without_utility_s"] = time.perf_counter() - start
         rows.append(row)
-    result = {"image_size": image_size, "threads": threads, "images": what, "rows": rows, "audit_steps": steps or "defaults",
+    result = {"image_size": image_size, "threads": threads, "images": what, "rows": rows, "classifier_steps": steps or "default",
               "goal_50k_search_s": GOALS["audit_50k_s"]}
     lines = [f"### Audit scaling ({image_size} px, n synthetic x n training images, {threads} threads; {what})", "",
              "| n | PCA fit | project | nearest-neighbour search | aligned search (9 shifts) | whole audit, no utility |",
