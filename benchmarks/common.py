@@ -73,6 +73,29 @@ def prepare_brain(out: Path, size: int, *, limit: int | None = None, seed: int =
     return slices.subset(pick).save(path)
 
 
+def phantom_slices(size: int, *, classes: str = "lesion"):  # type: ignore[no-untyped-def]
+    """The phantom CT hospitals (``fedsynth.data.phantoms``) as one slice set with its split.
+
+    ``classes``: ``lesion`` keeps the slices through the liver, classed lesion / no lesion;
+    ``site`` keeps every slice, classed by the hospital (scanner) it came from."""
+    import tempfile
+    from dataclasses import replace
+
+    from fedsynth.data.phantoms import LESION, LIVER, write_phantom_hospitals
+    from fedsynth.data.volumes import MaskClasses, ingest_volumes
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_phantom_hospitals(tmp, seed=0)
+        if classes == "lesion":
+            slices, _ = ingest_volumes(tmp, size=size, classes=MaskClasses("no_lesion", (("lesion", (LESION,)),)),
+                                       keep_slices_with=[LIVER])
+            return slices
+        slices, _ = ingest_volumes(tmp, size=size)
+    assert slices.site is not None
+    names = tuple(sorted(set(slices.site.tolist())))
+    return replace(slices, labels=np.searchsorted(names, slices.site).astype(np.int64), class_names=names)
+
+
 def run(cmd: list[str], *, cwd: Path | None = None, log: Path | None = None) -> float:
     """Run a fedsynth command; its output goes to ``log``. Returns wall seconds.
 

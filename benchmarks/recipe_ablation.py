@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,10 +34,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .common import FEDSYNTH, HERE, machine, machine_line, prepare_brain, progress, run, write
-from fedsynth.data.phantoms import LESION, LIVER, write_phantom_hospitals
+from .common import FEDSYNTH, HERE, machine, machine_line, phantom_slices, prepare_brain, progress, run, write
+from fedsynth.core.grids import grid_labels, save_grid
 from fedsynth.data.sliceset import SliceSet
-from fedsynth.data.volumes import MaskClasses, ingest_volumes
 from fedsynth.metrics.features import ClassifierSpace
 from fedsynth.metrics.fidelity import frechet_distance, precision_recall_density_coverage
 from fedsynth.models import build_gan
@@ -87,21 +85,9 @@ def prepare(name: str, work: Path, size: int) -> Path:
     if name == "brain":
         return prepare_brain(work, size)
     path = work / f"{name}-{size}px.npz"
-    if path.exists():
-        return path
-    with tempfile.TemporaryDirectory() as tmp:
-        write_phantom_hospitals(tmp, seed=0)
-        if name == "phantom-lesion":
-            slices, _ = ingest_volumes(tmp, size=size, classes=MaskClasses("no_lesion", (("lesion", (LESION,)),)),
-                                       keep_slices_with=[LIVER])
-        else:
-            slices, _ = ingest_volumes(tmp, size=size)
-            assert slices.site is not None
-            names = tuple(sorted(set(slices.site.tolist())))
-            from dataclasses import replace
-
-            slices = replace(slices, labels=np.searchsorted(names, slices.site).astype(np.int64), class_names=names)
-    return slices.save(path)
+    if not path.exists():
+        phantom_slices(size, classes=name.removeprefix("phantom-")).save(path)
+    return path
 
 
 def train_arm(cfg: AblationConfig, settings: dict[str, Any], train: SliceSet) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -144,14 +130,6 @@ def train_federated(cfg: AblationConfig, settings: dict[str, Any], data: Path, w
                         "generator_steps": int(sum(m.get("steps", 0) for m in per_hospital))}
 
 
-def grid(images: np.ndarray, path: Path) -> None:
-    """Rows of 8 images (one row per class), written as a PNG."""
-    from PIL import Image
-
-    rows = [np.concatenate(list(images[r * 8 : (r + 1) * 8]), axis=1) for r in range(len(images) // 8)]
-    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
-
-
 def measure(space: ClassifierSpace, holdout: np.ndarray, images: np.ndarray) -> dict[str, float]:
     real, fake = space.transform(holdout), space.transform(images)
     prdc = precision_recall_density_coverage(real, fake, k=5)
@@ -171,7 +149,8 @@ def run_dataset(cfg: AblationConfig, name: str, work: Path, out: Path) -> dict[s
                               "classifier": space.describe(), "real-train": measure(space, holdout.images,
                                                                                     train.images[real_pick])}
     draw = rng.choice(train.labels, size=len(holdout), replace=True)  # the training class mix
-    fixed = np.repeat(np.arange(len(train.class_names)), 8)
+    fixed = grid_labels(len(train.class_names), 8)
+    rows = list(train.class_names)
     for arm in cfg.arms:
         progress(f"{name}: {arm}, {cfg.budget:g} s")
         if arm.startswith("fed-"):
@@ -179,12 +158,13 @@ def run_dataset(cfg: AblationConfig, name: str, work: Path, out: Path) -> dict[s
         else:
             gen, stats = train_arm(cfg, ARMS[arm], train)
         result[arm] = {**stats, **measure(space, holdout.images, generate(gen, draw, seed=cfg.seed + 1))}
-        grid(generate(gen, fixed, seed=12345), out / "grids" / f"{name}-{arm}.png")
+        save_grid(generate(gen, fixed, seed=12345), out / "grids" / f"{name}-{arm}.png", columns=8, row_names=rows,
+                  title=f"{name}: {arm}, {cfg.budget:g} s")
         progress(f"{name}: {arm}: FD {result[arm]['fd']:.2f}, precision {result[arm]['precision']:.2f}, "
                  f"recall {result[arm]['recall']:.2f}, {result[arm]['generator_steps']} steps")
     real = train.images[np.concatenate([np.flatnonzero(train.labels == k)[:8] for k in range(len(train.class_names))])]
     if name != "brain":  # the brain MRI's licence forbids redistribution: its slices stay out of the results
-        grid(real, out / "grids" / f"{name}-real.png")
+        save_grid(real, out / "grids" / f"{name}-real.png", columns=8, row_names=rows, title=f"{name}: real train")
     return result
 
 

@@ -24,7 +24,6 @@ import os
 import sys
 import platform
 import statistics
-import tempfile
 from pathlib import Path
 
 import torch
@@ -32,15 +31,13 @@ import torch
 if __package__ in (None, ""):  # run as a script: python benchmarks/train_throughput.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import BRAIN_MRI
+from benchmarks.common import BRAIN_MRI, phantom_slices
 from fedsynth import __version__
 from fedsynth.models.training import BatchSource, make_optimizers, train_round
 from fedsynth.runs.config import RunConfig
 from fedsynth.data.ingest import ingest_image_folder
-from fedsynth.data.volumes import MaskClasses, ingest_volumes
 from fedsynth.models import FAMILIES, MASK, build_gan, presets
 from fedsynth.models.sampling import shape_masks
-from fedsynth.data.phantoms import LESION, LIVER, write_phantom_hospitals
 
 HERE = Path(__file__).resolve().parent
 
@@ -49,11 +46,7 @@ def load_slices(size: int):  # type: ignore[no-untyped-def]
     if BRAIN_MRI.exists():
         slices, _ = ingest_image_folder(BRAIN_MRI, size=size)
         return slices.only("train"), f"brain MRI ({BRAIN_MRI})"
-    with tempfile.TemporaryDirectory() as tmp:
-        write_phantom_hospitals(tmp, seed=0)
-        slices, _ = ingest_volumes(tmp, size=size, classes=MaskClasses("no_lesion", (("lesion", (LESION,)),)),
-                                   keep_slices_with=[LIVER])
-    return slices.only("train"), "phantom CT"
+    return phantom_slices(size).only("train"), "phantom CT"
 
 
 def measure(slices, size: int, threads: int, steps: int, batch: int, repeats: int,  # type: ignore[no-untyped-def]
