@@ -1,6 +1,6 @@
 """Run fedsynth's benchmarks: performance and quality, side by side, written to files.
 
-    python -m benchmarks.run --quick     # about 9 minutes: every benchmark at a tiny size (checks they run)
+    python -m benchmarks.run --quick     # about 12 minutes: every benchmark at a tiny size (checks they run)
     python -m benchmarks.run --full      # about an hour on 2 CPU cores: the figures in BENCHMARKS.md
 
 Writes, in --out (default benchmarks/results/quick or benchmarks/results/full):
@@ -28,7 +28,7 @@ from fedsynth.core.files import write_json_atomic
 from .common import HERE, machine, machine_line, prepare_brain, write
 
 PERF_QUICK = {"size": 32, "steps": 3, "repeats": 2, "batch": 32, "threads": 2, "fed_rounds": 2, "fed_steps": 5,
-              "memory_steps": 3, "audit_sizes": [500, 1000], "full_audit_max": 1000,
+              "memory_steps": 3, "audit_sizes": [250, 500], "full_audit_max": 500,
               "classifier_steps": 60}
 PERF_FULL = {"size": 64, "steps": 10, "repeats": 5, "batch": 64, "threads": 2, "fed_rounds": 5, "fed_steps": 50,
              "memory_steps": 20, "audit_sizes": [1000, 5000, 20000, 50000], "full_audit_max": 20000,

@@ -58,7 +58,7 @@ def test_performance_ratios_are_measured_side_by_side(quick: Path) -> None:
     mem = r["peak_memory"]
     assert mem["peak_gb"]["dp"] > mem["imports_gb"] > 0.05
     rows = r["audit_scaling"]["rows"]
-    assert [row["n"] for row in rows] == [500, 1000]
+    assert [row["n"] for row in rows] == [250, 500]
     assert all(row["nearest_neighbour_search_s"] > 0 and row["full_audit_without_utility_s"] > 0 for row in rows)
 
 
@@ -66,7 +66,7 @@ def test_quality_compares_every_arm_on_the_same_holdout(quick: Path) -> None:
     q = json.loads((quick / "quality.json").read_text())
     arms = q["fidelity"]["arms"]
     expected = {"real train (reference)", "federated", "pooled", "vanilla-gan", "dp-eps-10",
-                "local-hospital-a", "local-hospital-b", "local-hospital-c"}
+                "local-hospital-a"}  # the quick run trains one hospital alone
     assert set(arms) == expected
     for name, row in arms.items():
         assert math.isfinite(row["fd_encoder"]) and math.isfinite(row["fd_pixels"]), name

@@ -24,7 +24,6 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from sklearn.decomposition import PCA
 from torch import nn
 from torch.nn import functional as F
 
@@ -85,9 +84,11 @@ class PixelSpace:
     components: int = 64
     seed: int = 0
     name: str = "pixels"
-    _pca: PCA | None = field(default=None, repr=False)
+    _pca: Any = field(default=None, repr=False)  # a fitted sklearn PCA
 
     def fit(self, images: np.ndarray) -> PixelSpace:
+        from sklearn.decomposition import PCA  # imported when used: a training process need not load sklearn
+
         n = min(self.components, len(images), images.shape[1] * images.shape[2])
         self._pca = PCA(n_components=n, svd_solver="randomized", random_state=self.seed).fit(_unit(images))
         return self

@@ -52,12 +52,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pytorch_fid.fid_score import calculate_frechet_distance
-from scipy.spatial.distance import jensenshannon
-from scipy.stats import wasserstein_distance
-from skimage.metrics import peak_signal_noise_ratio, structural_similarity
-from sklearn.metrics import pairwise_distances_chunked
-from sklearn.neighbors import NearestNeighbors
 
 __all__ = [
     "MS_SSIM_WEIGHTS",
@@ -162,6 +156,8 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
         # unpacks) for 1 x 1 matrices, so the one-dimensional case is written out here:
         # (mu_a - mu_b)^2 + (s_a - s_b)^2.
         return float((mu_a[0] - mu_b[0]) ** 2 + (np.sqrt(sigma_a) - np.sqrt(sigma_b)) ** 2)
+    from pytorch_fid.fid_score import calculate_frechet_distance  # imports torchvision: only when used
+
     captured = io.StringIO()
     with warnings.catch_warnings(), contextlib.redirect_stdout(captured):
         # pytorch-fid 0.3 passes scipy's deprecated `disp` argument, and prints (instead of
@@ -280,6 +276,9 @@ def precision_recall_density_coverage(
     if k < 1:
         raise ValueError(f"precision_recall_density_coverage: k must be >= 1, got {k}")
     _check_features("precision_recall_density_coverage", real_features, fake_features, min_rows=k + 1)
+    from sklearn.metrics import pairwise_distances_chunked
+    from sklearn.neighbors import NearestNeighbors
+
     real = np.asarray(real_features, dtype=np.float64)
     fake = np.asarray(fake_features, dtype=np.float64)
 
@@ -322,6 +321,8 @@ def precision_recall_density_coverage(
 
 
 def _ssim(image_a: np.ndarray, image_b: np.ndarray) -> float:
+    from skimage.metrics import structural_similarity
+
     # scikit-image's defaults (7 x 7 uniform window), as in the MedScanGAN protocol
     return float(structural_similarity(image_a, image_b, data_range=DATA_RANGE))
 
@@ -329,6 +330,8 @@ def _ssim(image_a: np.ndarray, image_b: np.ndarray) -> float:
 def _psnr(image_a: np.ndarray, image_b: np.ndarray) -> float:
     if np.array_equal(image_a, image_b):
         return math.inf  # skimage would return inf too, with a divide-by-zero warning
+    from skimage.metrics import peak_signal_noise_ratio
+
     return float(peak_signal_noise_ratio(image_a, image_b, data_range=DATA_RANGE))
 
 
@@ -694,6 +697,9 @@ def intensity_histogram_distance(images_a: np.ndarray, images_b: np.ndarray) -> 
     ValueError
         Images that are not uint8 (N, H, W).
     """
+    from scipy.spatial.distance import jensenshannon
+    from scipy.stats import wasserstein_distance
+
     _check_images("intensity_histogram_distance", images_a, "first image set")
     _check_images("intensity_histogram_distance", images_b, "second image set")
     hist_a = np.bincount(images_a.ravel(), minlength=GREY_LEVELS).astype(np.float64)
