@@ -62,6 +62,12 @@ ARMS: dict[str, dict[str, Any]] = {
     "nearest-no-augment": {**NEAREST, "train.augment": "none"},
     "nearest-no-mode-seeking": {**NEAREST, "train.diversity-weight": 0},
     "nearest-batch-64": {**NEAREST, "train.batch-size": 64},
+    # Candidates for the federation (run as fed-<arm>): its generator makes about a third of the
+    # central steps in the same time (each hospital's copy steps once per batch, then they are averaged).
+    "batch-16": {"train.batch-size": 16},
+    "ttur": {"train.lr-d": 4e-4, "train.lr-g": 1e-4},
+    "lr-x2": {"train.lr-d": 4e-4, "train.lr-g": 4e-4},
+    "local-steps-150": {"train.local-steps": 150},  # federated arms only: central arms check the budget every 25
 }
 DATASETS = ("brain", "phantom-lesion", "phantom-site")
 
@@ -169,7 +175,9 @@ def run_dataset(cfg: AblationConfig, name: str, work: Path, out: Path) -> dict[s
 
 
 def markdown(cfg: AblationConfig, result: dict[str, Any]) -> list[str]:
-    lines = [f"# Recipe ablation: one central cdcgan, {cfg.budget:g} s per arm, {cfg.image_size} px", "",
+    fed = "; fed-: 3 hospitals through fedsynth simulate, steps summed over them" if any(
+        a.startswith("fed-") for a in cfg.arms) else ""
+    lines = [f"# Recipe ablation: central cdcgan arms{fed}; {cfg.budget:g} s per arm, {cfg.image_size} px", "",
              machine_line(result["machine"]), "",
              "Classifier-feature FD against the real holdout (lower is better), precision / recall (k = 5).", "",
              "| arm | " + " | ".join(cfg.datasets) + " |", "| --- |" + " --- |" * len(cfg.datasets)]
