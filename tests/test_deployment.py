@@ -223,6 +223,17 @@ def test_two_rounds_across_three_hospitals_fill_the_run_directory(consortium: Co
     registered = Coordinator(consortium.home).node_names()
     assert json.loads(run.nodes_path.read_text()) == {str(k): v for k, v in registered.items()}
     assert sorted(registered.values()) == sorted(HOSPITALS)
+    # `fedsynth server hospitals`: at 80 columns every name and SuperNode id whole; JSON for scripts
+    listed = consortium.procs.run([FEDSYNTH, "server", "hospitals", "--home", str(consortium.home), "--format", "json"])
+    assert listed.returncode == 0, listed.stderr
+    rows = json.loads(listed.stdout)["hospitals"]
+    assert {r["hospital"]: int(r["node_id"]) for r in rows} == {v: k for k, v in registered.items()}
+    assert all(r["status"] == "online" for r in rows)
+    table = subprocess.run([FEDSYNTH, "server", "hospitals", "--home", str(consortium.home)], capture_output=True,
+                           text=True, env={**consortium.procs.env, "COLUMNS": "80"}, timeout=120)
+    assert table.returncode == 0 and max(map(len, table.stdout.splitlines())) <= 80, table.stdout
+    for r in rows:
+        assert r["hospital"] in table.stdout and str(r["node_id"]) in table.stdout, table.stdout
 
 
 def test_the_server_received_only_generator_arrays_and_scalar_metrics(consortium: Consortium) -> None:

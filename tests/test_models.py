@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from opacus import GradSampleModule
@@ -96,13 +98,24 @@ def test_models_command_lists_every_family_and_preset_with_its_dp_support() -> N
 
     from fedsynth.cli import app
 
-    result = CliRunner().invoke(app, ["models", "--size", "32"], env={"COLUMNS": "250"})
+    # 80 columns: a terminal's default, and what rich assumes when the output is piped
+    result = CliRunner().invoke(app, ["models", "--size", "32"], env={"COLUMNS": "80"})
     assert result.exit_code == 0, result.output
-    for name in (*MODEL_FAMILIES, "medscangan (preset)"):
-        assert name in result.output
-    assert "without spectral norm" in result.output and "no (spectral norm)" in result.output
+    assert max(map(len, result.output.splitlines())) <= 80
+    table_names = {line.split()[0] for line in result.output.splitlines() if line.startswith("  ") and line.strip()}
+    assert set(MODEL_FAMILIES) <= table_names, "every family name whole in the table (a user types it)"
+    flat = " ".join(result.output.split())  # the descriptions below the table wrap at the width
+    assert "medscangan (preset)" in flat
+    assert "without spectral norm" in flat and "no (spectral norm)" in flat
     assert "mask" in result.output, "pix2pix is listed as conditioned on a mask"
     assert "domain" in result.output, "cyclegan is listed as translating between domains"
+    listed = CliRunner().invoke(app, ["models", "--size", "32", "--format", "json"], env={"COLUMNS": "40"})
+    assert listed.exit_code == 0, listed.output
+    rows = {r["name"]: r for r in json.loads(listed.output)["models"]}
+    assert set(rows) == {*MODEL_FAMILIES, "medscangan"}
+    assert rows["medscangan"]["kind"] == "preset" and rows["medscangan"]["dp_sgd"] is False
+    assert rows["cdcgan"]["dp_sgd"] is True and rows["pix2pix"]["conditioned_on"] == "mask"
+    assert all(r["g_params"] > 0 and r["d_params"] > 0 and r["sizes"] for r in rows.values())
 
 
 def test_cdcgan_upsample_nearest_builds_a_generator_without_transposed_convolutions() -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from collections.abc import Callable
+from enum import StrEnum
 from typing import Any, TypeVar
 
 import typer
@@ -21,11 +23,36 @@ from fedsynth.engine.deployment import DeploymentError
 from fedsynth.engine.supernode import NodeError
 from fedsynth.runs.rundir import RunDirError
 
-__all__ = ["USER_ERRORS", "CommandError", "console", "err_console", "setup_logging", "user_errors"]
+__all__ = [
+    "FORMAT_HELP",
+    "USER_ERRORS",
+    "CommandError",
+    "OutputFormat",
+    "console",
+    "echo_json",
+    "err_console",
+    "setup_logging",
+    "user_errors",
+]
 
 console = Console()
 err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class OutputFormat(StrEnum):
+    """How a listing command prints: a table for reading, JSON for scripts."""
+
+    table = "table"
+    json = "json"
+
+
+FORMAT_HELP = "table (for reading) or json (for scripts: every value whole, whatever the terminal's width)."
+
+
+def echo_json(value: Any) -> None:
+    """Print ``value`` as indented JSON on standard output (no rich markup, no wrapping)."""
+    typer.echo(json.dumps(value, indent=2))
 
 
 # A user-facing error raised by a command itself: the library's UserError, by the name the

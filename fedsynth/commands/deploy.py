@@ -14,9 +14,18 @@ import time
 from pathlib import Path
 
 import typer
+from rich import box
 from rich.table import Table
 
-from fedsynth.commands.common import CommandError, console, setup_logging, user_errors
+from fedsynth.commands.common import (
+    FORMAT_HELP,
+    CommandError,
+    OutputFormat,
+    console,
+    echo_json,
+    setup_logging,
+    user_errors,
+)
 from fedsynth.commands.progress import run_with_progress
 from fedsynth.engine.deployment import (
     DEFAULT_PORT,
@@ -103,12 +112,20 @@ def register_hospital(
 
 @server_app.command("hospitals")
 @user_errors
-def hospitals(home: Path = typer.Option(DEFAULT_HOME, "--home", help=HOME_HELP)) -> None:
+def hospitals(
+    home: Path = typer.Option(DEFAULT_HOME, "--home", help=HOME_HELP),
+    output_format: OutputFormat = typer.Option(OutputFormat.table, "--format", help=FORMAT_HELP),
+) -> None:
     """List the registered hospitals and whether each SuperNode is online."""
     rows = Coordinator(home).hospitals()
-    table = Table(title="registered hospitals", title_justify="left")
-    for column in ("hospital", "SuperNode", "status", "online since", "registered"):
-        table.add_column(column)
+    if output_format is OutputFormat.json:
+        echo_json({"hospitals": rows})
+        return
+    table = Table(title="registered hospitals", title_justify="left", box=box.SIMPLE_HEAD)
+    table.add_column("hospital", no_wrap=True)  # names and ids a user types are never cut
+    table.add_column("SuperNode", no_wrap=True)
+    for column in ("status", "online since", "registered"):
+        table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(row["hospital"], row["node_id"], row["status"], row["online_at"], row["registered"])
     console.print(table if rows else "no hospitals registered yet")

@@ -2,38 +2,43 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
+from rich import box
 from rich.table import Table
 
-from fedsynth.commands.common import console
+from fedsynth.commands.common import FORMAT_HELP, OutputFormat, console, echo_json
 from fedsynth.models import FAMILIES, build_gan, count_parameters, presets
 from fedsynth.runs.config import RunConfig
 
-__all__ = ["config", "models"]
+__all__ = ["config", "model_rows", "models"]
 
 
-def models(size: int = typer.Option(64, help="Image size for the parameter counts.")) -> None:
-    """List the GAN families: name, sizes, conditioning, DP support, parameter counts, and the presets."""
-    if size not in (32, 64, 128, 256):
-        raise typer.BadParameter(f"{size}: use 32, 64, 128 or 256", param_hint="--size")
-    table = Table(
-        title=f"model families (parameters at {size} px, default width), set with model.name",
-        title_justify="left",
-    )
-    for column in ("name", "sizes", "conditioned on", "DP-SGD", "G params", "D params", "description"):
-        table.add_column(column)
+def _dp_short(ok: bool, summary: str) -> str:
+    return ("yes" if summary == "yes" else "with limits") if ok else "no"
+
+
+def model_rows(size: int) -> list[dict[str, Any]]:
+    """One row per family and preset: what ``fedsynth models`` lists."""
     cfg = RunConfig()
+    rows: list[dict[str, Any]] = []
     for family in FAMILIES.values():
-        model_cfg = cfg.model.model_copy(update={"name": family.name})
-        gen, disc = build_gan(model_cfg, image_size=size, num_classes=2)
-        table.add_row(
-            family.name,
-            "/".join(map(str, family.sizes)),
-            family.condition,
-            family.dp.summary,
-            f"{count_parameters(gen):,}",
-            f"{count_parameters(disc):,}",
-            family.description,
+        gen, disc = build_gan(
+            cfg.model.model_copy(update={"name": family.name}), image_size=size, num_classes=2
+        )
+        rows.append(
+            {
+                "name": family.name,
+                "kind": "family",
+                "sizes": list(family.sizes),
+                "conditioned_on": family.condition,
+                "dp_sgd": family.dp.ok,
+                "dp_sgd_summary": family.dp.summary,
+                "g_params": count_parameters(gen),
+                "d_params": count_parameters(disc),
+                "description": family.description,
+            }
         )
     for name, preset in presets().items():
         preset_cfg = RunConfig.from_overrides({"model.name": name})
@@ -42,16 +47,63 @@ def models(size: int = typer.Option(64, help="Image size for the parameter count
         settings = ", ".join(
             f"{k.split('.', 1)[1]}={v}" for k, v in preset.settings.items() if k != "model.name"
         )
+        rows.append(
+            {
+                "name": name,
+                "kind": "preset",
+                "sizes": list(family.sizes),
+                "conditioned_on": family.condition,
+                "dp_sgd": preset.dp_ok,
+                "dp_sgd_summary": preset.dp_summary,
+                "g_params": count_parameters(gen),
+                "d_params": count_parameters(disc),
+                "description": f"{preset.settings['model.name']} with {settings}",
+            }
+        )
+    return rows
+
+
+def models(
+    size: int = typer.Option(64, help="Image size for the parameter counts."),
+    output_format: OutputFormat = typer.Option(OutputFormat.table, "--format", help=FORMAT_HELP),
+) -> None:
+    """List the GAN families and presets: name, conditioning, DP support, parameter counts, description.
+
+    The table keeps every name whole at any terminal width; the descriptions and the
+    DP-SGD conditions follow it as text.
+    """
+    if size not in (32, 64, 128, 256):
+        raise typer.BadParameter(f"{size}: use 32, 64, 128 or 256", param_hint="--size")
+    rows = model_rows(size)
+    if output_format is OutputFormat.json:
+        echo_json({"image_size": size, "models": rows})
+        return
+    names = [r["name"] + (" (preset)" if r["kind"] == "preset" else "") for r in rows]
+    table = Table(
+        title=f"model families at {size} px (default width), set with model.name",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+    )
+    table.add_column("name", no_wrap=True, min_width=max(map(len, names)))
+    table.add_column("conditioned on")
+    table.add_column("DP-SGD")
+    table.add_column("G params", justify="right", no_wrap=True)
+    table.add_column("D params", justify="right", no_wrap=True)
+    for name, r in zip(names, rows, strict=True):
         table.add_row(
-            f"{name} (preset)",
-            "/".join(map(str, family.sizes)),
-            family.condition,
-            preset.dp_summary,
-            f"{count_parameters(gen):,}",
-            f"{count_parameters(disc):,}",
-            f"{preset.settings['model.name']} with {settings}",
+            name,
+            r["conditioned_on"],
+            _dp_short(r["dp_sgd"], r["dp_sgd_summary"]),
+            f"{r['g_params']:,}",
+            f"{r['d_params']:,}",
         )
     console.print(table)
+    for name, r in zip(names, rows, strict=True):
+        sizes = "/".join(map(str, r["sizes"]))
+        console.print(
+            f"[bold]{name}[/]: {r['description']}. Sizes {sizes} px. DP-SGD: {r['dp_sgd_summary']}.",
+            highlight=False,
+        )
 
 
 def config() -> None:

@@ -121,6 +121,7 @@ class Preset:
     name: str
     settings: dict[str, Any]
     dp_summary: str
+    dp_ok: bool = False  # whether the preset as given trains under DP-SGD
 
 
 @dataclass(frozen=True)

@@ -190,7 +190,7 @@ class Pix2Pix(Family):
 
     name = "pix2pix"
     description = (
-        "mask -> slice (seed 000): U-Net generator with dropout as noise, PatchGAN discriminator, "
+        "mask -> slice: U-Net generator with dropout as noise, PatchGAN discriminator, "
         "adversarial + L1 loss; needs slices prepared with --keep-masks"
     )
     condition = MASK

@@ -65,7 +65,7 @@ class VanillaGAN(Family):
     """Seed 001's unconditional fully-connected GAN, kept as a baseline."""
 
     name = "vanilla-gan"
-    description = "seed 001's fully-connected GAN (unconditional baseline)"
+    description = "the fully-connected GAN of the TumorGAN thesis (unconditional baseline)"
     condition = NONE
 
     def conditional(self, model: ModelConfig) -> bool:

@@ -201,8 +201,8 @@ class WGANGP(Family):
 
     name = "wgan-gp"
     description = (
-        "seed 003's family: residual generator (upsample+conv) and residual critic with spectral norm, "
-        "Wasserstein loss + gradient penalty, n-critic steps; preset medscangan"
+        "the MedScanGAN paper's family: residual generator (upsample+conv) and residual critic with "
+        "spectral norm, Wasserstein loss + gradient penalty, n-critic steps; preset medscangan"
     )
     default_loss = "wgan-gp"
     dp = DPSupport(True, "without spectral norm (penalty on generated images)")
