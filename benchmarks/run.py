@@ -1,6 +1,6 @@
 """Run fedsynth's benchmarks: performance and quality, side by side, written to files.
 
-    python -m benchmarks.run --quick     # about 12 minutes: every benchmark at a tiny size (checks they run)
+    python -m benchmarks.run --quick     # about 13 minutes: every benchmark at a tiny size (checks they run)
     python -m benchmarks.run --full      # about an hour on 2 CPU cores: the figures in BENCHMARKS.md
 
 Writes, in --out (default benchmarks/results/quick or benchmarks/results/full):

@@ -122,7 +122,7 @@ def hospitals(
         echo_json({"hospitals": rows})
         return
     table = Table(title="registered hospitals", title_justify="left", box=box.SIMPLE_HEAD)
-    table.add_column("hospital", no_wrap=True)  # names and ids a user types are never cut
+    table.add_column("hospital", no_wrap=True)  # kept whole where they fit; --format json always
     table.add_column("SuperNode", no_wrap=True)
     for column in ("status", "online since", "registered"):
         table.add_column(column, overflow="fold")

@@ -87,7 +87,7 @@ class PixelSpace:
     _pca: Any = field(default=None, repr=False)  # a fitted sklearn PCA
 
     def fit(self, images: np.ndarray) -> PixelSpace:
-        from sklearn.decomposition import PCA  # imported when used: a training process need not load sklearn
+        from sklearn.decomposition import PCA  # imported when first used (a round's validation score)
 
         n = min(self.components, len(images), images.shape[1] * images.shape[2])
         self._pca = PCA(n_components=n, svd_solver="randomized", random_state=self.seed).fit(_unit(images))
