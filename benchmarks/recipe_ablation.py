@@ -62,15 +62,17 @@ ARMS: dict[str, dict[str, Any]] = {
     "nearest-no-augment": {**NEAREST, "train.augment": "none"},
     "nearest-no-mode-seeking": {**NEAREST, "train.diversity-weight": 0},
     "nearest-batch-64": {**NEAREST, "train.batch-size": 64},
-    # Candidates for the federation (run as fed-<arm>): its generator makes about a third of the
-    # central steps in the same time (each hospital's copy steps once per batch, then they are averaged).
+}
+CENTRAL_ARMS = tuple(ARMS)  # the default screen
+# Candidates for the federation, run only as fed-<arm>: its generator makes about a third of the
+# central steps in the same time (each hospital's copy steps once per batch, then they are averaged).
+FEDERATED_ONLY: dict[str, dict[str, Any]] = {
     "batch-16": {"train.batch-size": 16},
     "ttur": {"train.lr-d": 4e-4, "train.lr-g": 1e-4},
     "lr-x2": {"train.lr-d": 4e-4, "train.lr-g": 4e-4},
     "local-steps-150": {"train.local-steps": 150},
 }
-FEDERATED_ONLY = {"batch-16", "ttur", "lr-x2", "local-steps-150"}  # run as fed-<arm>, not in the default screen
-CENTRAL_ARMS = tuple(a for a in ARMS if a not in FEDERATED_ONLY)
+ARMS.update(FEDERATED_ONLY)
 DATASETS = ("brain", "phantom-lesion", "phantom-site")
 
 

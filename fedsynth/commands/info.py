@@ -19,46 +19,53 @@ def _dp_short(ok: bool, summary: str) -> str:
     return ("yes" if summary == "yes" else "with limits") if ok else "no"
 
 
+def _row(
+    name: str, kind: str, model_cfg: Any, *, size: int, dp_ok: bool, dp_summary: str, description: str
+) -> dict[str, Any]:
+    gen, disc = build_gan(model_cfg, image_size=size, num_classes=2)
+    family = model_cfg.family
+    return {
+        "name": name,
+        "kind": kind,
+        "sizes": list(family.sizes),
+        "conditioned_on": family.condition,
+        "dp_sgd": dp_ok,
+        "dp_sgd_summary": dp_summary,
+        "g_params": count_parameters(gen),
+        "d_params": count_parameters(disc),
+        "description": description,
+    }
+
+
 def model_rows(size: int) -> list[dict[str, Any]]:
     """One row per family and preset: what ``fedsynth models`` lists."""
     cfg = RunConfig()
-    rows: list[dict[str, Any]] = []
-    for family in FAMILIES.values():
-        gen, disc = build_gan(
-            cfg.model.model_copy(update={"name": family.name}), image_size=size, num_classes=2
+    rows = [
+        _row(
+            f.name,
+            "family",
+            cfg.model.model_copy(update={"name": f.name}),
+            size=size,
+            dp_ok=f.dp.ok,
+            dp_summary=f.dp.summary,
+            description=f.description,
         )
-        rows.append(
-            {
-                "name": family.name,
-                "kind": "family",
-                "sizes": list(family.sizes),
-                "conditioned_on": family.condition,
-                "dp_sgd": family.dp.ok,
-                "dp_sgd_summary": family.dp.summary,
-                "g_params": count_parameters(gen),
-                "d_params": count_parameters(disc),
-                "description": family.description,
-            }
-        )
+        for f in FAMILIES.values()
+    ]
     for name, preset in presets().items():
-        preset_cfg = RunConfig.from_overrides({"model.name": name})
-        gen, disc = build_gan(preset_cfg.model, image_size=size, num_classes=2)
-        family = preset_cfg.model.family
         settings = ", ".join(
             f"{k.split('.', 1)[1]}={v}" for k, v in preset.settings.items() if k != "model.name"
         )
         rows.append(
-            {
-                "name": name,
-                "kind": "preset",
-                "sizes": list(family.sizes),
-                "conditioned_on": family.condition,
-                "dp_sgd": preset.dp_ok,
-                "dp_sgd_summary": preset.dp_summary,
-                "g_params": count_parameters(gen),
-                "d_params": count_parameters(disc),
-                "description": f"{preset.settings['model.name']} with {settings}",
-            }
+            _row(
+                name,
+                "preset",
+                RunConfig.from_overrides({"model.name": name}).model,
+                size=size,
+                dp_ok=preset.dp_ok,
+                dp_summary=preset.dp_summary,
+                description=f"{preset.settings['model.name']} with {settings}",
+            )
         )
     return rows
 
@@ -69,8 +76,8 @@ def models(
 ) -> None:
     """List the GAN families and presets: name, conditioning, DP support, parameter counts, description.
 
-    The table keeps every name whole at any terminal width; the descriptions and the
-    DP-SGD conditions follow it as text.
+    The table keeps every name whole at 80 columns (a terminal's default, and a pipe's);
+    the descriptions and the DP-SGD conditions follow it as text.
     """
     if size not in (32, 64, 128, 256):
         raise typer.BadParameter(f"{size}: use 32, 64, 128 or 256", param_hint="--size")

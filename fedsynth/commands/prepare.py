@@ -3,7 +3,6 @@ data card."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
@@ -16,7 +15,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from fedsynth.commands.common import CommandError, console, user_errors
+from fedsynth.commands.common import CommandError, console, echo_json, user_errors
 from fedsynth.data.ingest import (
     DataCard,
     detect_source_kind,
@@ -198,7 +197,7 @@ def prepare(
     card.output = str(out)
     card_path = card.write(card_path_for(out))
     if output_format == "json":
-        typer.echo(json.dumps(card.to_dict(), indent=2))
+        echo_json(card.to_dict())
         return
     print_card(card, card_path)
 
