@@ -27,8 +27,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.stats import beta, norm
-from sklearn.metrics import roc_auc_score, roc_curve
 
 from fedsynth.audit.memorization import aligned_nearest
 from fedsynth.metrics.neighbours import nearest, pairwise_within
@@ -144,6 +142,9 @@ def attack_metrics(
     scores: np.ndarray, member: np.ndarray, *, delta: float = 1e-5, seed: int = 0
 ) -> dict[str, Any]:
     """AUC, TPR at 1% FPR, the ROC curve (for the plot) and the empirical ε lower bound."""
+    from scipy.stats import norm  # SciPy and scikit-learn load when an audit runs, not with the CLI
+    from sklearn.metrics import roc_auc_score, roc_curve
+
     auc = float(roc_auc_score(member, scores))
     fpr, tpr, _ = roc_curve(member, scores)
     tpr_at_1 = float(np.interp(0.01, fpr, tpr))
@@ -173,6 +174,8 @@ def empirical_epsilon(
     chance. It is a heuristic for this one trained generator (Jagielski et al., 2020 run
     many trainings; Steinke et al., 2023 give a one-run audit), not a proof.
     """
+    from scipy.stats import beta
+
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(scores))
     pick, test = order[: len(order) // 2], order[len(order) // 2 :]

@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from skimage.metrics import structural_similarity
 
 from fedsynth.core.stats import interval, mean_interval, percentile_bounds
 
@@ -28,6 +27,8 @@ __all__ = ["paired_fidelity", "psnr", "ssim"]
 
 def ssim(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per-image SSIM of two uint8 stacks (N, H, W)."""
+    from skimage.metrics import structural_similarity  # scikit-image loads when pairs are scored
+
     return np.array([structural_similarity(x, y, data_range=255) for x, y in zip(a, b, strict=True)])
 
 

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.stats import binomtest
 
 from fedsynth.audit.documents import array_data_uri, esc, write_html, write_pdf
 from fedsynth.core.files import atomic_open, write_json_atomic
@@ -399,6 +398,8 @@ def score(key: Mapping[str, Any], answers_rows: Iterable[Mapping[str, str]]) -> 
     missing = [item_id for item_id in items if item_id not in given]
     right = {item_id: given[item_id][0] == items[item_id]["truth"] for item_id in given}
     n_correct = sum(right.values())
+    from scipy.stats import binomtest  # SciPy loads when answers are scored, not with the CLI
+
     test = binomtest(n_correct, len(given), 0.5, alternative="two-sided")
     ci = test.proportion_ci(confidence_level=0.95, method="exact")
     accuracy = n_correct / len(given)

@@ -45,12 +45,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import (
-    accuracy_score,
-    balanced_accuracy_score,
-    confusion_matrix,
-    roc_auc_score,
-)
 
 from fedsynth.core.plotting import pyplot
 from fedsynth.core.progress import Progress
@@ -111,6 +105,9 @@ def _metrics(labels: np.ndarray, probs: np.ndarray, n_classes: int) -> dict[str,
     """Accuracy, balanced accuracy, macro one-vs-rest sensitivity / specificity and
     macro one-vs-rest ROC AUC (for two classes: the usual AUC, plus sensitivity and
     specificity of class 1 as the positive class)."""
+    # scikit-learn loads when a study is scored, not with every fedsynth command
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, roc_auc_score
+
     pred = probs.argmax(axis=1)
     cm = confusion_matrix(labels, pred, labels=list(range(n_classes))).astype(float)
     tp = np.diag(cm)

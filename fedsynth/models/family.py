@@ -59,12 +59,7 @@ from fedsynth.models.training import (
     generator_step,
     train_round,
 )
-from fedsynth.models.training_dp import train_round_dp
-from fedsynth.privacy.clipping import (
-    PerSampleClipper,
-    PrivacyError,
-    check_private_layers,
-)
+from fedsynth.privacy.accounting import PrivacyError
 
 if TYPE_CHECKING:
     from fedsynth.privacy.accounting import PrivacyPlan
@@ -211,6 +206,8 @@ class Family:
         """
         if not self.dp.ok:
             raise PrivacyError(self.dp.refusal)
+        from fedsynth.privacy.clipping import check_private_layers  # Opacus: loaded only under DP
+
         check_private_layers(disc)
         if train is not None and self.uses_r1 and train.r1_gamma > 0:
             raise PrivacyError(
@@ -239,6 +236,9 @@ class Family:
         images = torch.from_numpy(train.as_float()).to(device)
         conditions = torch.from_numpy(self.conditions(train)).to(device)
         if private is not None:
+            from fedsynth.models.training_dp import train_round_dp  # Opacus: loaded only under DP
+            from fedsynth.privacy.clipping import PerSampleClipper
+
             clipper = PerSampleClipper(disc, max_grad_norm=private.plan.max_grad_norm)
             return train_round_dp(
                 gen,

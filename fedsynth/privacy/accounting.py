@@ -20,9 +20,8 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
-
+# Opacus (and the SciPy it pulls in: about 3 s of every import on 2 cores) is imported by the
+# functions that account, so a run without DP never loads it.
 if TYPE_CHECKING:
     from fedsynth.runs.config import DPConfig
 
@@ -67,6 +66,8 @@ def plan_privacy(dp: DPConfig, *, units: int, unit: str, batch_size: int, planne
     delta = dp.delta or default_delta(units)
     sigma = dp.noise_multiplier
     if sigma <= 0:
+        from opacus.accountants.utils import get_noise_multiplier
+
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -111,6 +112,8 @@ def epsilon_for(history: list[tuple[float, float, int]], delta: float, accountan
     """
     if not history:
         return 0.0
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
     history = [(float(s), float(q), int(n)) for s, q, n in history]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

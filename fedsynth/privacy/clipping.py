@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from opacus import GradSampleModule
 from opacus.grad_sample import GradSampleModuleFastGradientClipping
-from opacus.validators import ModuleValidator
 from torch import nn
 from torch.nn.grad import conv2d_weight
 
@@ -62,6 +61,8 @@ def check_private_layers(disc: nn.Module) -> None:
             "weight from its parameter by a power iteration that has no per-sample gradient rule; set "
             "model.spectral-norm=false (the gradient penalty still constrains the critic)"
         )
+    from opacus.validators import ModuleValidator
+
     errors = ModuleValidator.validate(disc, strict=False)
     if errors:
         detail = "; ".join(str(e).split("\n")[0] for e in errors[:5])
