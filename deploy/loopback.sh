@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Follow the README's "Try the deployment on one machine" steps literally: the commands
-# are read from README.md (between the loopback markers) and run by bash in WORKDIR,
-# then the run directory is checked. Background processes are stopped at the end, even
-# on failure.
+# Follow the documentation's "Try the deployment on one machine" steps literally: the
+# commands are read from docs/deployment.md (between the loopback markers) and run by bash
+# in WORKDIR, then the run directory is checked. Background processes are stopped at the
+# end, even on failure.
 #
 #   bash deploy/loopback.sh [WORKDIR]      (default: a new temporary folder)
 set -euo pipefail
@@ -11,10 +11,11 @@ work="${1:-$(mktemp -d)}"
 mkdir -p "$work"
 cd "$work"
 ln -sfn "$repo/deploy" deploy
-steps="$work/readme-steps.sh"
-awk '/<!-- loopback:start -->/{on=1; next} /<!-- loopback:end -->/{on=0} on && !/^```/' "$repo/README.md" > "$steps"
-[[ -s "$steps" ]] || { echo "loopback.sh: no loopback steps found in $repo/README.md" >&2; exit 2; }
-echo "following the README in $work:"; sed 's/^/  | /' "$steps"
+page="$repo/docs/deployment.md"
+steps="$work/loopback-steps.sh"
+awk '/<!-- loopback:start -->/{on=1; next} /<!-- loopback:end -->/{on=0} on && !/^```/' "$page" > "$steps"
+[[ -s "$steps" ]] || { echo "loopback.sh: no loopback steps found in $page" >&2; exit 2; }
+echo "following $page in $work:"; sed 's/^/  | /' "$steps"
 
 cleanup() {
   local pids
@@ -30,4 +31,4 @@ source "$steps"
 set +x
 state="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["state"])' runs/first/status.json)"
 [[ "$state" == finished ]] || { echo "loopback.sh: the run ended as '$state'" >&2; exit 1; }
-echo "loopback.sh: the README's deployment steps worked; run directory $work/runs/first"
+echo "loopback.sh: the documented deployment steps worked; run directory $work/runs/first"

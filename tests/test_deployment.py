@@ -325,8 +325,8 @@ def test_a_restarted_coordinator_resumes_from_the_last_completed_round(consortiu
     assert run.checkpoint_rounds() == [0, 1, 2]
 
 
-def test_the_readme_deployment_steps_work_when_followed_literally(tmp_path: Path) -> None:
-    """deploy/loopback.sh reads the README's one-machine steps and runs them with bash."""
+def test_the_documented_deployment_steps_work_when_followed_literally(tmp_path: Path) -> None:
+    """deploy/loopback.sh reads the one-machine steps of docs/deployment.md and runs them with bash."""
     procs = Processes(tmp_path)
     try:
         code, output = procs.finish(["bash", str(REPO / "deploy" / "loopback.sh"), str(tmp_path / "work")],

@@ -3,7 +3,7 @@
 The coordinator runs ``fedsynth server`` (a Flower SuperLink with TLS and SuperNode
 authentication), admits each hospital with ``fedsynth server register-hospital``, and
 launches runs with ``fedsynth run``. Each hospital runs ``fedsynth client`` (a Flower
-SuperNode reading only its own slice set). See deploy/GUIDE.md.
+SuperNode reading only its own slice set). See docs/deployment.md.
 """
 
 from __future__ import annotations

@@ -132,9 +132,9 @@ def prepare(
     Volumes (NIfTI, DICOM series grouped by SeriesInstanceUID and ordered by position)
     are reoriented to RAS, cut into axial slices, windowed and resized. Masks pair by
     name: --pair first, then files in --masks, then segmentation-XXX for volume-XXX (LiTS)
-    or XXX_seg / XXX_mask / XXX_label for XXX (for a DICOM series, names built from its
-    folder), then labelsTr/case for imagesTr/case_0000 (nnU-Net), then a DICOM SEG that
-    references the series. NIfTI files with seg, mask or
+    or XXX_seg / XXX_mask / XXX_label / XXX_labels / XXX_segmentation for XXX (for a DICOM
+    series, names built from its folder), then labelsTr/case for imagesTr/case_0000
+    (nnU-Net), then a DICOM SEG that references the series. NIfTI files with seg, mask or
     label in their name are masks, never images.
     """
     if size < 8:

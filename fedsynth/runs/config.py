@@ -164,8 +164,10 @@ class TrainConfig(_Section):
     )
     lr_g: float = Field(2e-4, gt=0, description="generator learning rate (Adam)")
     lr_d: float = Field(2e-4, gt=0, description="discriminator learning rate (Adam)")
-    beta1: float = Field(0.5, ge=0, lt=1)
-    beta2: float = Field(0.999, ge=0, lt=1)
+    beta1: float = Field(
+        0.5, ge=0, lt=1, description="Adam's first-moment decay, both networks (0.5: DCGAN's choice)"
+    )
+    beta2: float = Field(0.999, ge=0, lt=1, description="Adam's second-moment decay, both networks")
     loss: Literal["auto", "hinge", "bce", "wgan-gp"] = Field(
         "auto",
         description="adversarial loss: hinge, non-saturating BCE, or Wasserstein with gradient "
