@@ -62,15 +62,18 @@ ARMS: dict[str, dict[str, Any]] = {
     "nearest-no-augment": {**NEAREST, "train.augment": "none"},
     "nearest-no-mode-seeking": {**NEAREST, "train.diversity-weight": 0},
     "nearest-batch-64": {**NEAREST, "train.batch-size": 64},
+    "lr-x2": {"train.lr-d": 4e-4, "train.lr-g": 4e-4},  # tried after the federation screen (below)
+    "lr-x3": {"train.lr-d": 6e-4, "train.lr-g": 6e-4},
 }
-CENTRAL_ARMS = tuple(ARMS)  # the default screen
+CENTRAL_ARMS = tuple(a for a in ARMS if not a.startswith("lr-"))  # the default screen
 # Candidates for the federation, run only as fed-<arm>: its generator makes about a third of the
 # central steps in the same time (each hospital's copy steps once per batch, then they are averaged).
 FEDERATED_ONLY: dict[str, dict[str, Any]] = {
     "batch-16": {"train.batch-size": 16},
     "ttur": {"train.lr-d": 4e-4, "train.lr-g": 1e-4},
-    "lr-x2": {"train.lr-d": 4e-4, "train.lr-g": 4e-4},
     "local-steps-150": {"train.local-steps": 150},
+    "local-steps-25": {"train.local-steps": 25},  # less drift between averages, more rounds
+    "server-lr-2": {"federation.server-lr": 2.0},  # the server doubles the averaged update
 }
 ARMS.update(FEDERATED_ONLY)
 DATASETS = ("brain", "phantom-lesion", "phantom-site")
@@ -84,6 +87,7 @@ class AblationConfig:
     local_steps: int = 25  # steps between budget checks
     classifier_steps: int = 480
     seed: int = 0
+    fed_rounds: int = 0  # >0: fed- arms run this many rounds instead of the time budget (a per-step comparison)
     arms: tuple[str, ...] = CENTRAL_ARMS
     datasets: tuple[str, ...] = DATASETS
 
@@ -127,7 +131,8 @@ def train_federated(cfg: AblationConfig, settings: dict[str, Any], data: Path, w
     run_dir = work / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [FEDSYNTH, "simulate", "--data", str(data), "--hospitals", "3", "--partition", "dirichlet:0.5",
-           "--rounds", "10000", "--out", str(run_dir), "--set", f"federation.time-budget={cfg.budget:g}",
+           "--rounds", str(cfg.fed_rounds or 10000), "--out", str(run_dir),
+           "--set", f"federation.time-budget={0 if cfg.fed_rounds else cfg.budget:g}",
            "--set", f"train.seed={cfg.seed}", "--set", "simulation.validation=0"]
     for key, value in settings.items():
         cmd += ["--set", f"{key}={value}"]
@@ -162,14 +167,15 @@ def run_dataset(cfg: AblationConfig, name: str, work: Path, out: Path) -> dict[s
     fixed = grid_labels(len(train.class_names), 8)
     rows = list(train.class_names)
     for arm in cfg.arms:
-        progress(f"{name}: {arm}, {cfg.budget:g} s")
+        spent = f"{cfg.fed_rounds} rounds" if cfg.fed_rounds and arm.startswith("fed-") else f"{cfg.budget:g} s"
+        progress(f"{name}: {arm}, {spent}")
         if arm.startswith("fed-"):
             gen, stats = train_federated(cfg, ARMS[arm.removeprefix("fed-")], data, work / f"fed-{name}")
         else:
             gen, stats = train_arm(cfg, ARMS[arm], train)
         result[arm] = {**stats, **measure(space, holdout.images, generate(gen, draw, seed=cfg.seed + 1))}
         save_grid(generate(gen, fixed, seed=12345), out / "grids" / f"{name}-{arm}.png", columns=8, row_names=rows,
-                  title=f"{name}: {arm}, {cfg.budget:g} s")
+                  title=f"{name}: {arm}, {spent}")
         progress(f"{name}: {arm}: FD {result[arm]['fd']:.2f}, precision {result[arm]['precision']:.2f}, "
                  f"recall {result[arm]['recall']:.2f}, {result[arm]['generator_steps']} steps")
     real = train.images[np.concatenate([np.flatnonzero(train.labels == k)[:8] for k in range(len(train.class_names))])]
@@ -181,7 +187,11 @@ def run_dataset(cfg: AblationConfig, name: str, work: Path, out: Path) -> dict[s
 def markdown(cfg: AblationConfig, result: dict[str, Any]) -> list[str]:
     fed = "; fed-: 3 hospitals through fedsynth simulate, steps summed over them" if any(
         a.startswith("fed-") for a in cfg.arms) else ""
-    lines = [f"# Recipe ablation: central cdcgan arms{fed}; {cfg.budget:g} s per arm, {cfg.image_size} px", "",
+    if fed and cfg.fed_rounds:
+        fed += f", {cfg.fed_rounds} rounds each (not the time budget)"
+    timed = not cfg.fed_rounds or any(not a.startswith("fed-") for a in cfg.arms)
+    budget = f"; {cfg.budget:g} s per {'central ' if cfg.fed_rounds else ''}arm" if timed else ""
+    lines = [f"# Recipe ablation: central cdcgan arms{fed}{budget}, {cfg.image_size} px", "",
              machine_line(result["machine"]), "",
              "Classifier-feature FD against the real holdout (lower is better), precision / recall (k = 5).", "",
              "| arm | " + " | ".join(cfg.datasets) + " |", "| --- |" + " --- |" * len(cfg.datasets)]
@@ -198,6 +208,9 @@ def markdown(cfg: AblationConfig, result: dict[str, Any]) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget", type=float, default=100.0, help="seconds of training per arm")
+    p.add_argument("--fed-rounds", type=int, default=0,
+                   help="fed- arms run this many rounds, not --budget seconds: compares recipes per step, which "
+                   "other load on the cores cannot bias (for changes that leave a step's cost alone)")
     p.add_argument("--quick", action="store_true", help="tiny settings: checks that it runs")
     p.add_argument("--arms", default="", help=f"comma-separated arms (default: {', '.join(CENTRAL_ARMS)}; any as fed-ARM, "
                    f"and {', '.join(sorted(FEDERATED_ONLY))} only as fed-ARM)")
@@ -210,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
         overrides["arms"] = tuple(args.arms.split(","))
     if args.datasets:
         overrides["datasets"] = tuple(args.datasets.split(","))
-    cfg = AblationConfig(budget=args.budget, **overrides)
+    cfg = AblationConfig(budget=args.budget, fed_rounds=args.fed_rounds, **overrides)
     central_only = [a for a in cfg.arms if a in FEDERATED_ONLY]
     if central_only:
         raise SystemExit(f"{', '.join(central_only)}: federated-only arms, run as fed-ARM")
