@@ -32,7 +32,7 @@ from fedsynth.data.sliceset import SliceSet
 from . import audit_scaling, dp_overhead
 from .common import ENV, FEDSYNTH, run, spread
 
-GOALS = {"trainer": 1.05, "dp": 1.4, "federation": 1.15, "audit_50k_s": 60.0, "memory_gb": 1.5}
+GOALS = {"trainer": 1.05, "dp": 1.4, "federation": 1.15, "audit_50k_s": 600.0, "memory_gb": 1.5}
 
 
 # --- trainer overhead -------------------------------------------------------------------------------
@@ -278,42 +278,48 @@ def peak_memory(data: Path, work: Path, *, hospitals: int, steps: int, threads: 
 
 def audit_scale(sizes: list[int], *, image_size: int, threads: int, full_audit_max: int,
                 work: Path, steps: int = 0) -> tuple[dict, list[str]]:
-    """Nearest-neighbour search (and the whole audit, utility study aside) at each size. ``steps``
+    """The copy detector's search (and the whole audit, utility study aside) at each size,
+    n synthetic x n training images and a holdout of n / 4 (at most 10,000). ``steps``
     (0: the audit's default) trains the audit's classifier for that many steps."""
     from fedsynth.audit.pipeline import AuditInputs, AuditOptions, run_audit
 
     torch.set_num_threads(threads)
-    base, what = audit_scaling.base_images(image_size)
+    base, base_labels, what = audit_scaling.base_images(image_size)
     rows = []
     for n in sizes:
-        synthetic, train = audit_scaling.augmented(base, n, 1), audit_scaling.augmented(base, n, 2)
-        figures = audit_scaling.search_times(synthetic, train)
-        row: dict[str, Any] = {"n": n, **figures}
+        data = audit_scaling.sets(base, base_labels, n, holdout=min(10_000, max(10, n // 4)))
+        (train, train_labels), (holdout, holdout_labels), (synthetic, synthetic_labels) = data.values()
+        row: dict[str, Any] = {"n": n, "holdout": len(holdout), **audit_scaling.search_times(synthetic, train)}
         if n <= full_audit_max:
-            holdout = audit_scaling.augmented(base, max(10, n // 4), 3)
-            labels = np.arange(n) % 2
             inputs = AuditInputs(
-                train_images=train, train_labels=labels, train_patients=np.arange(n).astype(str),
-                holdout_images=holdout, holdout_labels=np.arange(len(holdout)) % 2,
+                train_images=train, train_labels=train_labels, train_patients=np.arange(n).astype(str),
+                holdout_images=holdout, holdout_labels=holdout_labels,
                 holdout_patients=(np.arange(len(holdout)) + n).astype(str),
-                synthetic_images=synthetic, synthetic_labels=labels, class_names=("a", "b"))
+                synthetic_images=synthetic, synthetic_labels=synthetic_labels,
+                class_names=tuple(f"class-{c}" for c in range(int(base_labels.max()) + 1)))
             start = time.perf_counter()
             options = AuditOptions(utility=False, threads=threads)
             if steps:
                 options.classifier_steps = steps
-            run_audit(inputs, work / f"audit-{n}", options)
+            audit = run_audit(inputs, work / f"audit-{n}", options)
             row["full_audit_without_utility_s"] = time.perf_counter() - start
+            row["audit_steps_s"] = audit["seconds"]
+            row["copying_verdict"] = audit["summary"]["copying"]
         rows.append(row)
     result = {"image_size": image_size, "threads": threads, "images": what, "rows": rows, "classifier_steps": steps or "default",
-              "goal_50k_search_s": GOALS["audit_50k_s"]}
-    lines = [f"### Audit scaling ({image_size} px, n synthetic x n training images, {threads} threads; {what})", "",
-             "| n | PCA fit | project | nearest-neighbour search | aligned search (9 shifts) | whole audit, no utility |",
-             "| --- | --- | --- | --- | --- | --- |"]
+              "goal_50k_audit_s": GOALS["audit_50k_s"]}
+    lines = [f"### Audit scaling ({image_size} px, n synthetic x n training images, {threads} threads; {what}, "
+             "disjoint thirds grown under light random disguises)", "",
+             "| n | holdout | copy detector: index both sets | copy detector: every synthetic image to train | "
+             "whole audit, no utility | of which memorization (both spaces) | copying verdict |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        full = f"{r['full_audit_without_utility_s']:.1f} s" if "full_audit_without_utility_s" in r else "not run"
-        lines.append(f"| {r['n']:,} | {r['pca_fit_s']:.1f} s | {r['project_both_sets_s']:.1f} s | "
-                     f"{r['nearest_neighbour_search_s']:.1f} s | {r['aligned_search_9_shifts_s']:.1f} s | {full} |")
-    lines += ["", f"Goal: 50k x 50k nearest-neighbour search < {GOALS['audit_50k_s']:.0f} s. The utility study is "
-              "left out: its cost is set by the classifiers' steps, not by n."]
+        full = f"{r['full_audit_without_utility_s']:.0f} s" if "full_audit_without_utility_s" in r else "not run"
+        memo = f"{r['audit_steps_s']['memorization']:.0f} s" if "audit_steps_s" in r else "—"
+        lines.append(f"| {r['n']:,} | {r['holdout']:,} | {r['index_both_sets_s']:.1f} s | {r['copy_search_s']:.1f} s | "
+                     f"{full} | {memo} | {r.get('copying_verdict', '—')} |")
+    lines += ["", f"Goal: the whole audit of 50k x 50k, memorization included, < {GOALS['audit_50k_s']:.0f} s. The "
+              "utility study is left out: its cost is set by the classifiers' steps, not by n. The synthetic images "
+              "are new images (not copies of training ones), so the copying verdict should be green."]
     return result, lines
 

@@ -173,7 +173,7 @@ def evaluate(cfg: RecipeConfig, data: Path, runs: dict[str, dict[str, Any]], pro
     headline and DP arms)."""
     from fedsynth.metrics.features import AutoencoderSpace, PixelSpace
     from fedsynth.metrics.fidelity import frechet_distance, kernel_inception_distance, precision_recall_density_coverage
-    from fedsynth.audit.memorization import closer_to_train_share, measure_distances, near_copies
+    from fedsynth.audit.memorization import FeatureSearch, closer_to_train_share, measure_distances, near_copies
     from fedsynth.audit.utility import utility_study
     from fedsynth.data.sliceset import SliceSet
 
@@ -212,7 +212,7 @@ def evaluate(cfg: RecipeConfig, data: Path, runs: dict[str, dict[str, Any]], pro
         progress(f"measuring {arm}")
         images, labels = draw(info["run"], cfg.n_synthetic, proportions, cfg.seed)
         row = measure(images)
-        d = measure_distances("encoder", spaces["encoder"].transform, synthetic=images, train=train.images,
+        d = measure_distances("encoder", FeatureSearch(spaces["encoder"].transform), synthetic=images, train=train.images,
                               holdout=holdout.images, seed=cfg.seed)
         share = closer_to_train_share(d)
         copies = near_copies(d)

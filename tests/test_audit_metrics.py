@@ -26,7 +26,7 @@ def _images(n: int, seed: int) -> np.ndarray:
 
 
 def _distances(synthetic: np.ndarray, train: np.ndarray, holdout: np.ndarray, **kw) -> M.Distances:
-    return M.measure_distances("pixels", _flat, synthetic=synthetic, train=train, holdout=holdout, **kw)
+    return M.measure_distances("pixels", M.FeatureSearch(_flat), synthetic=synthetic, train=train, holdout=holdout, **kw)
 
 
 def test_copies_give_the_full_copying_share_and_a_tiny_p_value() -> None:

@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 SHARE_FILE = "share.json"
-SHARE_FORMAT = "fedsynth-audit-share/1"
+SHARE_FORMAT = "fedsynth-audit-share/2"  # 2: the copy detector's coverage
 CONSORTIUM_FORMAT = "fedsynth-consortium-audit/1"
 # Distances are sent relative to the hospital's own median holdout->train distance (each
 # hospital fits its own feature spaces, so raw distances are not comparable across sites).
@@ -162,6 +162,8 @@ WIRE_SCHEMA: dict[str, Any] = {
         }
     },
     "privacy": {"dp_sgd": _flag, "ledger": [_LEDGER_ROW]},
+    # what the copy detector undoes before it measures a distance, and what it does not
+    "copy_detector": {"covers": _names, "does_not_cover": _names},
     # the generator audited: its checkpoint's hash (--run) or the synthetic file's (--synthetic)
     "provenance": {"round": _number, "generator_sha256": _text, "audit_sha256": _text},
 }
@@ -276,6 +278,9 @@ def build_share(
         "checks": checks,
         "dcr_histograms": histograms,
         "membership": membership,
+        "copy_detector": {
+            key: list(audit["feature_spaces"]["pixels"].get(key, [])) for key in ("covers", "does_not_cover")
+        },
         "privacy": {
             "dp_sgd": bool(audit["privacy"]["dp_sgd"]),
             "ledger": [
@@ -379,6 +384,7 @@ def combine_shares(shares: list[dict[str, Any]]) -> dict[str, Any]:
         "totals": {key: sum(s["counts"][key] for s in shares) for key in WIRE_SCHEMA["counts"]},
         "pooled_dcr_histograms": pooled_hist,
         "pooled_near_copies": near,
+        "copy_detector": shares[0]["copy_detector"],
         "dcr_bin_edges": DCR_BIN_EDGES.tolist(),
         "roc_fpr_grid": ROC_FPR_GRID.tolist(),
         "generator": {

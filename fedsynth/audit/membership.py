@@ -21,17 +21,17 @@ half (after Jagielski et al., 2020; a heuristic for one trained generator, not a
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from fedsynth.audit.memorization import aligned_nearest
+from fedsynth.audit.memorization import Search
 from fedsynth.metrics.neighbours import nearest, pairwise_within
 
 __all__ = [
+    "IndexedRecords",
     "Records",
     "attack_metrics",
     "density_scores",
@@ -42,8 +42,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-Transform = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclass
@@ -106,20 +104,30 @@ def _per_patient(records: Records, per_image: np.ndarray) -> np.ndarray:
     return sums / np.maximum(counts, 1)
 
 
-def distance_scores(
-    records: Records, transform: Transform, synthetic_features: np.ndarray, *, align: int = 0
-) -> np.ndarray:
-    """GAN-Leaks: minus the (aligned) distance to the nearest synthetic image, per patient."""
-    distance, _ = aligned_nearest(transform, records.images, synthetic_features, align=align)
-    return _per_patient(records, -distance)
+class IndexedRecords:
+    """The records and the synthetic images as one space's search indexed them (the
+    records indexed here, once for both black-box attacks)."""
+
+    def __init__(self, search: Search, records: Records, synthetic: Any) -> None:
+        self.search, self.records, self.synthetic = search, records, synthetic
+        self.indexed = search.index(records.images)
 
 
-def density_scores(records: Records, transform: Transform, synthetic_features: np.ndarray) -> np.ndarray:
-    """Monte-Carlo density: synthetic images within the median nearest-synthetic distance."""
-    features = transform(records.images)
+def distance_scores(indexed: IndexedRecords) -> np.ndarray:
+    """GAN-Leaks: minus the distance to the nearest synthetic image (in the search's
+    sense: for pixels, after undoing the disguise), per patient."""
+    distance, _ = indexed.search.nearest(indexed.indexed, indexed.synthetic)
+    return _per_patient(indexed.records, -distance)
+
+
+def density_scores(indexed: IndexedRecords) -> np.ndarray:
+    """Monte-Carlo density: synthetic images within the median nearest-synthetic distance,
+    in the search's features."""
+    features = indexed.search.features(indexed.indexed)
+    synthetic_features = indexed.search.features(indexed.synthetic)
     nearest_d, _ = nearest(features, synthetic_features)
     radius = float(np.median(nearest_d[:, 0]))
-    return _per_patient(records, pairwise_within(features, synthetic_features, radius).astype(float))
+    return _per_patient(indexed.records, pairwise_within(features, synthetic_features, radius).astype(float))
 
 
 def discriminator_scores(disc: torch.nn.Module, records: Records) -> np.ndarray:

@@ -3,9 +3,12 @@ than fresh real data would be?
 
 Every metric compares synthetic -> train distances with holdout -> train distances (the
 hospital's patients never trained on): fresh real data is the reference an honest
-generator should match. Distances are nearest-neighbour Euclidean distances in one
-feature space; in pixel space they are *aligned*: the minimum over shifts of up to
-``align`` pixels, so a copy moved by a pixel is still a copy.
+generator should match. Distances are nearest-neighbour distances found by one
+:class:`Search`: in a feature space (:class:`FeatureSearch`, e.g. the audit's encoder),
+or in pixels after undoing the disguise a generator copies under
+(:class:`CopySearch`: mirror, rotation, zoom, shift and intensity curve; see
+:mod:`fedsynth.metrics.copies`), so a copy returned mirrored or turned a few degrees is
+still a copy.
 
 - DCR (distance to closest record): median and 5th percentile, synthetic vs holdout.
 - Closer-to-train share: with train subsampled to the holdout's size, the share of
@@ -16,22 +19,30 @@ feature space; in pixel space they are *aligned*: the minimum over shifts of up 
 - Authenticity (Alaa et al., 2022): the share of synthetic images farther from their
   nearest training image than that image is from its own nearest training neighbour.
 - Near-copies: synthetic images closer to train than the 1st percentile of holdout -> train.
+
+Every synthetic image is searched against train (near-copies, DCR, C_T); the
+closer-to-train share and authenticity, which need three more searches, use a random
+sample of at most ``sample`` synthetic images (10,000 by default: their p-values already
+resolve a copying share of a few percent).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 
+from fedsynth.metrics.copies import CopyDetector, CopyIndex
 from fedsynth.metrics.neighbours import nearest
 
 __all__ = [
+    "CopySearch",
     "Distances",
-    "aligned_nearest",
+    "FeatureSearch",
+    "Search",
     "authenticity",
     "authenticity_test",
     "closer_to_train_share",
@@ -39,62 +50,90 @@ __all__ = [
     "dcr_summary",
     "measure_distances",
     "near_copies",
-    "shift_images",
 ]
 
 log = logging.getLogger(__name__)
 
 Transform = Callable[[np.ndarray], np.ndarray]
+SAMPLE = 10_000
 
 
-def shift_images(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
-    """Move images by (dy, dx) pixels, filling the uncovered border with edge pixels."""
-    if dy == 0 and dx == 0:
-        return images
-    size_y, size_x = images.shape[1:]
-    pad = max(abs(dy), abs(dx))
-    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad)), mode="edge")
-    return padded[:, pad - dy : pad - dy + size_y, pad - dx : pad - dx + size_x]
+class Search(Protocol):
+    """How one space finds nearest images: images are indexed once, then searched."""
+
+    def index(self, images: np.ndarray) -> Any: ...
+
+    def subset(self, index: Any, rows: np.ndarray) -> Any: ...
+
+    def nearest(
+        self, queries: Any, reference: Any, *, exclude: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(N,) distances and (N,) indices into the reference; ``exclude``: per query, a
+        reference row it may not match (its own)."""
+        ...
+
+    def features(self, index: Any) -> np.ndarray:
+        """A vector per image (for clustering train space and for densities)."""
+        ...
 
 
-def aligned_nearest(
-    transform: Transform,
-    queries: np.ndarray,
-    reference: np.ndarray,
-    *,
-    align: int = 0,
-    exclude_self: bool = False,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest reference row for each query image, the minimum over query shifts of up to
-    ``align`` pixels in each direction ((2*align+1)^2 searches).
+@dataclass
+class FeatureSearch:
+    """Exact Euclidean nearest neighbours of the images' features."""
 
-    Parameters
-    ----------
-    transform : images (uint8, (N, H, W)) to features.
-    queries : query images.
-    reference : reference features (already transformed).
+    transform: Transform
 
-    Returns
-    -------
-    (N,) distances and (N,) indices into ``reference``.
-    """
-    best_d: np.ndarray | None = None
-    best_i: np.ndarray | None = None
-    for dy in range(-align, align + 1):
-        for dx in range(-align, align + 1):
-            d, i = nearest(transform(shift_images(queries, dy, dx)), reference, exclude_self=exclude_self)
-            if best_d is None or best_i is None:
-                best_d, best_i = d[:, 0].copy(), i[:, 0].copy()
-            else:
-                better = d[:, 0] < best_d
-                best_d[better], best_i[better] = d[better, 0], i[better, 0]
-    assert best_d is not None and best_i is not None
-    return best_d, best_i
+    def index(self, images: np.ndarray) -> np.ndarray:
+        return self.transform(images)
+
+    def subset(self, index: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        return index[rows]
+
+    def nearest(
+        self, queries: np.ndarray, reference: np.ndarray, *, exclude: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        d, i = nearest(queries, reference, exclude=exclude)
+        return d[:, 0], i[:, 0]
+
+    def features(self, index: np.ndarray) -> np.ndarray:
+        return index
+
+
+@dataclass
+class CopySearch:
+    """Nearest images after undoing mirror, rotation, zoom, shift and intensity curve
+    (:class:`~fedsynth.metrics.copies.CopyDetector`). The poses of the last search's
+    matches are kept (``last_theta``) for the gallery."""
+
+    detector: CopyDetector = field(default_factory=CopyDetector)
+    last_theta: np.ndarray | None = None
+
+    def index(self, images: np.ndarray) -> CopyIndex:
+        return self.detector.index(images)
+
+    def subset(self, index: CopyIndex, rows: np.ndarray) -> CopyIndex:
+        return index.subset(rows)
+
+    def nearest(
+        self, queries: CopyIndex, reference: CopyIndex, *, exclude: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        matches = self.detector.nearest(queries, reference, exclude=exclude)
+        self.last_theta = matches.theta
+        return matches.distance, matches.index
+
+    def features(self, index: CopyIndex) -> np.ndarray:
+        return self.detector.features(index)
 
 
 @dataclass
 class Distances:
-    """Nearest-neighbour distances in one feature space (arrays, kept out of audit.json)."""
+    """Nearest-neighbour distances in one space (arrays, kept out of audit.json).
+
+    ``sample`` indexes the synthetic images that the share test and authenticity use;
+    the ``synthetic_to_holdout*`` and ``synthetic_to_train_subset*`` arrays, and
+    ``subset_unit`` / ``holdout_unit``, are over that sample. ``train_to_train`` is NaN
+    for training images that no sampled or holdout image has as its nearest.
+    """
 
     space: str
     synthetic_to_train: np.ndarray
@@ -110,40 +149,44 @@ class Distances:
     train_features: np.ndarray
     holdout_features: np.ndarray
     synthetic_features: np.ndarray
-    subset_unit: np.ndarray  # patient of each synthetic image's nearest train-subsample image
-    holdout_unit: np.ndarray  # patient of each synthetic image's nearest holdout image
+    subset_unit: np.ndarray  # patient of each sampled synthetic image's nearest train-subsample image
+    holdout_unit: np.ndarray  # patient of each sampled synthetic image's nearest holdout image
     train_share: float = 1.0  # the subsample's share of training patients
+    sample: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    synthetic_theta: np.ndarray | None = None  # (N, 2, 3) pose of each synthetic image's match (copy search)
+    synthetic_index: Any = None  # the synthetic images as the search indexed them (membership inference)
 
 
 def measure_distances(
     space: str,
-    transform: Transform,
+    search: Search,
     *,
     synthetic: np.ndarray,
     train: np.ndarray,
     holdout: np.ndarray,
-    align: int = 0,
     seed: int = 0,
     train_patients: np.ndarray | None = None,
     holdout_patients: np.ndarray | None = None,
+    sample: int = SAMPLE,
 ) -> Distances:
     """All the nearest-neighbour distances the memorization metrics and galleries need.
 
     Parameters
     ----------
-    space : the feature space's name.
-    transform : images to features.
+    space : the space's name.
+    search : how nearest images are found (:class:`CopySearch`, :class:`FeatureSearch`).
     synthetic, train, holdout : uint8 images (N, H, W).
-    align : pixel shifts searched (pixel space only; 0 elsewhere).
-    seed : seed of the train subsample of the holdout's size.
+    seed : seed of the train subsample of the holdout's size, and of the synthetic sample.
     train_patients, holdout_patients : patient id per image; the train subsample then
         takes as many whole patients as the holdout has (so the two are exchangeable),
         and the share test groups images by patient. None: every image is a patient.
+    sample : at most this many synthetic images for the share test and authenticity.
     """
-    train_f, holdout_f, synthetic_f = transform(train), transform(holdout), transform(synthetic)
-    st_d, st_i = aligned_nearest(transform, synthetic, train_f, align=align)
-    sh_d, sh_i = aligned_nearest(transform, synthetic, holdout_f, align=align)
-    ht_d, ht_i = aligned_nearest(transform, holdout, train_f, align=align)
+    finder = search
+    train_x, holdout_x, synthetic_x = finder.index(train), finder.index(holdout), finder.index(synthetic)
+    st_d, st_i = finder.nearest(synthetic_x, train_x)
+    theta = finder.last_theta if isinstance(finder, CopySearch) else None
+    ht_d, ht_i = finder.nearest(holdout_x, train_x)
     rng = np.random.default_rng(seed)
     train_p = (
         np.arange(len(train)).astype(str)
@@ -158,9 +201,21 @@ def measure_distances(
     train_ids = np.unique(train_p)
     chosen = rng.choice(train_ids, size=min(len(np.unique(holdout_p)), len(train_ids)), replace=False)
     subset = np.flatnonzero(np.isin(train_p, chosen))
-    sts_d, sts_i = aligned_nearest(transform, synthetic, train_f[subset], align=align)
-    tt_d, _ = aligned_nearest(transform, train, train_f, align=align, exclude_self=True)
-    # the patient (unit of the share test) behind each synthetic image's nearest subsample/holdout image
+    rows = (
+        np.arange(len(synthetic))
+        if len(synthetic) <= sample
+        else np.sort(rng.choice(len(synthetic), size=sample, replace=False))
+    )
+    sampled_x = synthetic_x if len(rows) == len(synthetic) else finder.subset(synthetic_x, rows)
+    sh_d, sh_i = finder.nearest(sampled_x, holdout_x)
+    sts_d, sts_i = finder.nearest(sampled_x, finder.subset(train_x, subset))
+    # each needed training image to its nearest other training image (authenticity)
+    needed = np.unique(np.concatenate([st_i[rows], ht_i]))
+    tt_d = np.full(len(train), np.nan, dtype=np.float32)
+    if len(train) > 1:
+        queries = train_x if len(needed) == len(train) else finder.subset(train_x, needed)
+        tt_d[needed], _ = finder.nearest(queries, train_x, exclude=needed)
+    # the patient (unit of the share test) behind each sampled image's nearest subsample/holdout image
     subset_unit = np.char.add("t:", train_p[subset][sts_i])
     holdout_unit = np.char.add("h:", holdout_p[sh_i])
     return Distances(
@@ -175,12 +230,15 @@ def measure_distances(
         sts_i,
         len(subset),
         tt_d,
-        train_f,
-        holdout_f,
-        synthetic_f,
+        finder.features(train_x),
+        finder.features(holdout_x),
+        finder.features(synthetic_x),
         subset_unit,
         holdout_unit,
         train_share=len(chosen) / len(train_ids),
+        sample=rows,
+        synthetic_theta=theta,
+        synthetic_index=synthetic_x,
     )
 
 
@@ -316,8 +374,8 @@ def authenticity(d: Distances, *, queries: str = "synthetic") -> float:
     ``queries`` = "holdout" gives the real-data reference."""
     if queries == "holdout":
         dist, idx = d.holdout_to_train, d.holdout_to_train_index
-    else:
-        dist, idx = d.synthetic_to_train, d.synthetic_to_train_index
+    else:  # the sampled synthetic images (all of them, up to the sample size)
+        dist, idx = d.synthetic_to_train[d.sample], d.synthetic_to_train_index[d.sample]
     return float((dist > d.train_to_train[idx]).mean())
 
 
@@ -330,7 +388,7 @@ def authenticity_test(d: Distances) -> dict[str, Any]:
     and the p-value of "synthetic less authentic than fresh real data".
     """
     synthetic, holdout = authenticity(d), authenticity(d, queries="holdout")
-    _, counts = np.unique(d.synthetic_to_train_index, return_counts=True)
+    _, counts = np.unique(d.synthetic_to_train_index[d.sample], return_counts=True)
     weights = counts / counts.sum()
     spread = holdout * (1 - holdout)
     sd = float(np.sqrt(spread * (weights**2).sum() + spread / len(d.holdout_to_train)))

@@ -38,12 +38,12 @@ from fedsynth.core.grids import save_grid
 from fedsynth.core.plotting import pyplot
 from fedsynth.core.progress import Progress
 from fedsynth.metrics import fidelity
+from fedsynth.metrics.copies import CopyDetector, describe_pose
 from fedsynth.metrics.features import (
     AutoencoderSpace,
     ClassifierSpace,
     FeatureError,
     InceptionSpace,
-    PixelSpace,
     find_inception_weights,
 )
 
@@ -113,8 +113,6 @@ class Discriminator:
 @dataclass
 class AuditOptions:
     seed: int = 0
-    pixel_components: int = 64
-    align: int = 1
     encoder_steps: int = 500
     inception_weights: str | None = None
     inception_max_images: int = 1000
@@ -127,6 +125,8 @@ class AuditOptions:
     utility_fraction: float = 1.0
     classifier_steps: int = 480
     mia_max_patients: int = 2000
+    # the closer-to-train share and authenticity use at most this many synthetic images
+    share_sample: int = memorization.SAMPLE
     gallery_rows: int = 12
     threads: int | None = None
 
@@ -182,29 +182,30 @@ def run_audit(
     try:
         t = time.monotonic()
         fitted = spaces_fitted or fit_feature_spaces(inputs, options, progress)
-        pixels, encoder = fitted.pixels, fitted.encoder
+        encoder = fitted.encoder
         timings["feature_spaces"] = time.monotonic() - t
-        spaces: list[tuple[str, Callable[[np.ndarray], np.ndarray], int]] = [
-            ("pixels", pixels.transform, options.align),
-            ("encoder", encoder.transform, 0),
-        ]
+        detector = CopyDetector()
+        spaces: dict[str, memorization.Search] = {
+            # pixels, with the disguise undone: the copy detector
+            "pixels": memorization.CopySearch(detector),
+            "encoder": memorization.FeatureSearch(encoder.transform),
+        }
 
         t = time.monotonic()
-        step("memorization: nearest neighbours")
-        distances = {
-            name: memorization.measure_distances(
+        distances = {}
+        for name, search in spaces.items():
+            step(f"memorization: nearest neighbours ({name})")
+            distances[name] = memorization.measure_distances(
                 name,
-                transform,
+                search,
                 synthetic=inputs.synthetic_images,
                 train=inputs.train_images,
                 holdout=inputs.holdout_images,
-                align=align,
                 seed=options.seed,
                 train_patients=inputs.train_patients,
                 holdout_patients=inputs.holdout_patients,
+                sample=options.share_sample,
             )
-            for name, transform, align in spaces
-        }
         memo = {name: _memorization(d) for name, d in distances.items()}
         timings["memorization"] = time.monotonic() - t
 
@@ -262,7 +263,7 @@ def run_audit(
             **inputs.provenance,
         },
         "feature_spaces": {
-            "pixels": {**pixels.describe(), "aligned_shift_pixels": options.align},
+            "pixels": detector.describe(),
             "encoder": encoder.describe(),
             "classifier": fitted.classifier.describe()
             if fitted.classifier
@@ -295,7 +296,6 @@ class FittedSpaces:
     the same real data). ``classifier`` is None, with the reason, where the real training
     slices cannot train one (a single class)."""
 
-    pixels: PixelSpace
     encoder: AutoencoderSpace
     classifier: ClassifierSpace | None
     classifier_reason: str = ""
@@ -306,14 +306,11 @@ def fit_feature_spaces(
     options: AuditOptions,
     progress: Progress | None = None,
 ) -> FittedSpaces:
-    """The pixel space (PCA) and the audit's own encoder, both fit on the real slices
-    (train and holdout alike, so members and non-members are embedded the same way),
-    and the classifier space, trained on the real TRAIN slices and their classes only
-    (the holdout is what synthetic images are scored against in it)."""
+    """The audit's own encoder, fit on the real slices (train and holdout alike, so
+    members and non-members are embedded the same way), and the classifier space,
+    trained on the real TRAIN slices and their classes only (the holdout is what
+    synthetic images are scored against in it)."""
     real = np.concatenate([inputs.train_images, inputs.holdout_images])
-    if progress:
-        progress(0, 1, "pixel space (PCA)")
-    pixels = PixelSpace(components=options.pixel_components, seed=options.seed).fit(real)
     label = "encoder: training on the real slices"
     encoder = AutoencoderSpace(steps=options.encoder_steps, seed=options.seed, threads=options.threads).fit(
         real, progress=(lambda d, n, stage="": progress(d, n, label)) if progress else None
@@ -332,7 +329,7 @@ def fit_feature_spaces(
         reason = ""
     except FeatureError as exc:
         classifier, reason = None, str(exc)
-    return FittedSpaces(pixels, encoder, classifier, reason)
+    return FittedSpaces(encoder, classifier, reason)
 
 
 # --- measurements ---------------------------------------------------------------------------------
@@ -418,25 +415,29 @@ def _fidelity(
         }
         result["inception_space"] = {"computed": True, "reason": how, **space.describe()}
     labels_known = inputs.synthetic_labels is not None
+    # a hospital may hold no training slice of a class the generator draws (a non-IID
+    # consortium): those images have nothing of their class to be matched against
+    held = np.unique(inputs.train_labels)
+
+    def matched(images: np.ndarray, labels: np.ndarray | None) -> dict[str, Any]:
+        keep = (
+            np.isin(labels, held) if labels_known and labels is not None else np.ones(len(images), dtype=bool)
+        )
+        if not keep.any():
+            return {"computed": False, "reason": "no training slice of these images' classes"}
+        summary = fidelity.class_matched_ssim_psnr(
+            images[keep],
+            labels[keep] if labels_known and labels is not None else None,
+            inputs.train_images,
+            inputs.train_labels if labels_known else None,
+            seed=options.seed,
+        )
+        left_out = int((~keep).sum())
+        return _drop_values(summary) | ({"left_out_no_training_slice_of_class": left_out} if left_out else {})
+
     result["ssim_psnr_class_matched"] = {
-        "synthetic": _drop_values(
-            fidelity.class_matched_ssim_psnr(
-                inputs.synthetic_images,
-                inputs.synthetic_labels if labels_known else None,
-                inputs.train_images,
-                inputs.train_labels if labels_known else None,
-                seed=options.seed,
-            )
-        ),
-        "holdout": _drop_values(
-            fidelity.class_matched_ssim_psnr(
-                inputs.holdout_images,
-                inputs.holdout_labels if labels_known else None,
-                inputs.train_images,
-                inputs.train_labels if labels_known else None,
-                seed=options.seed,
-            )
-        ),
+        "synthetic": matched(inputs.synthetic_images, inputs.synthetic_labels),
+        "holdout": matched(inputs.holdout_images, inputs.holdout_labels),
         "protocol": "each image against one random training image of the same class (MedScanGAN, seed paper "
         "003)",
     }
@@ -529,7 +530,7 @@ def _drop_values(summary: dict[str, Any]) -> dict[str, Any]:
 
 def _membership(
     inputs: AuditInputs,
-    spaces: list[tuple[str, Callable[[np.ndarray], np.ndarray], int]],
+    spaces: dict[str, memorization.Search],
     distances: dict[str, memorization.Distances],
     options: AuditOptions,
     discriminators: list[Discriminator],
@@ -545,15 +546,13 @@ def _membership(
         seed=options.seed,
     )
     attacks: dict[str, Any] = {}
-    for name, transform, align in spaces:
-        synthetic_f = distances[name].synthetic_features
+    for name, search in spaces.items():
+        indexed = membership.IndexedRecords(search, records, distances[name].synthetic_index)
         attacks[f"distance/{name}"] = membership.attack_metrics(
-            membership.distance_scores(records, transform, synthetic_f, align=align),
-            records.member,
-            seed=options.seed,
+            membership.distance_scores(indexed), records.member, seed=options.seed
         )
         attacks[f"density/{name}"] = membership.attack_metrics(
-            membership.density_scores(records, transform, synthetic_f), records.member, seed=options.seed
+            membership.density_scores(indexed), records.member, seed=options.seed
         )
     for disc in discriminators:
         attacks[f"discriminator/{disc.hospital}"] = membership.attack_metrics(
@@ -966,21 +965,44 @@ def _figures(
     written["mia_roc"] = f"{FIGURES}/mia_roc.png"
 
     pix = distances["pixels"]
-    order = np.argsort(pix.synthetic_to_train)[: options.gallery_rows]
-    tiles = []
-    for i in order:
+    order = np.argsort(pix.synthetic_to_train, kind="stable")[: options.gallery_rows]
+    tiles, names = [], []
+    size = inputs.train_images.shape[1]
+    # each shown synthetic image's nearest holdout image, found the same way
+    search = memorization.CopySearch(CopyDetector())
+    to_holdout, holdout_at = search.nearest(
+        search.subset(pix.synthetic_index, order), search.index(inputs.holdout_images)
+    )
+    holdout_theta = search.last_theta
+    for row, i in enumerate(order):
+        theta = pix.synthetic_theta[i] if pix.synthetic_theta is not None else None
+        undone = (
+            CopyDetector.align(inputs.synthetic_images[i], theta)
+            if theta is not None
+            else inputs.synthetic_images[i]
+        )
+        holdout_undone = (
+            CopyDetector.align(inputs.synthetic_images[i], holdout_theta[row])
+            if holdout_theta is not None
+            else inputs.synthetic_images[i]
+        )
         tiles += [
             inputs.synthetic_images[i],
+            undone,
             inputs.train_images[pix.synthetic_to_train_index[i]],
-            inputs.holdout_images[pix.synthetic_to_holdout_index[i]],
+            holdout_undone,
+            inputs.holdout_images[holdout_at[row]],
         ]
+        pose = describe_pose(theta, size) if theta is not None else "as is"
+        names.append(f"{pose}; d {pix.synthetic_to_train[i]:.4f} vs {to_holdout[row]:.4f}")
     scale = max(2, 128 // inputs.train_images.shape[1])
     save_grid(
         np.stack(tiles),
         folder / "closest_pairs.png",
-        columns=3,
+        columns=5,
         scale=scale,
-        title="synthetic | nearest train | nearest holdout",
+        row_names=names,
+        title="synthetic | its disguise undone | nearest train || undone for the holdout | nearest holdout",
     )
     written["closest_pairs"] = f"{FIGURES}/closest_pairs.png"
 

@@ -540,6 +540,23 @@ def _model(audit: Mapping[str, Any], folder: Path | None = None) -> str:
     return table + (f"<h3>Configuration</h3><pre>{esc(yaml_text)}</pre>" if yaml_text else "")
 
 
+def _copy_detector(detector: Mapping[str, Any]) -> str:
+    """What the pixel space's copy detector undoes before measuring, and what it does not."""
+    covers, missed = detector.get("covers") or [], detector.get("does_not_cover") or []
+    if not covers and not missed:
+        return ""
+    return _plain(
+        esc(
+            "In the pixels space a synthetic image is compared with each training image after the disguise a "
+            "generator copies under is undone: "
+            + "; ".join(covers)
+            + ". Not undone, so not caught as copies: "
+            + "; ".join(missed)
+            + "."
+        )
+    )
+
+
 def _formal(audit: Mapping[str, Any], folder: Path, unit: str) -> str:
     privacy = audit.get("privacy", {})
     check = audit["checks"]["formal_privacy"]
@@ -575,6 +592,7 @@ def _empirical(audit: Mapping[str, Any], folder: Path, unit: str, *, local: bool
     html += "<h3>Copying</h3>" + _figure_rows(checks["copying"])
     if checks["copying"].get("note"):
         html += f'<div class="note">{esc(checks["copying"]["note"])}</div>'
+    html += _copy_detector(audit.get("feature_spaces", {}).get("pixels", {}))
     rows = []
     for space, m in memo.items():
         near, share, ct, auth = m["near_copies"], m["closer_to_train"], m["c_t"], m["authenticity"]
@@ -617,9 +635,13 @@ def _empirical(audit: Mapping[str, Any], folder: Path, unit: str, *, local: bool
         html += _figure(
             folder,
             figs.get("closest_pairs"),
-            "The synthetic images closest to a training image (left), that training image (middle) and the "
-            "nearest holdout image (right). A reviewer should see no synthetic image that is the same "
-            "picture as its neighbour. This gallery shows patients' images and stays at the hospital.",
+            "The synthetic images closest to a training image, closest first. Each row: the synthetic image; "
+            "the same image with the disguise the detector found undone (named on the left, with the "
+            "distance to that training image and to the nearest holdout image); that training image; the "
+            "synthetic "
+            "image undone for its nearest holdout image; that holdout image. A reviewer should see no "
+            "synthetic image that is the same picture as its training neighbour. This gallery shows "
+            "patients' images and stays at the hospital.",
             "gallery",
         )
     html += "<h3>Membership inference</h3>" + _figure_rows(checks["membership_inference"])
@@ -1062,6 +1084,7 @@ def build_consortium_html(consortium: Mapping[str, Any], folder: Path, figures: 
             + _figure_rows(s["checks"].get("membership_inference", {}))
         )
     empirical += "<h3>All hospitals</h3>" + _table(["space", "near copies (pooled)"], near_rows)
+    empirical += _copy_detector(consortium.get("copy_detector", {}))
     empirical += _figure(
         folder, figures.get("dcr_pooled"), "Distance to the closest record, all hospitals pooled"
     )

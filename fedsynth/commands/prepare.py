@@ -17,6 +17,7 @@ from rich.table import Table
 
 from fedsynth.commands.common import CommandError, console, echo_json, user_errors
 from fedsynth.data.ingest import (
+    NEAR_DUPLICATE_RMS,
     DataCard,
     detect_source_kind,
     ingest_image_folder,
@@ -83,10 +84,11 @@ def prepare(
         "drawing one.",
     ),
     near_duplicates: float = typer.Option(
-        0.01,
+        NEAR_DUPLICATE_RMS,
         "--near-duplicates",
-        help="Image folders: images whose 32x32 thumbnails differ by less than this RMS share of the "
-        "intensity range are one image (re-encoded or resized copies); 0 keeps them.",
+        help="Image folders: images closer than this RMS share of the intensity range, once a mirror, "
+        "rotation, zoom, shift or intensity curve is undone, are one image (re-encoded, resized, re-cropped "
+        "or re-windowed copies); 0 keeps them.",
     ),
     window: str = typer.Option(
         "ct-abdomen",

@@ -24,7 +24,7 @@ from fedsynth.data.sliceset import (
     SliceSet,
     assign_split_by_patient,
 )
-from fedsynth.metrics.neighbours import nearest
+from fedsynth.metrics.copies import CopyDetector
 
 __all__ = [
     "NEAR_DUPLICATE_RMS",
@@ -45,7 +45,11 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 # Images whose 32x32 thumbnails differ by less than this RMS (share of the range) are one image.
-NEAR_DUPLICATE_RMS = 0.01
+# the copy detector's distance (RMS share of the intensity range, after undoing mirror,
+# rotation, zoom, shift and intensity curve) below which two images are one: in the brain MRI
+# folder, resized, re-cropped and re-windowed copies of one slice fall below it, neighbouring
+# slices of one scan mostly above (benchmarks/copy_detection.py shows the pairs either side)
+NEAR_DUPLICATE_RMS = 0.006
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # Window presets as (width, level) in HU; "mri" is a per-volume percentile window.
 WINDOW_PRESETS: dict[str, tuple[float, float] | None] = {
@@ -271,8 +275,9 @@ def ingest_image_folder(
     keep_folder_split : use the folder's own split (a folder named like test/testing/
         holdout/val becomes holdout) instead of drawing one.
     seed : seed of the split.
-    near_duplicate_rms : two images whose 32x32 thumbnails differ by less than this RMS
-        (a share of the intensity range) are one image; 0 keeps near-duplicates.
+    near_duplicate_rms : two images closer than this by the copy detector (RMS share of
+        the intensity range once a mirror, rotation, zoom, shift or intensity curve is
+        undone) are one image; 0 keeps near-duplicates.
     deduplicate : False keeps every duplicate (they are still counted on the card); only
         for showing what duplicates do to an audit.
     progress : called with (done, total) while decoding.
@@ -384,10 +389,6 @@ def ingest_image_folder(
     return slices, card
 
 
-def _thumbnail(image: np.ndarray) -> np.ndarray:
-    return resize_square(image, 32).astype(np.float32).reshape(-1) / 255.0
-
-
 def _drop_near_duplicates(
     keep_idx: list[int],
     pixels: list[np.ndarray],
@@ -395,31 +396,55 @@ def _drop_near_duplicates(
     rms: float,
     card: DataCard,
 ) -> list[int]:
-    """Remove images whose thumbnail lies within ``rms`` of an already kept image's.
+    """Remove images within ``rms`` of a kept image by the copy detector's distance (a
+    resized, re-cropped, mirrored, turned or re-windowed copy is one image with its
+    original: left in on both sides of the split, it would make an honest generator look
+    like it copies).
 
-    Images are taken in path order; one is dropped only when it is a near-duplicate of an
-    image that stays (so a chain A~B~C of gradually changing slices never drops C for
-    being near B). Candidates come from an exact search of each image's 20 nearest
-    thumbnails.
+    Images are taken in path order; one is dropped only when its nearest other image is
+    within ``rms``, comes earlier and stays (so a chain A~B~C of gradually changing slices never drops C
+    for being near B); images whose nearest image was dropped look again among the rest,
+    until no two remaining images are within ``rms``.
     """
     if len(keep_idx) < 2:
         return keep_idx
-    thumbs = np.stack([_thumbnail(pixels[i]) for i in keep_idx])
-    dist, index = nearest(thumbs, thumbs, k=min(20, len(keep_idx) - 1), exclude_self=True)
-    limit = rms * np.sqrt(thumbs.shape[1])
-    stays: set[int] = set()
-    groups: dict[int, list[int]] = defaultdict(list)
-    for a in range(len(keep_idx)):  # path order
-        twin = next(
-            (int(b) for d, b in zip(dist[a], index[a], strict=True) if d < limit and int(b) in stays), None
+    detector = CopyDetector()
+    index = detector.index(np.stack([resize_square(pixels[i], 64) for i in keep_idx]))
+    everyone = np.arange(len(keep_idx))
+    matches = detector.nearest(index, index, exclude=everyone)
+    nearest_d, nearest_i = matches.distance.copy(), matches.index.copy()
+    stays = set(range(len(keep_idx)))
+    parent: dict[int, int] = {}  # a removed image -> the image it duplicates
+    while True:
+        dropped = []
+        for a in sorted(stays):  # path order
+            twin = int(nearest_i[a])
+            if nearest_d[a] < rms and twin < a and twin in stays and twin not in parent:
+                dropped.append(a)
+                parent[a] = twin
+        if not dropped:
+            break
+        stays -= set(dropped)
+        # a survivor whose nearest image was dropped looks again, among the survivors
+        again = np.array([a for a in sorted(stays) if int(nearest_i[a]) not in stays], dtype=np.int64)
+        survivors = np.array(sorted(stays), dtype=np.int64)
+        if len(again) == 0 or len(survivors) < 2:
+            break
+        position = {int(a): j for j, a in enumerate(survivors)}
+        found = detector.nearest(
+            index.subset(again), index.subset(survivors), exclude=np.array([position[int(a)] for a in again])
         )
-        if twin is None:
-            stays.add(a)
-        else:
-            groups[twin].append(a)
+        nearest_d[again], nearest_i[again] = found.distance, survivors[found.index]
+    groups: dict[int, list[int]] = defaultdict(list)
+    for a in sorted(parent):
+        keeper = parent[a]
+        while keeper in parent:  # its twin was removed in a later pass
+            keeper = parent[keeper]
+        groups[keeper].append(a)
     card.duplicates["near_duplicate_rule"] = (
-        f"32x32 thumbnails differing by less than {rms:.1%} RMS of the intensity range from a kept image; "
-        "the first file in path order is kept"
+        f"less than {rms:.1%} RMS of the intensity range from a kept image once a mirror, rotation, zoom, "
+        "shift or intensity curve is undone (the audit's copy detector, at 64x64); the first file in path "
+        "order is kept"
     )
     card.duplicates["near_duplicate_groups"] = len(groups)
     card.duplicates["near_duplicate_groups_crossing_split"] = sum(

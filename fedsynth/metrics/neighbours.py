@@ -30,6 +30,7 @@ def nearest(
     *,
     k: int = 1,
     exclude_self: bool = False,
+    exclude: np.ndarray | None = None,
     block: int = _BLOCK,
     progress: Progress | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -41,6 +42,9 @@ def nearest(
     k : neighbours per query.
     exclude_self : ``queries`` is ``reference`` (same rows, same order); a row is not
         its own neighbour. An exact duplicate elsewhere in the set still is.
+    exclude : per query, a reference row that is not its neighbour (the query's own row
+        when the queries are some of the reference's rows); ``exclude_self`` is
+        ``exclude=arange(N)``.
     block : queries per matrix product.
     progress : called with (queries done, total).
 
@@ -56,17 +60,21 @@ def nearest(
     """
     if queries.ndim != 2 or reference.ndim != 2 or queries.shape[1] != reference.shape[1]:
         raise ValueError(f"nearest: feature shapes {queries.shape} and {reference.shape} do not match")
-    if exclude_self and queries.shape[0] != reference.shape[0]:
-        raise ValueError("nearest: exclude_self needs the queries to be the reference set")
-    available = reference.shape[0] - (1 if exclude_self else 0)
+    if exclude_self:
+        if queries.shape[0] != reference.shape[0]:
+            raise ValueError("nearest: exclude_self needs the queries to be the reference set")
+        exclude = np.arange(len(queries))
+    if exclude is not None and len(exclude) != len(queries):
+        raise ValueError(f"nearest: {len(exclude)} rows to exclude for {len(queries)} queries")
+    available = reference.shape[0] - (1 if exclude is not None else 0)
     if len(queries) == 0 or available < k or k < 1:
         raise ValueError(f"nearest: {len(queries)} queries, {reference.shape[0]} reference rows, k={k}")
     out_d = np.empty((len(queries), k), dtype=np.float32)
     out_i = np.empty((len(queries), k), dtype=np.int64)
     for start, q_sq, partial in _distance_blocks(queries, reference, block):
-        if exclude_self:
+        if exclude is not None:
             rows = torch.arange(len(partial))
-            partial[rows, rows + start] = float("inf")
+            partial[rows, torch.from_numpy(exclude[start : start + len(partial)])] = float("inf")
         if k == 1:
             values, index = partial.min(dim=1, keepdim=True)
         else:
