@@ -6,10 +6,11 @@ image's nearest training image with its disguise undone), the whole audit withou
 utility study (`run_audit(..., utility=False)`: feature spaces, memorization in both
 spaces, fidelity, membership inference, figures) and, inside it, the memorization step.
 
-Training, holdout and synthetic images come from disjoint thirds of the brain MRI slices
-in ../shared/data, each grown to its size under light random disguises (so the synthetic
-images are new images, not copies of training ones); without the folder, smooth random
-images stand in. The measurement itself is ``benchmarks.perf.audit_scale`` (also run by
+Training, holdout and synthetic images come from disjoint parts of the brain MRI slices in
+../shared/data, each grown to its size under light random disguises (so the synthetic
+images are new images, not copies of training ones), the versions of one slice one
+"patient" (about 40 each at 50,000, like a CT volume's slices); without the folder,
+smooth random images stand in. The measurement itself is ``benchmarks.perf.audit_scale`` (also run by
 ``python -m benchmarks.run``); this script runs it alone and writes
 benchmarks/results/audit_scaling.{json,md}.
 
@@ -45,26 +46,27 @@ def base_images(size: int) -> tuple[np.ndarray, np.ndarray, str]:
     return scaled.astype(np.uint8), rng.integers(0, 2, 2000), "smooth random images (shared data not found)"
 
 
-def grown(images: np.ndarray, labels: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` images drawn from ``images``, each under a light random disguise."""
-    rng = np.random.default_rng(seed)
-    pick = rng.integers(0, len(images), n)
+def grown(rows: np.ndarray, images: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` of the images at ``rows``, each under a light random disguise, and which
+    image each came from (the versions of one image are one "patient")."""
+    pick = rows[np.random.default_rng(seed).integers(0, len(rows), n)]
     out = np.empty((n, *images.shape[1:]), dtype=np.uint8)
     for start in range(0, n, 2000):
-        rows = pick[start : start + 2000]
-        out[start : start + len(rows)], _ = disguises.mixed(images[rows], seed=seed + start)
-    return out, labels[pick]
+        chunk = pick[start : start + 2000]
+        out[start : start + len(chunk)], _ = disguises.mixed(images[chunk], seed=seed + start)
+    return out, pick
 
 
-def sets(
-    base: np.ndarray, labels: np.ndarray, n: int, holdout: int
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """train (n), holdout and synthetic (n) images with labels, from disjoint thirds of ``base``."""
-    thirds = np.array_split(np.random.default_rng(0).permutation(len(base)), 3)
+def sets(base: np.ndarray, n: int, holdout: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """train (n), holdout and synthetic (n) images, each with the base image it came from,
+    grown from disjoint parts of ``base`` sized in proportion, so every set has about as
+    many versions of each of its base images (train and holdout patients alike)."""
     sizes = {"train": n, "holdout": holdout, "synthetic": n}
+    cuts = np.cumsum([round(len(base) * size / sum(sizes.values())) for size in sizes.values()])[:-1]
+    parts = np.split(np.random.default_rng(0).permutation(len(base)), cuts)
     return {
-        name: grown(base[rows], labels[rows], size, seed)
-        for seed, (name, size, rows) in enumerate(zip(sizes, sizes.values(), thirds, strict=True), start=1)
+        name: grown(rows, base, size, seed)
+        for seed, (name, size, rows) in enumerate(zip(sizes, sizes.values(), parts, strict=True), start=1)
     }
 
 

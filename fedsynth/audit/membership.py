@@ -67,10 +67,13 @@ def select_records(
     holdout_patients: np.ndarray,
     *,
     max_patients: int = 2000,
+    max_slices: int = 8,
     seed: int = 0,
 ) -> Records:
     """Equal numbers of member (train) and non-member (holdout) patients, at most
-    ``max_patients`` of each, drawn at random; all slices of a drawn patient."""
+    ``max_patients`` of each, drawn at random; of each drawn patient, at most
+    ``max_slices`` slices drawn at random (a patient's score is the mean over its slices;
+    a CT volume's hundreds of slices would cost a search each and add little)."""
     rng = np.random.default_rng(seed)
     train_ids, holdout_ids = np.unique(train_patients), np.unique(holdout_patients)
     n = min(len(train_ids), len(holdout_ids), max_patients)
@@ -88,8 +91,13 @@ def select_records(
             (non_members, holdout_images, holdout_labels, holdout_patients),
         )
     ):
-        for p, pid in enumerate(ids, start=offset * n):
-            rows = np.flatnonzero(all_patients == pid)
+        order = np.argsort(all_patients, kind="stable")  # each patient's rows, found by bisection
+        ordered = np.asarray(all_patients)[order]
+        first, last = np.searchsorted(ordered, ids, "left"), np.searchsorted(ordered, ids, "right")
+        for p, (start, stop) in enumerate(zip(first, last, strict=True), start=offset * n):
+            rows = np.sort(order[start:stop])
+            if len(rows) > max_slices:
+                rows = np.sort(rng.choice(rows, max_slices, replace=False))
             images.append(all_images[rows])
             labels.append(all_labels[rows])
             patient += [p] * len(rows)

@@ -125,6 +125,7 @@ class AuditOptions:
     utility_fraction: float = 1.0
     classifier_steps: int = 480
     mia_max_patients: int = 2000
+    mia_max_slices: int = 8  # per patient
     # the closer-to-train share and authenticity use at most this many synthetic images
     share_sample: int = memorization.SAMPLE
     gallery_rows: int = 12
@@ -543,6 +544,7 @@ def _membership(
         inputs.holdout_labels,
         inputs.holdout_patients,
         max_patients=options.mia_max_patients,
+        max_slices=options.mia_max_slices,
         seed=options.seed,
     )
     attacks: dict[str, Any] = {}

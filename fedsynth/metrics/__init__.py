@@ -1,2 +1,3 @@
-"""Feature spaces, Fréchet distance and fidelity metrics, nearest neighbours: shared by validation scores
-and the audit."""
+"""Feature spaces, Fréchet distance and fidelity metrics, nearest neighbours, and the copy
+detector (nearest images once a disguise is undone): shared by validation scores, ingestion's
+de-duplication and the audit."""

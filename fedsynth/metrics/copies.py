@@ -153,7 +153,7 @@ class CopyDetector:
 
     name = "pixels"
 
-    def __init__(self, *, candidates: int = 10, refine: int = 2, steps: int = 3, block: int = 256) -> None:
+    def __init__(self, *, candidates: int = 10, refine: int = 2, steps: int = 2, block: int = 128) -> None:
         if candidates < 1 or not 1 <= refine <= candidates or steps < 0 or block < 1:
             raise ValueError(
                 f"copy detector: candidates={candidates}, refine={refine}, steps={steps}, block={block}"
@@ -405,14 +405,18 @@ def _pose_parameters(theta: torch.Tensor, mirror: torch.Tensor) -> tuple[torch.T
     return angle, log_zoom
 
 
-_BASE = torch.stack(torch.meshgrid(_coords(_WORK), _coords(_WORK), indexing="xy"), -1).view(-1, 2)  # (x, y)
+# pixel centres (x, y) at the working size and at half of it
+_BASE = {
+    size: torch.stack(torch.meshgrid(_coords(size), _coords(size), indexing="xy"), -1).view(-1, 2)
+    for size in (_WORK, _WORK // 2)
+}
 
 
-def _grid(theta: torch.Tensor) -> torch.Tensor:
-    """``affine_grid`` of (N, 2, 3) poses at the working size, as one batched product."""
+def _grid(theta: torch.Tensor, size: int = _WORK) -> torch.Tensor:
+    """``affine_grid`` of (N, 2, 3) poses at ``size``, as one batched product."""
     n = len(theta)
-    grid = torch.baddbmm(theta[:, None, :, 2], _BASE.expand(n, -1, -1), theta[..., :2].transpose(1, 2))
-    return grid.view(n, _WORK, _WORK, 2)
+    grid = torch.baddbmm(theta[:, None, :, 2], _BASE[size].expand(n, -1, -1), theta[..., :2].transpose(1, 2))
+    return grid.view(n, size, size, 2)
 
 
 def _warp(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
@@ -530,14 +534,14 @@ def _gauss_newton(
     """``steps`` damped Gauss-Newton steps from (angle, log_zoom, shift). ``as_measured``:
     the residual is the one :func:`_distance` measures (both images blurred after the warp,
     the reference passed through the same resampling), on unblurred inputs."""
-    n = len(qb)
-    scale = _WORK / 2  # d/d(normalised coordinate) = size/2 * d/d(pixel)
+    n, size = len(qb), qb.shape[-1]
+    scale = size / 2  # d/d(normalised coordinate) = size/2 * d/d(pixel)
     padded_x = F.pad(qb, (1, 1, 0, 0), mode="replicate")
     padded_y = F.pad(qb, (0, 0, 1, 1), mode="replicate")
     gx = (padded_x[..., 2:] - padded_x[..., :-2]) * (scale / 2)
     gy = (padded_y[..., 2:, :] - padded_y[..., :-2, :]) * (scale / 2)
     stack = torch.cat([qb, gx, gy], 1)
-    base = _BASE.expand(n, -1, -1)
+    base = _BASE[size].expand(n, -1, -1)
     target = cb.flatten(1)
     damping = torch.full((n,), 1e-3)
 
