@@ -66,8 +66,8 @@ def noise(images: np.ndarray, sd: float, seed: int = 1) -> np.ndarray:
 
 
 #: One light disguise of each kind ("a few degrees", "a few percent"), and every
-#: combination of two (rotation with zoom in both orders: turning first and then shrinking
-#: with a second resampling is the one combination the detector catches less often).
+#: combination of two (rotation with zoom in both orders: two resamplings in a row leave a
+#: residue of their own, which the detector must imitate).
 SINGLE: dict[str, Disguise] = {
     "mirror": mirror,
     "rotate 6°": lambda x: rotate(x, 6),
