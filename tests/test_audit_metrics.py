@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from fedsynth.audit import memorization as M
-from fedsynth.audit.membership import attack_metrics
+from fedsynth.audit.membership import attack_metrics, select_records
 from fedsynth.audit.verdicts import GREEN, RED, judge
 
 
@@ -45,6 +45,37 @@ def test_a_hub_is_one_coin_flip_not_hundreds() -> None:
     share = M.closer_to_train_share(_distances(hub, train, holdout))
     assert share["distinct_nearest_patients"] == 1
     assert share["p_value"] > 0.1
+
+
+def test_a_sample_of_synthetic_images_feeds_the_share_test_and_authenticity() -> None:
+    """With more synthetic images than the sample, the share test and authenticity use the
+    sample; each training image they need is measured against its nearest *other* training
+    image (brute force agrees), and the others are left unmeasured."""
+    train, holdout, synthetic = _images(300, 0), _images(100, 1), _images(500, 2)
+    d = _distances(synthetic, train, holdout, sample=120)
+    assert d.sample is not None and len(d.sample) == 120 and len(d.synthetic_to_train) == 500
+    assert len(d.synthetic_to_holdout) == len(d.synthetic_to_train_subset) == 120
+    assert M.closer_to_train_share(d)["n"] == 120
+    flat = _flat(train)
+    pairwise = np.linalg.norm(flat[:, None] - flat[None], axis=2)
+    np.fill_diagonal(pairwise, np.inf)
+    needed = np.unique(np.concatenate([d.synthetic_to_train_index[d.sample], d.holdout_to_train_index]))
+    assert np.allclose(d.train_to_train[needed], pairwise[needed].min(1), atol=1e-4)
+    assert np.isnan(np.delete(d.train_to_train, needed)).all()
+    assert 0 <= M.authenticity(d) <= 1
+
+
+def test_membership_records_take_at_most_a_few_slices_of_each_patient() -> None:
+    images = _images(400, 0)
+    patients = np.repeat(np.arange(20), 20)  # 20 slices each
+    records = select_records(images[:200], np.zeros(200, int), patients[:200], images[200:], np.zeros(200, int),
+                             patients[200:] + 100, max_patients=5, max_slices=8)
+    assert records.patients == 10 and len(records.images) == 10 * 8
+    for p in range(10):  # every record is a slice of the patient it is filed under
+        rows = records.images[records.patient == p]
+        source = images[:200] if records.member[p] else images[200:]
+        owners = {int(np.flatnonzero((source == r).all(axis=(1, 2)))[0]) // 20 for r in rows}
+        assert len(owners) == 1
 
 
 def test_the_train_sample_takes_whole_patients() -> None:

@@ -48,8 +48,8 @@ def test_a_mirrored_turned_zoomed_copy_is_found_named_and_undone(reference) -> N
     assert match.distance[0] < 0.01 < others.distance[0]
     words = describe_pose(match.theta[0], 64)
     assert words.startswith("mirrored"), words
-    angle = int(re.search(r"rotated (\d+)°", words).group(1))  # type: ignore[union-attr]
-    assert abs(angle - 9) <= 1 and "zoomed 1.0" in words, words
+    angle = int(re.search(r"rotated (\d+)° anticlockwise", words).group(1))  # type: ignore[union-attr]
+    assert abs(angle - 9) <= 1 and "zoomed 1.0" in words, words  # SciPy turns anticlockwise on screen
     undone = CopyDetector.align(copy[0], match.theta[0]).astype(float)
     inside = original[0] > 0
     before = np.abs(copy[0].astype(float) - original[0])[inside].mean()
@@ -75,11 +75,30 @@ def test_contrast_noise_and_shift_are_undone_and_exact_copies_score_zero(referen
     assert match.distance.max() < fresh.distance.min()
 
 
+@pytest.mark.parametrize("size", [32, 128])
+def test_a_copy_is_found_and_undone_at_any_image_size(size) -> None:
+    """The detector works at 64 px inside; poses are size-free, so a copy at 32 or 128 px is
+    found and undone at its own size (the audit's gallery shows it so)."""
+    images = _slices(30, size=size, seed=3)
+    detector = CopyDetector()
+    copy = disguises.rotate(disguises.mirror(images[4:5]), -12)
+    match = detector.nearest(detector.index(copy), detector.index(images))
+    undone = CopyDetector.align(copy, match.theta)
+    assert match.index[0] == 4 and undone.shape == copy.shape
+    inside = images[4] > 0
+    before = np.abs(copy[0].astype(float) - images[4])[inside].mean()
+    assert np.abs(undone[0].astype(float) - images[4])[inside].mean() < 0.4 * before  # resampled twice
+
+
 def test_an_image_is_not_its_own_match_when_excluded(reference) -> None:
     detector = CopyDetector()
     index = detector.index(reference)
     match = detector.nearest(index, index, exclude=np.arange(len(reference)))
     assert (match.index != np.arange(len(reference))).all() and (match.distance > 0).all()
+    # some of the reference as queries, each excluding its own row: the same answers
+    rows = np.array([3, 17, 40, 79])
+    some = detector.nearest(index.subset(rows), index, exclude=rows)
+    assert (some.index == match.index[rows]).all() and np.allclose(some.distance, match.distance[rows])
 
 
 def test_an_inverted_image_is_not_undone(reference) -> None:

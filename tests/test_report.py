@@ -177,6 +177,10 @@ def test_the_coordinator_refuses_a_share_that_carries_more_than_statistics(feder
     no_counts = dict(good, counts={})
     with pytest.raises(ShareError, match="counts lacks train_images"):
         validate_share(no_counts)
+    # a share from before the copy detector: named as old, not as a missing key
+    old = {k: v for k, v in good.items() if k != "copy_detector"} | {"format": "fedsynth-audit-share/1"}
+    with pytest.raises(ShareError, match="format 'fedsynth-audit-share/1', expected 'fedsynth-audit-share/2'"):
+        validate_share(old)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(with_images))
     result = runner.invoke(app, ["consortium", str(bad), "--out", str(tmp_path / "c"), "--no-pdf"])

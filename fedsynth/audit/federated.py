@@ -179,11 +179,11 @@ def validate_share(share: Any, source: str = "share") -> None:
     """
     if not isinstance(share, dict):
         raise ShareError(f"{source}: not a JSON object")
+    if share.get("format") != SHARE_FORMAT:  # first: an older share lacks newer keys
+        raise ShareError(f"{source}: format {share.get('format')!r}, expected {SHARE_FORMAT!r}")
     missing = [key for key in WIRE_SCHEMA if key not in share]
     if missing:
         raise ShareError(f"{source}: missing {', '.join(missing)}")
-    if share["format"] != SHARE_FORMAT:
-        raise ShareError(f"{source}: format {share['format']!r}, expected {SHARE_FORMAT!r}")
     _check(share, WIRE_SCHEMA, source, "")
 
 
@@ -384,7 +384,7 @@ def combine_shares(shares: list[dict[str, Any]]) -> dict[str, Any]:
         "totals": {key: sum(s["counts"][key] for s in shares) for key in WIRE_SCHEMA["counts"]},
         "pooled_dcr_histograms": pooled_hist,
         "pooled_near_copies": near,
-        "copy_detector": shares[0]["copy_detector"],
+        "copy_detector": _copy_detector(shares),
         "dcr_bin_edges": DCR_BIN_EDGES.tolist(),
         "roc_fpr_grid": ROC_FPR_GRID.tolist(),
         "generator": {
@@ -392,6 +392,18 @@ def combine_shares(shares: list[dict[str, Any]]) -> dict[str, Any]:
             "rounds": sorted({s["provenance"]["round"] for s in shares}, key=lambda r: (r is None, r)),
         },
     }
+
+
+def _copy_detector(shares: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """What every hospital's copy detector undoes (the disguises all of them cover), and
+    what any of them does not."""
+    covers = [
+        c
+        for c in shares[0]["copy_detector"]["covers"]
+        if all(c in s["copy_detector"]["covers"] for s in shares)
+    ]
+    missed = list(dict.fromkeys(m for s in shares for m in s["copy_detector"]["does_not_cover"]))
+    return {"covers": covers, "does_not_cover": missed}
 
 
 _CHECK_ORDER = ("formal_privacy", "copying", "membership_inference", "fidelity", "utility")

@@ -152,9 +152,16 @@ class Distances:
     subset_unit: np.ndarray  # patient of each sampled synthetic image's nearest train-subsample image
     holdout_unit: np.ndarray  # patient of each sampled synthetic image's nearest holdout image
     train_share: float = 1.0  # the subsample's share of training patients
-    sample: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    sample: np.ndarray | None = None  # None: every synthetic image
     synthetic_theta: np.ndarray | None = None  # (N, 2, 3) pose of each synthetic image's match (copy search)
+    holdout_theta: np.ndarray | None = None  # the same for each holdout image's match in train
     synthetic_index: Any = None  # the synthetic images as the search indexed them (membership inference)
+    holdout_index: Any = None  # the holdout, the same way (the gallery)
+
+    @property
+    def sampled(self) -> np.ndarray | slice:
+        """The synthetic images the share test and authenticity use."""
+        return slice(None) if self.sample is None else self.sample
 
 
 def measure_distances(
@@ -187,6 +194,7 @@ def measure_distances(
     st_d, st_i = finder.nearest(synthetic_x, train_x)
     theta = finder.last_theta if isinstance(finder, CopySearch) else None
     ht_d, ht_i = finder.nearest(holdout_x, train_x)
+    holdout_theta = finder.last_theta if isinstance(finder, CopySearch) else None
     rng = np.random.default_rng(seed)
     train_p = (
         np.arange(len(train)).astype(str)
@@ -238,7 +246,9 @@ def measure_distances(
         train_share=len(chosen) / len(train_ids),
         sample=rows,
         synthetic_theta=theta,
+        holdout_theta=holdout_theta,
         synthetic_index=synthetic_x,
+        holdout_index=holdout_x,
     )
 
 
@@ -375,7 +385,7 @@ def authenticity(d: Distances, *, queries: str = "synthetic") -> float:
     if queries == "holdout":
         dist, idx = d.holdout_to_train, d.holdout_to_train_index
     else:  # the sampled synthetic images (all of them, up to the sample size)
-        dist, idx = d.synthetic_to_train[d.sample], d.synthetic_to_train_index[d.sample]
+        dist, idx = d.synthetic_to_train[d.sampled], d.synthetic_to_train_index[d.sampled]
     return float((dist > d.train_to_train[idx]).mean())
 
 
@@ -388,7 +398,7 @@ def authenticity_test(d: Distances) -> dict[str, Any]:
     and the p-value of "synthetic less authentic than fresh real data".
     """
     synthetic, holdout = authenticity(d), authenticity(d, queries="holdout")
-    _, counts = np.unique(d.synthetic_to_train_index[d.sample], return_counts=True)
+    _, counts = np.unique(d.synthetic_to_train_index[d.sampled], return_counts=True)
     weights = counts / counts.sum()
     spread = holdout * (1 - holdout)
     sd = float(np.sqrt(spread * (weights**2).sum() + spread / len(d.holdout_to_train)))

@@ -443,19 +443,27 @@ def _fidelity(
         "003)",
     }
     pix = distances["pixels"]
+
+    def undone(images: np.ndarray, theta: np.ndarray | None) -> np.ndarray:
+        return images if theta is None else CopyDetector.align(images, theta)
+
     result["nearest_neighbour_ssim"] = {
         "synthetic": _drop_values(
             fidelity.nearest_neighbour_ssim(
-                inputs.synthetic_images, inputs.train_images, pix.synthetic_to_train_index
+                undone(inputs.synthetic_images, pix.synthetic_theta),
+                inputs.train_images,
+                pix.synthetic_to_train_index,
             )
         ),
         "holdout": _drop_values(
             fidelity.nearest_neighbour_ssim(
-                inputs.holdout_images, inputs.train_images, pix.holdout_to_train_index
+                undone(inputs.holdout_images, pix.holdout_theta),
+                inputs.train_images,
+                pix.holdout_to_train_index,
             )
         ),
-        "note": "SSIM with the nearest training image: a privacy signal (copies score near 1), not a quality "
-        "score",
+        "note": "SSIM with the nearest training image, the copy detector's disguise undone: a privacy signal "
+        "(copies score near 1), not a quality score",
     }
     result["ms_ssim_diversity"] = {
         "synthetic": fidelity.ms_ssim_diversity(inputs.synthetic_images, seed=options.seed),
@@ -972,9 +980,7 @@ def _figures(
     size = inputs.train_images.shape[1]
     # each shown synthetic image's nearest holdout image, found the same way
     search = memorization.CopySearch(CopyDetector())
-    to_holdout, holdout_at = search.nearest(
-        search.subset(pix.synthetic_index, order), search.index(inputs.holdout_images)
-    )
+    to_holdout, holdout_at = search.nearest(search.subset(pix.synthetic_index, order), pix.holdout_index)
     holdout_theta = search.last_theta
     for row, i in enumerate(order):
         theta = pix.synthetic_theta[i] if pix.synthetic_theta is not None else None

@@ -84,9 +84,11 @@ LIMITATIONS = [
     "Every privacy figure is judged against fresh real data: the holdout, patients the generator never "
     "saw. A small holdout makes the reference noisy; the tests account for it with p-values, which a small "
     "site may not reach.",
-    "Feature spaces (pixel PCA and the audit's own autoencoder) are fit on these real slices, and the "
-    "classifier space on the training slices and their classes; its fidelity is scored against half of "
-    "the holdout, beside the other half. FID is computed only with supplied Inception-v3 weights, which "
+    "The audit's own autoencoder is fit on these real slices, and the classifier space on the training "
+    "slices and their classes; the copy detector (the pixels space) compares pixels once a mirror, "
+    "rotation, zoom, shift or intensity curve is undone, and misses the disguises it lists. The "
+    "classifier space's fidelity is scored against half of the holdout, beside the other half. FID is "
+    "computed only with supplied Inception-v3 weights, which "
     "were trained on natural photographs, not medical images.",
     "Traffic-light thresholds are this project's choices, written in the appendix; the committee may set "
     "its own.",
@@ -97,8 +99,9 @@ LIMITATIONS = [
 FORMULAS = [
     (
         "Distance to closest record (DCR)",
-        "d(x) = min over training images t of ‖f(x) − f(t)‖, f a feature map; in pixel space also "
-        "minimised over ±1-pixel shifts. Median ratio = median DCR(synthetic) / median DCR(holdout).",
+        "d(x) = min over training images t of ‖f(x) − f(t)‖, f a feature map; in the pixels space the "
+        "minimum is also over the disguises the copy detector undoes (mirror, rotation, zoom, shift, "
+        "intensity curve). Median ratio = median DCR(synthetic) / median DCR(holdout).",
     ),
     (
         "Closer-to-train share",

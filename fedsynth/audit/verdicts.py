@@ -18,7 +18,8 @@ _ORDER = {GREEN: 0, AMBER: 1, RED: 2}
 THRESHOLDS: dict[str, dict[str, Any]] = {
     "near_copy_share": {
         "rule": "share of synthetic images closer to a training image than 99% of holdout images are (in "
-        "pixels, once a mirror, rotation, zoom, shift or intensity curve is undone): green <= 2% or not "
+        "each space; in pixels once a mirror, rotation, zoom, shift or intensity curve is undone): green "
+        "<= 2% or not "
         "significantly above the null rate (binomial p >= 0.01), amber <= 3%, red above (fresh real data "
         "gives about 1%; a generator that returns 1 image in 20 as a disguised training image, about 6%)",
         "amber": 0.02,

@@ -44,11 +44,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
-# Images whose 32x32 thumbnails differ by less than this RMS (share of the range) are one image.
 # the copy detector's distance (RMS share of the intensity range, after undoing mirror,
 # rotation, zoom, shift and intensity curve) below which two images are one: in the brain MRI
 # folder, resized, re-cropped and re-windowed copies of one slice fall below it, neighbouring
-# slices of one scan mostly above (benchmarks/copy_detection.py shows the pairs either side)
+# slices of one scan mostly above (seen on the holdout's closest pairs to train)
 NEAR_DUPLICATE_RMS = 0.006
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # Window presets as (width, level) in HU; "mri" is a per-volume percentile window.
@@ -262,7 +261,8 @@ def ingest_image_folder(
     """Read ``<split>/<class>/*.jpg|png`` (or ``<class>/*``) into a de-duplicated slice set.
 
     Images are decoded to grayscale, de-duplicated by decoded pixels (the first file in
-    path order is kept), then near-duplicates (re-encoded or resized copies) are removed,
+    path order is kept), then near-duplicates (re-encoded, resized, re-cropped, mirrored or
+    re-windowed copies, found by the copy detector) are removed,
     padded to square and resized. With no patient ids in an image folder each image is
     its own patient, and the card says so. A duplicate left on both sides of the split
     would make an honest generator look like it copies in the audit.
@@ -419,7 +419,8 @@ def _drop_near_duplicates(
         dropped = []
         for a in sorted(stays):  # path order
             twin = int(nearest_i[a])
-            if nearest_d[a] < rms and twin < a and twin in stays and twin not in parent:
+            kept_for = a in parent.values()  # an image others were removed for stays
+            if nearest_d[a] < rms and twin < a and twin in stays and twin not in parent and not kept_for:
                 dropped.append(a)
                 parent[a] = twin
         if not dropped:

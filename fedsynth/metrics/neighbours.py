@@ -63,7 +63,11 @@ def nearest(
     if exclude_self:
         if queries.shape[0] != reference.shape[0]:
             raise ValueError("nearest: exclude_self needs the queries to be the reference set")
+        if exclude is not None:
+            raise ValueError("nearest: give exclude_self or exclude, not both")
         exclude = np.arange(len(queries))
+    if exclude is not None:
+        exclude = np.asarray(exclude, dtype=np.int64)
     if exclude is not None and len(exclude) != len(queries):
         raise ValueError(f"nearest: {len(exclude)} rows to exclude for {len(queries)} queries")
     available = reference.shape[0] - (1 if exclude is not None else 0)
