@@ -112,7 +112,7 @@ def test_an_inverted_image_is_not_undone(reference) -> None:
 
 
 def test_pose_words() -> None:
-    assert describe_pose(np.array([[1.0, 0, 0], [0, 1.0, 0]]), 64) == "as is"
+    assert describe_pose(np.array([[1.0, 0, 0], [0, 1.0, 0]]), 64) == "same pose"
     a = np.radians(20)
     turned = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0]])
     assert describe_pose(turned, 64) == "rotated 20° clockwise"

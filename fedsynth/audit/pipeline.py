@@ -1001,7 +1001,7 @@ def _figures(
             holdout_undone,
             inputs.holdout_images[holdout_at[row]],
         ]
-        pose = describe_pose(theta, size) if theta is not None else "as is"
+        pose = describe_pose(theta, size) if theta is not None else "same pose"
         names.append(f"{pose}; d {pix.synthetic_to_train[i]:.4f} vs {to_holdout[row]:.4f}")
     scale = max(2, 128 // inputs.train_images.shape[1])
     save_grid(
@@ -1010,7 +1010,8 @@ def _figures(
         columns=5,
         scale=scale,
         row_names=names,
-        title="synthetic | its disguise undone | nearest train || undone for the holdout | nearest holdout",
+        title="synthetic | its disguise undone | nearest train || undone for the holdout | nearest holdout "
+        "(distances after matching the intensity curve)",
     )
     written["closest_pairs"] = f"{FIGURES}/closest_pairs.png"
 
