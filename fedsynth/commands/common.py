@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from fedsynth.audit.federated import ShareError
 from fedsynth.core.checkpoint import CheckpointError
@@ -91,7 +92,8 @@ def user_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except USER_ERRORS as err:
-            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            # escaped: an error text is never markup ("pip install 'fedsynth[mlflow]'", a path with brackets)
+            err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
