@@ -80,6 +80,24 @@ def test_a_hospital_out_of_budget_stops_and_the_run_completes_with_the_others(dp
     assert "privacy budget" in ledger[-1]["declined"]
 
 
+def test_tensorboard_shows_the_ledgers_epsilon_and_nothing_a_dp_hospital_withholds(
+    dp_run: tuple[Path, str],
+) -> None:
+    from .test_tracking import read_tensorboard
+
+    out, _ = dp_run
+    events = read_tensorboard(out)
+    for hospital in ("hospital-a", "hospital-b", "hospital-c"):
+        ledger = [(r["round"], r["epsilon_rdp"]) for r in RunDir(out).read_privacy() if r["hospital"] == hospital]
+        shown = [(e.step, e.value) for e in events.Scalars(f"epsilon-rdp/{hospital}")]
+        assert [s for s, _ in shown] == [s for s, _ in ledger] == [1, 2, 3]
+        assert [v for _, v in shown] == pytest.approx([v for _, v in ledger], rel=1e-6)
+        assert f"g-loss/{hospital}" in events.Tags()["scalars"]
+    withheld = [t for t in events.Tags()["scalars"] if t.startswith(("d-loss/", "d-real/", "validation-fd/"))]
+    assert withheld == []
+    assert [e.value for e in events.Scalars("round/declined")] == [0.0, 1.0, 1.0]
+
+
 def test_ledger_epsilon_is_reproduced_by_an_independent_accountant(dp_run: tuple[Path, str]) -> None:
     out, _ = dp_run
     ledger = RunDir(out).read_privacy()

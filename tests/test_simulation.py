@@ -36,7 +36,8 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data = make_slices(n_patients=16, sites=("north", "south")).save(root / "slices.npz")
     out = root / "run"
     result = runner.invoke(app, ["simulate", "--data", str(data), "--hospitals", "2", "--partition", "dirichlet:0.5",
-                                 "--rounds", "2", "--local-steps", "3", "--out", str(out), *TINY])
+                                 "--rounds", "2", "--local-steps", "3", "--out", str(out), *TINY,
+                                 "--set", f"output.mlflow={root / 'mlruns'}"])
     assert result.exit_code == 0, result.output
     assert "round 2/2" in result.output and "finished" in result.output
     first_two = RunDir(out).read_rounds()
@@ -66,6 +67,42 @@ def test_run_directory_holds_what_the_readme_promises(finished_run: Path) -> Non
     assert cfg.federation.rounds == 3 and cfg.data.image_size == 32
     manifest = json.loads(run.manifest_path.read_text())
     assert manifest["data"]["privacy_unit"] == "patient"
+
+
+def test_tensorboard_and_mlflow_show_what_rounds_jsonl_records_across_the_resume(finished_run: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from .test_tracking import read_tensorboard
+
+    run = RunDir(finished_run)
+    records = run.read_rounds()
+    events = read_tensorboard(finished_run)
+    saved = json.loads((finished_run / "tracking.json").read_text())["mlflow"]
+    client = MlflowClient(saved["tracking_uri"])
+    assert len(client.search_runs([saved["experiment"]])) == 1, "the resumed run continues the same MLflow run"
+    mlflow_run = client.get_run(saved["run_id"])
+    assert mlflow_run.info.status == "FINISHED"
+    compared = 0
+    for name in ("hospital-a", "hospital-b"):
+        for key in ("d-loss", "g-loss", "images-per-second", "update-norm"):
+            expected = [(r["round"], r["hospitals"][name][key]) for r in records]
+            shown = [(e.step, e.value) for e in events.Scalars(f"{key}/{name}")]
+            logged = [(m.step, m.value) for m in client.get_metric_history(saved["run_id"], f"{key}/{name}")]
+            assert [s for s, _ in shown] == [s for s, _ in logged] == [1, 2, 3]
+            assert [v for _, v in shown] == pytest.approx([v for _, v in expected], rel=1e-6)  # float32 events
+            assert [v for _, v in logged] == [v for _, v in expected]
+            compared += 1
+    validation = [(r["round"], r["validation"]["fd"]) for r in records]
+    assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in events.Scalars("validation-fd/all")] == validation
+    assert [e.step for e in events.Images("samples")] == [0, 1, 2, 3]
+    assert compared == 8
+    assert mlflow_run.data.params["federation.rounds"] == "2"  # as started; config.yaml is the resumed one
+    artifacts = {a.path for a in client.list_artifacts(saved["run_id"])}
+    assert {"config.yaml", "curves.png", "checkpoints", "samples"} <= artifacts
+    # the last checkpoint of each session: round 2 before the resume, round 3 after it
+    assert [a.path for a in client.list_artifacts(saved["run_id"], "checkpoints")] == [
+        "checkpoints/round-0002.safetensors", "checkpoints/round-0003.safetensors"
+    ]
 
 
 def test_every_round_is_scored_on_validation_patients_and_best_picks_the_lowest(

@@ -22,6 +22,7 @@ from fedsynth.commands.common import CommandError, console, setup_logging, user_
 from fedsynth.data.sliceset import SliceSet
 from fedsynth.metrics.features import FeatureError
 from fedsynth.runs.rundir import RunDir
+from fedsynth.runs.tracking import attach_files
 
 __all__ = ["audit", "federated_audit"]
 
@@ -156,6 +157,7 @@ def audit(
                 "--synthetic or --hospital)"
             )
         federated_audit(run, out, options, n_synthetic=n_synthetic, round_=round_, pdf=pdf)
+        _attach(run, out / CONSORTIUM_DIR)
         return
     real, source = real_slices(run, data, hospital)
     result = _audit_one(
@@ -172,6 +174,16 @@ def audit(
     )
     _print_summary(result, out)
     _report(out, pdf)
+    if run is not None:
+        _attach(run, out)
+
+
+def _attach(run: RunDir, folder: Path) -> None:
+    """The report and audit.json also go to the run's MLflow run, if it logged to one."""
+    names = ("report.html", "report.pdf", AUDIT_FILE, CONSORTIUM_FILE)
+    where = attach_files(run, [folder / name for name in names], artifact_path=f"audit/{folder.name}")
+    if where:
+        console.print(f"  MLflow        {where}")
 
 
 def _audit_one(

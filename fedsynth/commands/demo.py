@@ -123,7 +123,7 @@ def demo(
     else:
         console.print(f"  {run.grid(last)}  (the generator after round {last})")
     console.print(f"  {run.root / 'samples' / 'real.png'}  (real phantom slices, for comparison)")
-    console.print(f"  {run.curves_path}  (losses per hospital)")
+    console.print(f"  {run.curves_path}  (losses per hospital; or tensorboard --logdir {run.root})")
     if report is not None:
         console.print(
             f"  {report}  (the consortium's ethics report; each hospital's own report with its galleries is "

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedsynth.commands.common import CommandError, console
@@ -117,7 +118,7 @@ def run_with_progress(
     elapsed = time.monotonic() - start
     if not outcome.ok:
         error = outcome.status.get("error") or f"Flower exited with code {outcome.returncode}"
-        console.print(f"[bold red]error:[/] the run did not finish: {error}", highlight=False)
+        console.print(f"[bold red]error:[/] the run did not finish: {escape(str(error))}", highlight=False)
         console.print(f"Flower's log: {outcome.log_path}")
         last = run.last_round()
         if last is not None and last > 0:
@@ -134,6 +135,10 @@ def run_with_progress(
     real = "; real.png for comparison" if (run.root / "samples" / "real.png").is_file() else ""
     console.print(f"  sample grids  {run.grid(last or 0)}  (one per round{real})")
     console.print(f"  metrics       {run.rounds_path}, {run.curves_path}")
+    if (run.root / "tensorboard").is_dir():
+        console.print(f"  tensorboard   tensorboard --logdir {run.root}")
+    if (run.root / "tracking.json").is_file():
+        console.print(f"  MLflow        {run.root / 'tracking.json'}  (the MLflow run logged to)")
     best = run.best_round()
     if best is not None:
         console.print(

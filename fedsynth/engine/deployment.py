@@ -42,6 +42,7 @@ from fedsynth.engine.launcher import (
 )
 from fedsynth.runs.config import RunConfig
 from fedsynth.runs.rundir import RunDir, RunDirError, collect_manifest
+from fedsynth.runs.tracking import check_tracking
 
 __all__ = [
     "CONNECTION",
@@ -302,6 +303,7 @@ def create_run(cfg: RunConfig, run: RunDir, coordinator: Coordinator) -> RunConf
             "data.class-names=glioma,meningioma,no-tumor,pituitary"
         )
     cfg.model.family.check_deployment(cfg)
+    check_tracking(cfg)
     if run.last_round() is not None or run.config_path.exists():
         raise RunDirError(f"{run.root} already holds a run: continue it with --resume, or choose a new --out")
     cfg = cfg.with_overrides(

@@ -13,6 +13,7 @@ from fedsynth.data.partition import partition
 from fedsynth.data.sliceset import HOLDOUT, TRAIN, VALIDATION, SliceSet, with_validation
 from fedsynth.runs.config import RunConfig
 from fedsynth.runs.rundir import RunDir, RunDirError, collect_manifest
+from fedsynth.runs.tracking import check_tracking
 
 __all__ = ["available_cores", "hospital_summary", "plan_cores", "prepare_simulation"]
 
@@ -45,6 +46,7 @@ def prepare_simulation(
     if run.last_round() is not None or run.config_path.exists():
         raise RunDirError(f"{run.root} already holds a run: resume it with --resume, or choose a new --out")
     slices = SliceSet.load(data_path)
+    check_tracking(cfg)
     classes = ",".join(slices.class_names)
     if cfg.data.class_names and cfg.data.class_names != classes:
         raise ConfigError(

@@ -362,6 +362,30 @@ class OutputConfig(_Section):
         "round's grid; simulate writes one from the training slices; in a deployment give a set that may "
         "be shown (empty: no round grids, the server holds no slices)",
     )
+    tensorboard: bool = Field(
+        True,
+        description="write TensorBoard event files to RUN/tensorboard as rounds finish (the figures of "
+        "rounds.jsonl and the privacy ledger, round grids, the config): tensorboard --logdir RUN",
+    )
+    mlflow: str = Field(
+        "",
+        description="also log to MLflow: a local folder (kept as FOLDER/mlflow.db and FOLDER/artifacts) or "
+        "a tracking URI (http://host:5000, sqlite:///path.db); needs pip install 'fedsynth[mlflow]' "
+        "(empty: off)",
+    )
+    mlflow_experiment: str = Field(
+        "fedsynth", min_length=1, description="MLflow experiment the run is logged in (output.mlflow)"
+    )
+
+    @field_validator("mlflow")
+    @classmethod
+    def _absolute_folder(cls, value: str) -> str:
+        """A local folder is made absolute where the config is written (the command's
+        working directory), not where the ServerApp happens to run."""
+        value = value.strip()
+        if not value or "://" in value or value.startswith("databricks"):
+            return value
+        return str(Path(value).expanduser().resolve())
 
 
 class SimulationConfig(_Section):

@@ -9,6 +9,8 @@ Layout::
     RUN/checkpoints/round-NNNN.safetensors   global generator after round NNNN (0 = initial)
     RUN/samples/round-NNNN.png       fixed-noise sample grid, one row per class
     RUN/curves.png                   losses per hospital over rounds
+    RUN/tensorboard/                 TensorBoard event files (see fedsynth.runs.tracking)
+    RUN/tracking.json                the MLflow run this run logs to (with output.mlflow)
     RUN/messages.jsonl               what every hospital's reply carried (names, shapes, types; no values)
     RUN/nodes.json                   (deployment) registered hospital names by SuperNode id
     RUN/hospitals/hospitals.json     (simulation only) the hospitals in partition order, their counts

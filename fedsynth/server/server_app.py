@@ -18,12 +18,15 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.serverapp import Grid, ServerApp
+from torch import nn
 
 from fedsynth.core.weights import DISCRIMINATOR, GENERATOR, load_weights
 from fedsynth.engine.records import METRICS, number, pack_model, unpack_model
 from fedsynth.engine.strategy import GeneratorFedAvg, RoundReport, first_line
+from fedsynth.models.networks import GeneratorNet
 from fedsynth.runs.config import RunConfig
 from fedsynth.runs.rundir import RunDir
+from fedsynth.runs.tracking import RunTracker
 from fedsynth.server.bookkeeping import (
     build_global_models,
     record_client_privacy,
@@ -98,8 +101,34 @@ def _federate(grid: Grid, cfg: RunConfig, run: RunDir) -> str | None:
             raise RuntimeError(
                 f"{run.root} already holds checkpoints; resume it (output.resume) or use a new run directory"
             )
-        record_round(run, cfg, 0, gen, disc, report={}, seconds=0.0)
+        initial = record_round(run, cfg, 0, gen, disc, report={}, seconds=0.0)
         start = 1
+    tracker = RunTracker(run, cfg, first_round=start)
+    if start == 1:
+        tracker.round(initial)
+    state = "failed"
+    try:
+        stopped = _rounds(grid, cfg, run, gen, disc, start, started, tracker)
+        state = "finished"
+        return stopped
+    except KeyboardInterrupt:
+        state = "interrupted"
+        raise
+    finally:
+        tracker.close(state)
+
+
+def _rounds(
+    grid: Grid,
+    cfg: RunConfig,
+    run: RunDir,
+    gen: GeneratorNet,
+    disc: nn.Module | None,
+    start: int,
+    started: float,
+    tracker: RunTracker,
+) -> str | None:
+    """Rounds ``start`` onwards; returns why the run stopped before its last round, if it did."""
     arrays = pack_model(gen, disc)
     client_dp = None
     trainable = {f"{GENERATOR}.{k}" for k, _ in gen.named_parameters()}
@@ -151,7 +180,7 @@ def _federate(grid: Grid, cfg: RunConfig, run: RunDir) -> str | None:
         validation = (
             _validate(strategy, round_, arrays, grid, cfg, trained) if validation_enabled(cfg) else None
         )
-        record_round(
+        record = record_round(
             run,
             cfg,
             round_,
@@ -166,6 +195,7 @@ def _federate(grid: Grid, cfg: RunConfig, run: RunDir) -> str | None:
             },
             seconds=time.perf_counter() - began,
         )
+        tracker.round(record)
         if report.declined and cfg.dp.on_budget_exhausted == "stop":
             names = ", ".join(d["hospital"] for d in report.declined)
             return f"round {round_}: {names} declined for privacy budget and dp.on-budget-exhausted is 'stop'"
