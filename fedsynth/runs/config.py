@@ -6,6 +6,7 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import unquote, urlparse
 
 import yaml
 from pydantic import (
@@ -379,10 +380,15 @@ class OutputConfig(_Section):
 
     @field_validator("mlflow")
     @classmethod
-    def _absolute_folder(cls, value: str) -> str:
-        """A local folder is made absolute where the config is written (the command's
-        working directory), not where the ServerApp happens to run."""
+    def _absolute_store(cls, value: str) -> str:
+        """A local store (a folder, ``file:``, a relative ``sqlite:///``) is made absolute
+        where the config is written (the command's working directory), not where the
+        ServerApp or a later ``fedsynth audit`` happens to run."""
         value = value.strip()
+        if value.startswith("file:"):
+            return str(Path(unquote(urlparse(value).path)).expanduser().resolve())
+        if value.startswith("sqlite:///") and not value.startswith("sqlite:////"):
+            return "sqlite:///" + str(Path(value.removeprefix("sqlite:///")).expanduser().resolve())
         if not value or "://" in value or value.startswith("databricks"):
             return value
         return str(Path(value).expanduser().resolve())

@@ -22,6 +22,7 @@ off; the run directory's own files remain the record.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -30,7 +31,6 @@ import re
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
 
 import numpy as np
 
@@ -38,7 +38,7 @@ from fedsynth.core.errors import ConfigError
 from fedsynth.runs.config import RunConfig
 from fedsynth.runs.rundir import RunDir
 
-__all__ = ["RunTracker", "attach_files", "check_tracking", "mlflow_store", "round_scalars"]
+__all__ = ["RunTracker", "attach_files", "check_tracking", "end_interrupted", "mlflow_store", "round_scalars"]
 
 log = logging.getLogger(__name__)
 
@@ -88,19 +88,18 @@ def round_scalars(
 
 
 def mlflow_store(uri: str) -> tuple[str, str | None]:
-    """The tracking URI for ``output.mlflow``, and where a local store keeps artifacts.
+    """The tracking URI for ``output.mlflow`` (as the config makes it absolute), and
+    where a local store keeps artifacts.
 
-    A folder (or ``file:`` URI) becomes ``sqlite:///FOLDER/mlflow.db`` with artifacts in
-    ``FOLDER/artifacts``: MLflow 3 refuses its old file store. Any other URI (a tracking
-    server, a database) is used as given, with the server's artifact store.
+    A folder becomes ``sqlite:///FOLDER/mlflow.db`` with artifacts in ``FOLDER/artifacts``
+    (MLflow 3 refuses its old folder store); an SQLite database keeps its artifacts in
+    ``artifacts/`` beside it. A tracking server keeps them where it is set up to.
     """
-    if uri.startswith("file:"):
-        folder = Path(unquote(urlparse(uri).path))
-    elif "://" in uri or uri.startswith("databricks"):
+    if uri.startswith("sqlite:///"):
+        return uri, (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
+    if "://" in uri or uri.startswith("databricks"):
         return uri, None
-    else:
-        folder = Path(uri).expanduser()
-    folder = folder.resolve()
+    folder = Path(uri)
     folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{folder / 'mlflow.db'}", (folder / "artifacts").as_uri()
 
@@ -122,36 +121,47 @@ def check_tracking(cfg: RunConfig) -> None:
 
 class RunTracker:
     """TensorBoard (``output.tensorboard``) and MLflow (``output.mlflow``) for one
-    ServerApp's rounds, ``first_round`` onwards (events of later rounds left by an
-    interrupted run are purged on resume)."""
+    ServerApp's rounds.
 
-    def __init__(self, run: RunDir, cfg: RunConfig, *, first_round: int) -> None:
+    ``resumed_after`` is the round a resumed run continues from (its last checkpoint):
+    that round is logged again from ``rounds.jsonl`` (the server may have died after its
+    checkpoint and before logging it), replacing in TensorBoard whatever an interrupted
+    run had logged from it on.
+    """
+
+    def __init__(self, run: RunDir, cfg: RunConfig, *, resumed_after: int | None = None) -> None:
         self.run = run
         self.cfg = cfg
         self._writer: Any = None
         self._mlflow: _MlflowRun | None = None
         if cfg.output.tensorboard:
-            self._guard("TensorBoard", lambda: self._open_tensorboard(first_round))
+            self._guard("TensorBoard", lambda: self._open_tensorboard(resumed_after))
         if cfg.output.mlflow:
-            self._guard("MLflow", lambda: self._open_mlflow(first_round))
+            self._guard("MLflow", lambda: self._open_mlflow(resumed_after))
+        if resumed_after is not None:
+            self.round(self._record_of(resumed_after), replay=True)
 
-    def _open_tensorboard(self, first_round: int) -> None:
+    def _record_of(self, round_: int) -> dict[str, Any]:
+        """A finished round's record as the server wrote it (round 0: its grid only)."""
+        for record in reversed(self.run.read_rounds()):
+            if record.get("round") == round_:
+                return record
+        grid = self.run.grid(round_)
+        return {"round": round_, "grid": str(grid.relative_to(self.run.root)) if grid.is_file() else None}
+
+    def _open_tensorboard(self, resumed_after: int | None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self._writer = SummaryWriter(
-            str(self.run.root / TENSORBOARD_DIR), purge_step=first_round if first_round > 1 else None
-        )
-        self._writer.add_text("config", "```yaml\n" + self.cfg.to_yaml() + "```", first_round - 1)
+        self._writer = SummaryWriter(str(self.run.root / TENSORBOARD_DIR), purge_step=resumed_after)
+        self._writer.add_text("config", "```yaml\n" + self.cfg.to_yaml() + "```", resumed_after or 0)
         self._writer.flush()
 
-    def _open_mlflow(self, first_round: int) -> None:
-        self._mlflow = _MlflowRun(self.run, self.cfg, resume=first_round > 1)
+    def _open_mlflow(self, resumed_after: int | None) -> None:
+        self._mlflow = _MlflowRun(self.run, self.cfg, resume=resumed_after is not None)
 
     def _guard(self, sink: str, action: Any) -> None:
         try:
             action()
-        except ConfigError:
-            raise
         except Exception as err:  # noqa: BLE001 - logging must never stop the run
             log.warning(
                 "%s logging failed (%s: %s); the run goes on and its own files are complete",
@@ -167,25 +177,25 @@ class RunTracker:
     def _close_writer(self) -> None:
         writer, self._writer = self._writer, None
         if writer is not None:
-            try:
+            with contextlib.suppress(Exception):
                 writer.close()
-            except Exception:  # noqa: BLE001
-                pass
 
-    def round(self, record: dict[str, Any]) -> None:
+    def round(self, record: dict[str, Any], *, replay: bool = False) -> None:
         """Log a finished round (``record`` as appended to ``rounds.jsonl``; round 0, the
         initial generator, only as its grid)."""
+        if self._writer is None and self._mlflow is None:
+            return
         round_ = int(record["round"])
         scalars: dict[str, float] = {}
-        if round_ > 0:
+        if round_ > 0 and "hospitals" in record:
             privacy = [r for r in self.run.read_privacy() if r.get("round") == round_]
             client = [r for r in self.run.read_client_privacy() if r.get("round") == round_]
             scalars = round_scalars(record, privacy, client)
         grid = self.run.root / record["grid"] if record.get("grid") else None
         if self._writer is not None:
             self._guard("TensorBoard", lambda: self._tensorboard_round(round_, scalars, grid))
-        if self._mlflow is not None:
-            mlflow_run = self._mlflow
+        mlflow_run = self._mlflow
+        if mlflow_run is not None and not (replay and mlflow_run.has_round(round_)):
             self._guard("MLflow", lambda: mlflow_run.round(round_, scalars, grid))
 
     def _tensorboard_round(self, round_: int, scalars: dict[str, float], grid: Path | None) -> None:
@@ -200,36 +210,47 @@ class RunTracker:
         self._writer.flush()
 
     def close(self, state: str) -> None:
-        """End both sinks; ``state`` is the run's: finished, failed or interrupted."""
+        """End both sinks; ``state`` is the run's: finished or failed."""
         self._close_writer()
-        if self._mlflow is not None:
-            mlflow_run = self._mlflow
+        mlflow_run, self._mlflow = self._mlflow, None
+        if mlflow_run is not None:
             self._guard("MLflow", lambda: mlflow_run.close(state))
-            self._mlflow = None
 
 
 _MLFLOW_KEY = re.compile(r"[^A-Za-z0-9_\-. /]")
-_MLFLOW_STATUS = {"finished": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
+_MLFLOW_STATUS = {"finished": "FINISHED", "failed": "FAILED"}
+
+
+def _client(uri: str) -> Any:
+    """An MLflow client; a tracking server that is down costs seconds, not MLflow's
+    default minutes of retries."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    try:
+        from mlflow.tracking import MlflowClient
+    except ImportError:
+        raise ConfigError(MLFLOW_MISSING) from None
+    return MlflowClient(uri)
+
+
+def _saved_run(run: RunDir) -> dict[str, str] | None:
+    path = run.root / TRACKING_FILE
+    if not path.is_file():
+        return None
+    saved: dict[str, str] = json.loads(path.read_text())["mlflow"]
+    return saved
 
 
 class _MlflowRun:
     """One fedsynth run as one MLflow run (continued on resume, by ``RUN/tracking.json``)."""
 
     def __init__(self, run: RunDir, cfg: RunConfig, *, resume: bool) -> None:
-        # A tracking server that is down should cost seconds, not MLflow's default minutes of retries.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-        try:
-            from mlflow.tracking import MlflowClient
-        except ImportError:
-            raise ConfigError(MLFLOW_MISSING) from None
         self.run = run
         uri, artifacts = mlflow_store(cfg.output.mlflow)
-        self.client = MlflowClient(uri)
-        saved_path = run.root / TRACKING_FILE
-        saved = json.loads(saved_path.read_text()) if saved_path.is_file() else {}
-        if resume and saved.get("mlflow", {}).get("tracking_uri") == uri:
-            self.run_id = saved["mlflow"]["run_id"]
+        self.client = _client(uri)
+        saved = _saved_run(run)
+        if resume and saved and saved.get("tracking_uri") == uri:
+            self.run_id = saved["run_id"]
             self.client.update_run(self.run_id, status="RUNNING")
             self.client.set_tag(self.run_id, "fedsynth.resumed", "true")
             return
@@ -255,6 +276,12 @@ class _MlflowRun:
             {"mlflow": {"tracking_uri": uri, "experiment": experiment_id, "run_id": self.run_id}},
         )
 
+    def has_round(self, round_: int) -> bool:
+        history = self.client.get_metric_history(self.run_id, "round/seconds")
+        return any(m.step == round_ for m in history) or (
+            round_ == 0 and bool(self.client.list_artifacts(self.run_id, "samples"))
+        )
+
     def round(self, round_: int, scalars: dict[str, float], grid: Path | None) -> None:
         from mlflow.entities import Metric
 
@@ -266,27 +293,39 @@ class _MlflowRun:
             self.client.log_artifact(self.run_id, str(grid), artifact_path="samples")
 
     def close(self, state: str) -> None:
-        for path in (self.run.config_path, self.run.curves_path):
-            if path.is_file():
-                self.client.log_artifact(self.run_id, str(path))
-        last = self.run.last_round()
-        if last is not None:
-            self.client.log_artifact(self.run_id, str(self.run.checkpoint(last)), artifact_path="checkpoints")
-        self.client.set_terminated(self.run_id, status=_MLFLOW_STATUS.get(state, "FINISHED"))
+        try:
+            for path in (self.run.config_path, self.run.curves_path):
+                if path.is_file():
+                    self.client.log_artifact(self.run_id, str(path))
+            last = self.run.last_round()
+            if last is not None:
+                self.client.log_artifact(
+                    self.run_id, str(self.run.checkpoint(last)), artifact_path="checkpoints"
+                )
+        finally:
+            self.client.set_terminated(self.run_id, status=_MLFLOW_STATUS.get(state, "FINISHED"))
+
+
+def end_interrupted(run: RunDir) -> None:
+    """Mark the run's MLflow run KILLED after Ctrl-C or SIGTERM (the ServerApp was
+    stopped before it could say so), if it logged to one."""
+    try:
+        saved = _saved_run(run)
+        if saved:
+            _client(saved["tracking_uri"]).set_terminated(saved["run_id"], status="KILLED")
+    except Exception as err:  # noqa: BLE001 - the run directory already says interrupted
+        log.warning("could not mark the MLflow run interrupted (%s: %s)", type(err).__name__, err)
 
 
 def attach_files(run: RunDir, paths: list[Path], artifact_path: str) -> str | None:
     """Add files made after the run (an audit's report) to the MLflow run it logged to,
     if it logged to one; returns where they went, or None. A failure is a warning: the
     files themselves are already written."""
-    saved_path = run.root / TRACKING_FILE
-    if not saved_path.is_file():
-        return None
     try:
-        saved = json.loads(saved_path.read_text())["mlflow"]
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(saved["tracking_uri"])
+        saved = _saved_run(run)
+        if not saved:
+            return None
+        client = _client(saved["tracking_uri"])
         for path in paths:
             if path.is_file():
                 client.log_artifact(saved["run_id"], str(path), artifact_path=artifact_path)

@@ -96,6 +96,7 @@ def _federate(grid: Grid, cfg: RunConfig, run: RunDir) -> str | None:
         run.truncate_rounds_after(last)
         start = last + 1
         log.info("resuming after round %d", last)
+        tracker = RunTracker(run, cfg, resumed_after=last)
     else:
         if last is not None:
             raise RuntimeError(
@@ -103,17 +104,13 @@ def _federate(grid: Grid, cfg: RunConfig, run: RunDir) -> str | None:
             )
         initial = record_round(run, cfg, 0, gen, disc, report={}, seconds=0.0)
         start = 1
-    tracker = RunTracker(run, cfg, first_round=start)
-    if start == 1:
+        tracker = RunTracker(run, cfg)
         tracker.round(initial)
     state = "failed"
     try:
         stopped = _rounds(grid, cfg, run, gen, disc, start, started, tracker)
         state = "finished"
         return stopped
-    except KeyboardInterrupt:
-        state = "interrupted"
-        raise
     finally:
         tracker.close(state)
 
