@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from fedsynth.commands.audit import audit
+from fedsynth.commands.common import interrupt_on_sigterm
 from fedsynth.commands.demo import demo
 from fedsynth.commands.deploy import client, run, server, server_app
 from fedsynth.commands.info import config, models
@@ -39,6 +40,7 @@ app.add_typer(turing_test, name="turing-test", help=make_sheet.__doc__)
 
 
 def main() -> None:
+    interrupt_on_sigterm()
     app()
 
 

@@ -7,6 +7,10 @@ checkpoints, grids, resume, failures, sampling), not image quality.
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -249,3 +253,42 @@ def test_bad_config_key_is_one_line_before_anything_starts(tmp_path: Path) -> No
     assert result.exit_code != 0
     assert "train.lr: unknown key" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stopped_simulation_leaves_no_process_and_resumes(tmp_path: Path, stop: signal.Signals) -> None:
+    """Ctrl-C (SIGINT) or a service manager's SIGTERM to `fedsynth simulate` ends every
+    process of the run, Flower's and Ray's included, within 10 s; the run is marked
+    interrupted with the command that resumes it, and resuming continues."""
+    import psutil
+
+    data = make_slices(n_patients=12).save(tmp_path / "slices.npz")
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "fedsynth", "simulate", "--data", str(data), "--hospitals", "2",
+               "--rounds", "50", "--local-steps", "2", "--out", str(out), *TINY]
+    cli = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    run = RunDir(out)
+    deadline = time.monotonic() + 240
+    while len(run.read_rounds()) < 2:
+        assert cli.poll() is None and time.monotonic() < deadline, cli.stdout.read().decode() if cli.stdout else ""
+        time.sleep(0.5)
+    family = psutil.Process(cli.pid).children(recursive=True)
+    names = " ".join(p.name() for p in family)
+    assert "flower-superlink" in names or "flower-superl" in names, names
+    assert any("ray" in p.name().lower() or "raylet" in " ".join(p.cmdline()) for p in family), names
+    signalled = time.monotonic()
+    cli.send_signal(stop)
+    returncode = cli.wait(timeout=10)
+    _, alive = psutil.wait_procs(family, timeout=max(0.1, 10 - (time.monotonic() - signalled)))
+    assert not alive, f"still running 10 s after the signal: {[(p.pid, p.name()) for p in alive]}"
+    output = cli.stdout.read().decode() if cli.stdout else ""
+    assert returncode == 130, output
+    status = run.status()
+    assert status["state"] == "interrupted" and "--resume" in status["resume"], status
+    assert "Continue with" in output and "Traceback" not in output
+    last = run.last_round()
+    assert last is not None and last >= 2
+    load_checkpoint(run.checkpoint(last))  # the last completed round's checkpoint is whole
+    result = runner.invoke(app, ["simulate", "--out", str(out), "--resume", "--rounds", str(last + 1)])
+    assert result.exit_code == 0, result.output
+    assert run.status()["state"] == "finished" and run.last_round() == last + 1

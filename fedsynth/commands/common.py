@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import signal
 from collections.abc import Callable
 from enum import StrEnum
 from typing import Any, TypeVar
@@ -82,6 +83,17 @@ def setup_logging(verbose: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO if verbose else logging.WARNING)
     root.propagate = False
+
+
+def interrupt_on_sigterm() -> None:
+    """SIGTERM (a service manager's or ``kill``'s stop) ends a command the way Ctrl-C
+    does: the engine stops every process it started, and a run is marked interrupted
+    with the command that resumes it."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def user_errors(func: F) -> F:

@@ -15,6 +15,7 @@ from fedsynth.commands.common import CommandError, console
 from fedsynth.engine.launcher import EngineError, RunOutcome, run_simulation_engine
 from fedsynth.runs.config import RunConfig
 from fedsynth.runs.rundir import RunDir
+from fedsynth.runs.tracking import end_interrupted
 
 __all__ = ["run_with_progress"]
 
@@ -113,6 +114,9 @@ def run_with_progress(
         except EngineError as err:
             raise CommandError(str(err)) from None
         except KeyboardInterrupt:
+            # The engine has stopped every process of the run by now; nothing else writes the status.
+            run.set_status("interrupted", rounds=run.last_round() or 0, resume=resume)
+            end_interrupted(run)
             console.print(f"[yellow]interrupted[/]; finished rounds are kept. Continue with: {resume}")
             raise typer.Exit(130) from None
     elapsed = time.monotonic() - start

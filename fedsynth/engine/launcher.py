@@ -9,6 +9,7 @@ the SuperLink is stopped when the run ends, fails, or is interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -155,18 +156,35 @@ def _wait_healthy(port: int, process: subprocess.Popen[bytes], log_path: Path, t
     raise EngineError(f"the SuperLink did not come up within {timeout:.0f} s; see {log_path}")
 
 
-def stop_process(process: subprocess.Popen[bytes] | None, grace: float = 15.0) -> None:
-    """Stop a process and everything it started (it leads its own process group)."""
-    if process is None or process.poll() is not None:
+def stop_process(process: subprocess.Popen[bytes] | None, grace: float = 5.0) -> None:
+    """Stop a process and everything it started: its process group, and every descendant
+    found before the first signal (Flower's simulation process and Ray's daemons and
+    workers lead their own sessions and would outlive it). SIGTERM first, SIGKILL to what
+    is left after ``grace`` seconds."""
+    if process is None:
         return
+    import psutil
+
     try:
+        family = [psutil.Process(process.pid)] if process.poll() is None else []
+        family += family[0].children(recursive=True) if family else []
+    except psutil.NoSuchProcess:
+        family = []
+    if not family:
+        process.poll()
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGTERM)
+    for member in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.terminate()
+    _, alive = psutil.wait_procs(family, timeout=grace)
+    for member in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.kill()
+    psutil.wait_procs(alive, timeout=grace)
+    with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=grace)
-    except ProcessLookupError:
-        pass
 
 
 def run_simulation_engine(
