@@ -1,4 +1,4 @@
-"""`fedsynth demo`: the whole loop on built-in phantom hospitals, about 12 minutes on a 2-core CPU."""
+"""`fedsynth demo`: the whole loop on built-in phantom hospitals, about 6 minutes on an idle 2-core CPU."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from fedsynth.runs.rundir import RunDir
 
 __all__ = ["DEMO_SETTINGS", "demo"]
 
-# The demo's training settings: small enough for about 12 minutes on a 2-core CPU (681 s measured), large
+# The demo's training settings: small enough for about 6 minutes on an idle 2-core CPU (352 s measured), large
 # enough that later rounds' grids clearly look like the phantoms.
 DEMO_SETTINGS = {
     "federation.rounds": 6,
@@ -56,7 +56,7 @@ def demo(
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log fedsynth's progress messages."),
 ) -> None:
-    """The whole loop, about 12 minutes on 2 cores: phantom hospitals, training, an ethics report.
+    """The whole loop, about 6 minutes on 2 idle cores: phantom hospitals, training, an ethics report.
 
     Ingestion, federated training and a federated audit ending in an ethics report.
 
