@@ -118,7 +118,8 @@ def test_a_local_store_is_absolute_and_keeps_its_artifacts_beside_it(tmp_path: P
 
 
 def test_mlflow_asked_for_but_not_installed_is_one_line_before_anything_starts(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setitem(sys.modules, "mlflow", None)  # import mlflow now raises ImportError
+    for module in ("mlflow", "mlflow.tracking"):  # importing them now raises ImportError
+        monkeypatch.setitem(sys.modules, module, None)
     data = make_slices(n_patients=4).save(tmp_path / "slices.npz")
     result = CliRunner().invoke(app, ["simulate", "--data", str(data), "--out", str(tmp_path / "run"),
                                       "--set", "output.mlflow=mlruns"])

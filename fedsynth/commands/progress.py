@@ -139,10 +139,10 @@ def run_with_progress(
     real = "; real.png for comparison" if (run.root / "samples" / "real.png").is_file() else ""
     console.print(f"  sample grids  {run.grid(last or 0)}  (one per round{real})")
     console.print(f"  metrics       {run.rounds_path}, {run.curves_path}")
-    if (run.root / "tensorboard").is_dir():
+    if run.tensorboard_dir.is_dir():
         console.print(f"  tensorboard   tensorboard --logdir {run.root}")
-    if (run.root / "tracking.json").is_file():
-        console.print(f"  MLflow        {run.root / 'tracking.json'}  (the MLflow run logged to)")
+    if run.tracking_path.is_file():
+        console.print(f"  MLflow        {run.tracking_path}  (the MLflow run logged to)")
     best = run.best_round()
     if best is not None:
         console.print(

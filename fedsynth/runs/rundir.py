@@ -156,6 +156,16 @@ class RunDir:
         return self.root / "curves.png"
 
     @property
+    def tensorboard_dir(self) -> Path:
+        """TensorBoard event files (``fedsynth.runs.tracking``)."""
+        return self.root / "tensorboard"
+
+    @property
+    def tracking_path(self) -> Path:
+        """The MLflow run this run logs to (with ``output.mlflow``)."""
+        return self.root / "tracking.json"
+
+    @property
     def hospitals_dir(self) -> Path:
         return self.root / "hospitals"
 

@@ -42,8 +42,6 @@ __all__ = ["RunTracker", "attach_files", "check_tracking", "end_interrupted", "m
 
 log = logging.getLogger(__name__)
 
-TENSORBOARD_DIR = "tensorboard"
-TRACKING_FILE = "tracking.json"
 MLFLOW_MISSING = (
     "output.mlflow is set but MLflow is not installed: pip install 'fedsynth[mlflow]' (or mlflow-skinny), "
     "or leave output.mlflow empty"
@@ -113,10 +111,7 @@ def check_tracking(cfg: RunConfig) -> None:
         MLflow is not installed.
     """
     if cfg.output.mlflow:
-        try:
-            import mlflow  # noqa: F401
-        except ImportError:
-            raise ConfigError(MLFLOW_MISSING) from None
+        _client_class()
 
 
 class RunTracker:
@@ -152,7 +147,7 @@ class RunTracker:
     def _open_tensorboard(self, resumed_after: int | None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self._writer = SummaryWriter(str(self.run.root / TENSORBOARD_DIR), purge_step=resumed_after)
+        self._writer = SummaryWriter(str(self.run.tensorboard_dir), purge_step=resumed_after)
         self._writer.add_text("config", "```yaml\n" + self.cfg.to_yaml() + "```", resumed_after or 0)
         self._writer.flush()
 
@@ -221,23 +216,27 @@ _MLFLOW_KEY = re.compile(r"[^A-Za-z0-9_\-. /]")
 _MLFLOW_STATUS = {"finished": "FINISHED", "failed": "FAILED"}
 
 
+def _client_class() -> Any:
+    """MLflow's client class, or a ConfigError saying how to install it."""
+    try:
+        from mlflow.tracking import MlflowClient
+    except ImportError:
+        raise ConfigError(MLFLOW_MISSING) from None
+    return MlflowClient
+
+
 def _client(uri: str) -> Any:
     """An MLflow client; a tracking server that is down costs seconds, not MLflow's
     default minutes of retries."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-    try:
-        from mlflow.tracking import MlflowClient
-    except ImportError:
-        raise ConfigError(MLFLOW_MISSING) from None
-    return MlflowClient(uri)
+    return _client_class()(uri)
 
 
 def _saved_run(run: RunDir) -> dict[str, str] | None:
-    path = run.root / TRACKING_FILE
-    if not path.is_file():
+    if not run.tracking_path.is_file():
         return None
-    saved: dict[str, str] = json.loads(path.read_text())["mlflow"]
+    saved: dict[str, str] = json.loads(run.tracking_path.read_text())["mlflow"]
     return saved
 
 
@@ -272,7 +271,7 @@ class _MlflowRun:
         for start in range(0, len(params), 100):
             self.client.log_batch(self.run_id, params=params[start : start + 100])
         run.write_json(
-            run.root / TRACKING_FILE,
+            run.tracking_path,
             {"mlflow": {"tracking_uri": uri, "experiment": experiment_id, "run_id": self.run_id}},
         )
 
