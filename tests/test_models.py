@@ -13,9 +13,12 @@ from fedsynth.runs.config import ModelConfig
 from fedsynth.models import FAMILIES as MODEL_FAMILIES
 from fedsynth.models import build_gan
 
-# Families drawn from noise (and a class); pix2pix draws from a mask (tests/test_pix2pix.py)
-# and cyclegan translates slices (tests/test_cyclegan.py).
-NOISE_FAMILIES = sorted(n for n, f in MODEL_FAMILIES.items() if f.condition in ("class", "none"))
+# Adversarial families drawn from noise (and a class); pix2pix draws from a mask
+# (tests/test_pix2pix.py), cyclegan translates slices (tests/test_cyclegan.py), and dp-merf
+# has a fixed feature map in the discriminator's place (tests/test_dpmerf.py).
+NOISE_FAMILIES = sorted(
+    n for n, f in MODEL_FAMILIES.items() if f.condition in ("class", "none") and f.federation == "weights"
+)
 
 
 @pytest.mark.parametrize("name", NOISE_FAMILIES)
@@ -61,7 +64,8 @@ def test_unknown_family_or_size_is_refused() -> None:
 
 
 # The configuration under which each family may train with DP-SGD (what `fedsynth models`
-# says); pix2pix and cyclegan are refused (tests/test_pix2pix.py, tests/test_cyclegan.py).
+# says); pix2pix and cyclegan are refused (tests/test_pix2pix.py, tests/test_cyclegan.py);
+# dp-merf trains no discriminator: its DP is one release (tests/test_dpmerf.py).
 DP_READY = {"cdcgan": {}, "vanilla-gan": {}, "wgan-gp": {"spectral_norm": False}, "stylegan2-lite": {"mbstd_group": 0}}
 
 
@@ -69,8 +73,8 @@ def test_every_family_is_either_dp_ready_or_refused() -> None:
     from fedsynth.models import check_dp_discriminator
     from fedsynth.privacy import PrivacyError
 
-    for name in MODEL_FAMILIES:
-        if name not in DP_READY:
+    for name, family in MODEL_FAMILIES.items():
+        if name not in DP_READY and family.federation == "weights":
             _, disc = build_gan(ModelConfig(name=name, width=8), image_size=32, num_classes=2)
             with pytest.raises(PrivacyError):
                 check_dp_discriminator(disc)
@@ -115,7 +119,9 @@ def test_models_command_lists_every_family_and_preset_with_its_dp_support() -> N
     assert set(rows) == {*MODEL_FAMILIES, "medscangan"}
     assert rows["medscangan"]["kind"] == "preset" and rows["medscangan"]["dp_sgd"] is False
     assert rows["cdcgan"]["dp_sgd"] is True and rows["pix2pix"]["conditioned_on"] == "mask"
-    assert all(r["g_params"] > 0 and r["d_params"] > 0 and r["sizes"] for r in rows.values())
+    assert all(r["g_params"] > 0 and r["sizes"] for r in rows.values())
+    # dp-merf's discriminator is a fixed feature map: nothing trained, nothing to count
+    assert all(r["d_params"] > 0 for name, r in rows.items() if name != "dp-merf") and rows["dp-merf"]["d_params"] == 0
 
 
 def test_cdcgan_upsample_nearest_builds_a_generator_without_transposed_convolutions() -> None:

@@ -8,7 +8,13 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedsynth.client.hospital import HospitalSite, run_local_round, score_validation
+from fedsynth.client.hospital import (
+    HospitalSite,
+    LocalRoundResult,
+    release_summary,
+    run_local_round,
+    score_validation,
+)
 from fedsynth.core.checkpoint import file_sha256
 from fedsynth.core.weights import DISCRIMINATOR, GENERATOR, split_model
 from fedsynth.engine.records import (
@@ -20,7 +26,9 @@ from fedsynth.engine.records import (
     record_to_tensors,
     tensors_to_record,
 )
+from fedsynth.engine.strategy import RELEASE
 from fedsynth.engine.supernode import DATA_PATH, HOSPITAL_NAME, PARTITION_ID, STATE_DIR
+from fedsynth.models import EMBEDDING
 from fedsynth.runs.config import RunConfig
 from fedsynth.runs.rundir import Hospitals
 
@@ -77,19 +85,24 @@ def site_from_context(context: Context, cfg: RunConfig) -> HospitalSite:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Run one local GAN round on the global generator and reply with the new weights."""
+    """Run one local GAN round on the global generator and reply with the new weights; for
+    a family that federates a summary (dp-merf), reply with the hospital's release."""
     cfg = RunConfig.from_run_config(context.run_config)
     site = site_from_context(context, cfg)
     server_round = int(number(msg.content.config_records[CONFIG]["server-round"]))
-    gen_state, disc_state = split_model(record_to_tensors(msg.content.array_records[ARRAYS]))
     try:
-        result = run_local_round(
-            site,
-            cfg,
-            server_round=server_round,
-            global_generator=gen_state,
-            global_discriminator=disc_state or None,
-        )
+        result: LocalRoundResult
+        if cfg.model.family.federation == EMBEDDING:
+            result = release_summary(site, cfg, server_round=server_round)
+        else:
+            gen_state, disc_state = split_model(record_to_tensors(msg.content.array_records[ARRAYS]))
+            result = run_local_round(
+                site,
+                cfg,
+                server_round=server_round,
+                global_generator=gen_state,
+                global_discriminator=disc_state or None,
+            )
     except Exception as err:
         # Flower reports a ClientApp's exception by node id only: name the hospital.
         raise RuntimeError(
@@ -101,6 +114,16 @@ def train(msg: Message, context: Context) -> Message:
         privacy = dict(result.privacy)
         hospital["dp-unit"] = privacy.pop("dp-unit")
         metrics.update(privacy)
+    if result.release is not None and result.release_metrics is not None:
+        metrics.update(result.release_metrics)
+        content = RecordDict(
+            {
+                ARRAYS: tensors_to_record({f"{RELEASE}.{k}": v for k, v in result.release.items()}),
+                METRICS: MetricRecord(metrics),
+                HOSPITAL: ConfigRecord(hospital),
+            }
+        )
+        return Message(content=content, reply_to=msg)
     if result.declined is not None or result.generator is None or result.stats is None:
         # A hospital that declines sends no weights, only why (and what it has spent).
         hospital["declined"] = result.declined or "declined"

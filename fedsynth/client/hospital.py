@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,14 @@ from fedsynth.privacy import (
 from fedsynth.runs.config import RunConfig
 from fedsynth.runs.rundir import HospitalState
 
-__all__ = ["HospitalSite", "LocalRoundResult", "load_hospital_slices", "run_local_round", "score_validation"]
+__all__ = [
+    "HospitalSite",
+    "LocalRoundResult",
+    "load_hospital_slices",
+    "release_summary",
+    "run_local_round",
+    "score_validation",
+]
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +98,9 @@ class LocalRoundResult:
     stats: RoundStats | None
     privacy: dict[str, Any] | None = None  # what this hospital has spent (DP runs)
     declined: str | None = None  # why the hospital did not train this round
+    # A family that federates a summary (dp-merf): what the hospital sends instead of weights.
+    release: dict[str, torch.Tensor] | None = None
+    release_metrics: dict[str, float | int] | None = None
 
 
 def load_hospital_slices(site: HospitalSite, cfg: RunConfig) -> SliceSet:
@@ -280,6 +291,88 @@ def run_local_round(
         else None,
         stats=stats,
         privacy=privacy_report(privacy, plan) if privacy is not None and plan is not None else None,
+    )
+
+
+def release_summary(site: HospitalSite, cfg: RunConfig, *, server_round: int) -> LocalRoundResult:
+    """The hospital's one release for a family that federates a summary (dp-merf): its
+    training slices summarised with the run's fixed feature map and, with DP on, Gaussian
+    noise for ``dp.target-epsilon`` (or ``dp.noise-multiplier``) charged to the ledger as
+    one full-batch step *before* the summary is computed. A hospital that has released for
+    this run already (a re-sent round) is charged again: every release spends.
+
+    Returns
+    -------
+    ``release``: the summary's tensors; ``privacy``: what has been spent, under DP; or
+    ``declined`` with the reason, when the budget cannot be met.
+    """
+    cfg = site.config(cfg)
+    slices = load_hospital_slices(site, cfg)
+    train = slices.only(TRAIN)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    family = cfg.model.family
+    cfg = _with_classes(cfg, slices)
+    _, features = build_networks(cfg)
+    units = _unit_ids(train)
+    started = time.perf_counter()
+    privacy = plan = None
+    noise_std = 0.0
+    if cfg.dp.enabled:
+        with PrivacyState.lock(site.ledger_path):
+            privacy = PrivacyState.load(site.ledger_path)
+            count = len(np.unique(units))
+            try:
+                plan = plan_for_run(
+                    cfg.dp,
+                    privacy,
+                    run_key=site.state_dir.name,
+                    units=count,
+                    unit=train.privacy_unit,
+                    batch_size=count,  # one full-batch release: sample rate 1
+                    planned_steps=1,
+                )
+            except PrivacyError as err:
+                log.warning("%s declines the release: %s", site.name, err)
+                return LocalRoundResult(None, None, None, declined=f"privacy budget: {err}")
+            step = (plan.noise_multiplier, plan.sample_rate, 1)
+            after = privacy.epsilon(extra=step)
+            if plan.target_epsilon > 0 and after > plan.target_epsilon + 1e-9:
+                reason = (
+                    f"privacy budget: releasing would spend epsilon {after:.3g} > dp.target-epsilon "
+                    f"{plan.target_epsilon:g} (spent {privacy.epsilon():.3g})"
+                )
+                log.warning("%s declines the release: %s", site.name, reason)
+                return LocalRoundResult(
+                    None, None, None, privacy=privacy_report(privacy, plan), declined=reason
+                )
+            privacy.add(*step)
+            privacy.save(site.ledger_path)
+        noise_std = plan.noise_multiplier * family.release_sensitivity
+    released = family.release(
+        features,
+        train,
+        units,
+        conditional=family.conditional(cfg.model),
+        noise_std=noise_std,
+        noise=secure_generator() if noise_std > 0 else None,
+    )
+    seconds = time.perf_counter() - started
+    log.info("%s released its summary of %d slices in %.1f s", site.name, len(train), seconds)
+    report = None
+    if privacy is not None and plan is not None:
+        report = {
+            **privacy_report(privacy, plan),
+            "dp-sensitivity": family.release_sensitivity,
+            "dp-noise-std": noise_std,
+        }
+    return LocalRoundResult(
+        None,
+        None,
+        None,
+        privacy=report,
+        release={k: v.cpu() for k, v in released.items()},
+        release_metrics={"num-examples": len(train), "seconds": round(seconds, 3)},
     )
 
 

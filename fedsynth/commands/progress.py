@@ -104,10 +104,13 @@ def run_with_progress(
                         )
                     progress.console.print(line, highlight=False)
             done = len(seen)
-            label = "training" if run.status().get("state") == "running" else starting
-            progress.update(
-                task, completed=done, description=f"{label}: round {min(done + 1, total)}/{total}"
-            )
+            status = run.status()
+            label = "training" if status.get("state") == "running" else starting
+            description = f"{label}: round {min(done + 1, total)}/{total}"
+            if status.get("state") == "running" and status.get("fitting"):  # dp-merf's server-side fit
+                step, steps = status["fitting"]
+                description = f"fitting the generator to the releases: step {step}/{steps}"
+            progress.update(task, completed=done, description=description)
 
         try:
             outcome = engine(on_poll=poll)

@@ -17,7 +17,7 @@ from fedsynth.core.weights import DISCRIMINATOR, GENERATOR
 from fedsynth.engine.records import ARRAYS, HOSPITAL, METRICS, arrays_to_numpy, number
 from fedsynth.engine.updates import check_update, read_update, relative_update_norm
 
-__all__ = ["GeneratorFedAvg", "RoundReport", "describe_message", "first_line"]
+__all__ = ["RELEASE", "GeneratorFedAvg", "RoundReport", "describe_message", "first_line"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,10 @@ class RoundReport:
     # the evidence of what left each hospital, kept in RUN/messages.jsonl.
     messages: list[dict[str, Any]] = field(default_factory=list)
 
+
+# The prefix of the tensors a hospital of a summary-federating family (dp-merf) sends in
+# place of weights: ``release.sum``, ``release.count``.
+RELEASE = "release"
 
 # A family whose networks have parts trained by only some hospitals (cyclegan's two
 # translators and two PatchGANs) reports a weight per part: the metric ``weight-<part>``
@@ -72,6 +76,7 @@ class GeneratorFedAvg(FedAvg):
         server_step: tuple[float, float, set[str]] | None = None,
         max_update_norm: float = 0.0,
         node_names: dict[int, str] | None = None,
+        sum_updates: bool = False,
         **kwargs: Any,
     ) -> None:
         """``client_dp``: (noise multiplier, clip, names of the trainable tensors), or None.
@@ -79,11 +84,14 @@ class GeneratorFedAvg(FedAvg):
         or None for plain averaging.
         ``max_update_norm``: largest ||update - global|| / ||global|| accepted (0: no bound).
         ``node_names``: the names hospitals were registered under, by SuperNode id; they
-        win over the name a reply declares, and name nodes that fail before replying."""
+        win over the name a reply declares, and name nodes that fail before replying.
+        ``sum_updates``: add the accepted replies' arrays instead of averaging them (the
+        releases of a family that federates a summary, dp-merf's, are sums)."""
         super().__init__(arrayrecord_key=ARRAYS, **kwargs)
         self.expected_shapes = expected_shapes
         self.expected_dtypes = expected_dtypes
         self.max_update_norm = max_update_norm
+        self.sum_updates = sum_updates
         self.registered: dict[int, str] = dict(node_names or {})
         self.node_names: dict[int, str] = dict(self.registered)
         self.sent: list[Message] = []
@@ -176,6 +184,8 @@ class GeneratorFedAvg(FedAvg):
         self.last_report = report
         if not accepted:
             return None, None
+        if self.sum_updates:
+            return self._sum(accepted), None
         if self.client_dp is not None:
             return self._server_step(self._aggregate_client_dp(accepted, report)), None
         if any(
@@ -195,6 +205,13 @@ class GeneratorFedAvg(FedAvg):
             )
         fed_averaged, fed_metrics = super().aggregate_train(server_round, accepted)
         return (self._server_step(fed_averaged) if fed_averaged is not None else None), fed_metrics
+
+    @staticmethod
+    def _sum(accepted: list[Message]) -> ArrayRecord:
+        """The accepted replies' arrays added up, key by key (float64, then float32)."""
+        updates = [arrays_to_numpy(m.content.array_records[ARRAYS]) for m in accepted]
+        total = {key: np.sum([u[key].astype(np.float64) for u in updates], axis=0) for key in updates[0]}
+        return ArrayRecord({k: Array(np.ascontiguousarray(v.astype(np.float32))) for k, v in total.items()})
 
     def _aggregate_parts(self, accepted: list[Message]) -> tuple[ArrayRecord, set[str]]:
         """Each part averaged with its own weights (``part_metric``), the other tensors by

@@ -4,8 +4,10 @@
 from fedsynth.models.family import (
     CLASS,
     DOMAIN,
+    EMBEDDING,
     MASK,
     NONE,
+    WEIGHTS,
     DPSupport,
     Drawn,
     Family,
@@ -29,9 +31,11 @@ from fedsynth.models.training import gradient_penalty
 __all__ = [
     "CLASS",
     "DOMAIN",
+    "EMBEDDING",
     "FAMILIES",
     "MASK",
     "NONE",
+    "WEIGHTS",
     "DPSupport",
     "DiscriminatorOutput",
     "Drawn",

@@ -20,6 +20,8 @@ its data                ``check_slices``, ``conditions``,                hospita
 DP-SGD                  ``dp``, ``uses_r1``, ``check_dp``                hospital, ``simulate``
 the local round         ``local_round`` and the step hooks               hospital
 server side             ``after_noised_update``; part weights (below)    ServerApp, strategy
+one-shot federation     ``federation``, ``release``, ``release_shapes``, hospital, ServerApp
+                        ``fit``
 pictures                ``round_grid``, ``real_grid``                    ServerApp, simulation
 validation score        ``validation_score``                             hospital
 synthesis               ``sample``, ``translate``                        ``fedsynth sample``,
@@ -69,15 +71,18 @@ if TYPE_CHECKING:
 __all__ = [
     "CLASS",
     "DOMAIN",
+    "EMBEDDING",
     "GRID_SEED_OFFSET",
     "MASK",
     "NONE",
     "VALIDATION_COMPONENTS",
     "VALIDATION_SAMPLES",
+    "WEIGHTS",
     "Condition",
     "DPSupport",
     "Drawn",
     "Family",
+    "Federation",
     "Preset",
     "PrivateRound",
     "recompute_batchnorm",
@@ -89,6 +94,13 @@ CLASS: Condition = "class"
 NONE: Condition = "none"
 MASK: Condition = "mask"
 DOMAIN: Condition = "domain"
+
+# How a family federates: hospitals train and send weights that the server averages, every
+# round (``weights``); or each hospital releases a summary of its slices once and the server
+# fits the generator to the summaries (``embedding``: dp-merf), one round.
+Federation = Literal["weights", "embedding"]
+WEIGHTS: Federation = "weights"
+EMBEDDING: Federation = "embedding"
 
 GRID_SEED_OFFSET = 7919  # round grids use seed + this, so they never share noise with training
 VALIDATION_SAMPLES = 256  # generated images per validation score
@@ -151,6 +163,7 @@ class Family:
     presets: ClassVar[tuple[Preset, ...]] = ()
     uses_r1: ClassVar[bool] = False  # the discriminator is regularised with (lazy) R1
     truncation: ClassVar[bool] = False  # sampling offers the truncation trick
+    federation: ClassVar[Federation] = WEIGHTS
 
     # --- configuration ---------------------------------------------------------------
     def check_config(self, cfg: RunConfig) -> None:
@@ -291,6 +304,41 @@ class Family:
         what was averaged from un-noised updates (BatchNorm statistics) from the
         generator's own output on fresh noise; reads no hospital data."""
         recompute_batchnorm(gen, num_classes, seed=seed)
+
+    # --- one-shot federation (``federation = EMBEDDING``) ---------------------------------------
+    def release(
+        self,
+        features: nn.Module,
+        train: SliceSet,
+        units: np.ndarray,
+        *,
+        conditional: bool,
+        noise_std: float,
+        noise: torch.Generator | None,
+    ) -> dict[str, torch.Tensor]:
+        """What a hospital sends instead of weights: a summary of its training slices
+        (``units``: each slice's privacy unit), with Gaussian noise of std ``noise_std``
+        (0: none) on every entry; its L2 sensitivity to one unit is ``release_sensitivity``."""
+        raise NotImplementedError(f"model {self.name!r} federates weights, not a released summary")
+
+    release_sensitivity: ClassVar[float] = 0.0
+
+    def release_shapes(self, cfg: RunConfig) -> dict[str, tuple[int, ...]]:
+        """The tensors of one release, by name, with their shapes (what the server accepts)."""
+        raise NotImplementedError(f"model {self.name!r} federates weights, not a released summary")
+
+    def fit(
+        self,
+        gen: GeneratorNet,
+        features: nn.Module,
+        released: dict[str, np.ndarray],
+        cfg: RunConfig,
+        *,
+        progress: Any = None,
+    ) -> dict[str, float]:
+        """Train the generator on the server from the hospitals' summed releases alone;
+        returns what to record of the fit."""
+        raise NotImplementedError(f"model {self.name!r} federates weights, not a released summary")
 
     # --- pictures --------------------------------------------------------------------------
     def round_grid(self, gen: GeneratorNet, cfg: RunConfig, path: Path, *, title: str) -> Path | None:

@@ -16,6 +16,7 @@ from torch import nn
 
 from fedsynth.models.cdcgan import CDCGAN
 from fedsynth.models.cyclegan import CycleGAN
+from fedsynth.models.dpmerf import DPMERF
 from fedsynth.models.family import Family, Preset
 from fedsynth.models.networks import Networks
 from fedsynth.models.pix2pix import Pix2Pix
@@ -44,7 +45,15 @@ FAMILY_TAG = (
     "fedsynth_family"  # set on the networks build_gan returns: the name of the family that built them
 )
 
-_BUILT_IN: tuple[Family, ...] = (CDCGAN(), VanillaGAN(), WGANGP(), StyleGAN2Lite(), Pix2Pix(), CycleGAN())
+_BUILT_IN: tuple[Family, ...] = (
+    CDCGAN(),
+    VanillaGAN(),
+    WGANGP(),
+    StyleGAN2Lite(),
+    Pix2Pix(),
+    CycleGAN(),
+    DPMERF(),
+)
 FAMILIES: dict[str, Family] = {family.name: family for family in _BUILT_IN}
 
 

@@ -21,6 +21,7 @@ from pydantic import (
 
 from fedsynth.core.errors import ConfigError
 from fedsynth.models.augment import POLICIES as AUGMENTATIONS
+from fedsynth.models.family import EMBEDDING
 from fedsynth.models.registry import FAMILIES, get_family, presets
 
 if TYPE_CHECKING:
@@ -138,6 +139,23 @@ class ModelConfig(_Section):
         le=32,
         description="stylegan2-lite: minibatch standard deviation group size in D (0: off; required off "
         "under DP)",
+    )
+
+    merf_frequencies: int = Field(
+        1000,
+        ge=16,
+        le=20000,
+        description="dp-merf: random Fourier frequencies of the feature map (each hospital releases 2x this "
+        "numbers per class; more: a finer match, and more noise in total under DP)",
+    )
+    merf_bandwidth: float = Field(
+        0.5,
+        gt=0,
+        description="dp-merf: Gaussian kernel width per pixel (the width is this x sqrt(pixels), pixels in "
+        "[-1, 1]); fixed, never estimated from the private slices",
+    )
+    merf_fit_steps: int = Field(
+        2000, ge=1, description="dp-merf: the server's generator steps fitting the released embedding"
     )
 
     @field_validator("name")
@@ -471,7 +489,16 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _link_sections(self) -> RunConfig:
         self.train._family = self.model.name  # `train.loss: auto` depends on the family
-        self.model.family.check_config(self)
+        family = self.model.family
+        if family.federation == EMBEDDING and self.federation.rounds != 1:
+            # a family that federates a summary releases it once: one round, whatever the default
+            if "rounds" in self.federation.model_fields_set:
+                raise ValueError(
+                    f"federation.rounds: {family.name} federates in one round (each hospital releases its "
+                    "summary once); set federation.rounds=1 or leave it out"
+                )
+            self.federation.rounds = 1
+        family.check_config(self)
         return self
 
     # --- construction -------------------------------------------------------------

@@ -114,6 +114,12 @@ def record_privacy(run: RunDir, round_: int, report: Any) -> None:
                 "epsilon_rdp": num("dp-epsilon"),
                 "epsilon_prv": num("dp-epsilon-prv"),
                 "target_epsilon": num("dp-target-epsilon") or None,
+                # a one-shot release (dp-merf): the noise's std and the release's L2 sensitivity
+                **(
+                    {"noise_std": num("dp-noise-std"), "sensitivity": num("dp-sensitivity")}
+                    if "dp-noise-std" in spent
+                    else {}
+                ),
             }
         )
 

@@ -21,8 +21,9 @@ from flwr.serverapp import Grid, ServerApp
 from torch import nn
 
 from fedsynth.core.weights import DISCRIMINATOR, GENERATOR, load_weights
-from fedsynth.engine.records import METRICS, number, pack_model, unpack_model
-from fedsynth.engine.strategy import GeneratorFedAvg, RoundReport, first_line
+from fedsynth.engine.records import METRICS, arrays_to_numpy, number, pack_model, unpack_model
+from fedsynth.engine.strategy import RELEASE, GeneratorFedAvg, RoundReport, first_line
+from fedsynth.models import EMBEDDING, build_networks
 from fedsynth.models.networks import GeneratorNet
 from fedsynth.runs.config import RunConfig
 from fedsynth.runs.rundir import RunDir
@@ -108,7 +109,10 @@ def _federate(grid: Grid, cfg: RunConfig, run: RunDir) -> str | None:
         tracker.round(initial)
     state = "failed"
     try:
-        stopped = _rounds(grid, cfg, run, gen, disc, start, started, tracker)
+        if cfg.model.family.federation == EMBEDDING:
+            stopped = _release_round(grid, cfg, run, gen, tracker) if start == 1 else None
+        else:
+            stopped = _rounds(grid, cfg, run, gen, disc, start, started, tracker)
         state = "finished"
         return stopped
     finally:
@@ -206,6 +210,69 @@ def _rounds(
                 f"round {round_}: federation.time-budget of {cfg.federation.time_budget:g} s spent "
                 f"({spent:.0f} s)"
             )
+    return None
+
+
+def _release_round(
+    grid: Grid, cfg: RunConfig, run: RunDir, gen: GeneratorNet, tracker: RunTracker
+) -> str | None:
+    """The one round of a family that federates a summary (dp-merf): the server sends
+    no weights, only the round number; every hospital replies with its (noisy) release,
+    checked like an update (names, shapes, finite values); the server adds the releases
+    and fits the generator to their sum. Returns why the run stopped, if too few
+    hospitals had budget left to release."""
+    began = time.perf_counter()
+    family = cfg.model.family
+    strategy = GeneratorFedAvg(
+        expected_shapes={f"{RELEASE}.{k}": v for k, v in family.release_shapes(cfg).items()},
+        node_names=run.node_names(),
+        sum_updates=True,
+        fraction_train=1.0,  # one release per hospital: every hospital is asked
+        fraction_evaluate=0.0,
+        min_train_nodes=cfg.federation.min_hospitals,
+        min_available_nodes=cfg.federation.min_hospitals,
+    )
+    messages = strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid)
+    replies = grid.send_and_receive(messages, timeout=cfg.federation.round_timeout)
+    summed, _ = strategy.aggregate_train(1, replies)
+    report = strategy.last_report
+    for message in report.messages:
+        run.append_message({"round": 1, **message})
+    record_privacy(run, 1, report)
+    if summed is None or len(report.hospitals) < cfg.federation.min_hospitals:
+        if report.declined and not report.failures and not report.rejected:
+            names = ", ".join(d["hospital"] for d in report.declined)
+            return (
+                f"round 1: too few hospitals with privacy budget left to release ({names} declined; "
+                f"federation.min-hospitals is {cfg.federation.min_hospitals})"
+            )
+        raise RoundFailed(_describe_failure(report, cfg.federation.min_hospitals))
+    released = {k.removeprefix(f"{RELEASE}."): v for k, v in arrays_to_numpy(summed).items()}
+    _, features = build_networks(cfg)
+    log.info("fitting the generator to the releases of %s", ", ".join(report.hospitals))
+    owner = run.status().get("owner")
+
+    def progress(step: int, steps: int) -> None:  # shown by `fedsynth simulate`'s progress bar
+        if step % max(1, steps // 50) == 0 or step == steps:
+            run.set_status("running", rounds=1, owner=owner, fitting=[step, steps])
+
+    fit = family.fit(gen, features, released, cfg, progress=progress)
+    record = record_round(
+        run,
+        cfg,
+        1,
+        gen,
+        None,
+        report={
+            "hospitals": report.hospitals,
+            "failures": report.failures,
+            "rejected": report.rejected,
+            "declined": report.declined,
+            "fit": fit,
+        },
+        seconds=time.perf_counter() - began,
+    )
+    tracker.round(record)
     return None
 
 
