@@ -53,9 +53,10 @@ def spread(values: list[float]) -> dict[str, Any]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
 
 
-def prepare_brain(out: Path, size: int, *, limit: int | None = None, seed: int = 0) -> Path:
+def prepare_brain(out: Path, size: int, *, limit: int | None = None, seed: int = 0, reuse_from: Path | None = None) -> Path:
     """The brain MRI slices as a de-duplicated slice set (``fedsynth prepare``), optionally
-    subsampled to ``limit`` slices (keeping the train/holdout split). Reused if present."""
+    subsampled to ``limit`` slices (keeping the train/holdout split). Reused if present, in
+    ``out`` or as prepared by an earlier benchmark in ``reuse_from``."""
     from fedsynth.data.sliceset import SliceSet
 
     path = out / f"brain-{size}px{'' if limit is None else f'-{limit}'}.npz"
@@ -64,6 +65,10 @@ def prepare_brain(out: Path, size: int, *, limit: int | None = None, seed: int =
     if not BRAIN_MRI.exists():
         raise SystemExit(f"the brain MRI slices are not at {BRAIN_MRI} (set FEDSYNTH_SHARED_DATA to the shared data folder)")
     full = out / f"brain-{size}px.npz"
+    earlier = reuse_from / full.name if reuse_from is not None else None
+    if not full.exists() and earlier is not None and earlier.exists():
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(earlier, full)
     if not full.exists():
         run([FEDSYNTH, "prepare", str(BRAIN_MRI), "--out", str(full), "--size", str(size)])
     if limit is None:

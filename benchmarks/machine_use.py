@@ -29,7 +29,8 @@ if __package__ in (None, ""):  # run as a script: python benchmarks/machine_use.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import FEDSYNTH, HERE, machine, machine_line, prepare_brain, progress, run, write
-from fedsynth.engine.simulation import available_cores, plan_cores
+from fedsynth.core.device import available_cores
+from fedsynth.engine.simulation import plan_cores
 
 
 def _arm(work: Path, data: Path, name: str, hospitals: int, settings: dict[str, Any], rounds: int, steps: int,

@@ -305,7 +305,7 @@ def run_quality(cfg: QualityConfig, work: Path, out: Path, progress) -> tuple[di
     started = time.perf_counter()
     forget_other_config(work, asdict(cfg), progress, "quality", files=("lowdata.npz",))
     progress(f"quality: preparing the brain MRI slices at {cfg.image_size} px")
-    data = prepare_brain(work, cfg.image_size, limit=cfg.limit, seed=cfg.seed)
+    data = prepare_brain(work, cfg.image_size, limit=cfg.limit, seed=cfg.seed, reuse_from=work.parent)
     runs = train_arms(cfg, data, work, progress)
     fid = fidelity(cfg, data, runs, progress)
     aud = audits(cfg, runs, work, progress)

@@ -28,7 +28,7 @@ from fedsynth.core.files import write_json_atomic
 from .common import HERE, machine, machine_line, prepare_brain, write
 
 PERF_QUICK = {"size": 32, "steps": 3, "repeats": 2, "batch": 32, "threads": 2, "fed_rounds": 2, "fed_steps": 5,
-              "memory_steps": 3, "audit_sizes": [250, 500], "full_audit_max": 500,
+              "memory_steps": 3, "audit_sizes": [120, 240], "full_audit_max": 240,
               "classifier_steps": 60}
 PERF_FULL = {"size": 64, "steps": 10, "repeats": 5, "batch": 64, "threads": 2, "fed_rounds": 5, "fed_steps": 50,
              "memory_steps": 20, "audit_sizes": [1000, 5000, 20000, 50000], "full_audit_max": 20000,

@@ -76,7 +76,9 @@ def _lights(audit: dict, check: str) -> dict[tuple[str, str], str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("copy", list(disguises.PLAIN))
+# The whole audit for an exact and a shifted copy; every disguise's detection (noisy copies
+# too) is checked at the detector's level in the next test, at a fraction of an audit's time.
+@pytest.mark.parametrize("copy", ["exact", "shift 1 px"])
 def test_a_copying_generator_is_caught(tmp_path, brain_split, spaces, copy) -> None:
     train = brain_split[0]
     images = disguises.PLAIN[copy](train.images)

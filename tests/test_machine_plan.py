@@ -52,3 +52,101 @@ def test_a_users_own_setting_wins(tmp_path, monkeypatch) -> None:
     assert (cfg.simulation.parallel_hospitals, cfg.simulation.client_cpus) == (2, 1)
     cfg = _prepared(tmp_path / "b", monkeypatch, cores=8, **{"simulation.client-cpus": 1})
     assert (cfg.simulation.parallel_hospitals, cfg.simulation.client_cpus, cfg.train.threads) == (3, 1, 1)
+
+
+# --- the cores a process may really use, and whether others use them too ---------------------
+
+
+def _cgroup(tmp_path, proc: str, files: dict[str, str]):  # noqa: ANN001, ANN202
+    (tmp_path / "proc").write_text(proc)
+    for name, text in files.items():
+        path = tmp_path / "fs" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return tmp_path / "fs", tmp_path / "proc"
+
+
+@pytest.mark.parametrize(
+    ("proc", "files", "cores"),
+    [
+        # cgroup v2: a container given one and a half cores, and one without a quota
+        ("0::/job\n", {"job/cpu.max": "150000 100000\n"}, 1.5),
+        ("0::/job\n", {"job/cpu.max": "max 100000\n"}, None),
+        # cgroup v1: the cpu controller's quota over its period; -1 means none
+        ("4:memory:/x\n2:cpu,cpuacct:/job\n",
+         {"cpu/job/cpu.cfs_quota_us": "200000", "cpu/job/cpu.cfs_period_us": "100000"}, 2.0),
+        ("2:cpu,cpuacct:/\n", {"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, None),
+    ],
+)
+def test_a_containers_cpu_quota_is_read_from_its_control_group(tmp_path, proc, files, cores) -> None:
+    from fedsynth.core.device import cgroup_cpu_limit
+
+    assert cgroup_cpu_limit(*_cgroup(tmp_path, proc, files)) == cores
+
+
+def test_the_cores_used_are_capped_by_the_quota_not_the_machines_count(monkeypatch) -> None:
+    from fedsynth.core import device
+
+    monkeypatch.setattr(device.os, "sched_getaffinity", lambda _: set(range(64)))
+    monkeypatch.setattr(device, "cgroup_cpu_limit", lambda: 1.5)
+    assert device.available_cores() == 2  # a quota of 1.5 cores runs two threads, not 64
+    monkeypatch.setattr(device, "cgroup_cpu_limit", lambda: None)
+    assert device.available_cores() == 64
+
+
+BUSY = "import time\nend = time.time() + {seconds}\nwhile time.time() < end: pass\n"
+
+
+def _foreign_busy(seconds: float) -> None:
+    """A busy loop that is not this process's descendant (its parent exits at once)."""
+    import subprocess
+    import sys
+
+    subprocess.run(["bash", "-c", f"{sys.executable} -c '{BUSY.format(seconds=seconds)}' >/dev/null 2>&1 &"],
+                   check=True)
+
+
+@pytest.mark.slow
+def test_other_processes_cpu_is_told_apart_from_this_process_trees() -> None:
+    import subprocess
+    import sys
+    import time
+
+    from fedsynth.core.device import CpuWatch
+
+    watch = CpuWatch()
+    time.sleep(1.5)
+    baseline = watch.foreign_cores()
+    child = subprocess.Popen([sys.executable, "-c", BUSY.format(seconds=2)])  # ours: not foreign
+    time.sleep(1.5)
+    with_child = watch.foreign_cores()
+    child.wait()
+    _foreign_busy(2)
+    time.sleep(1.5)
+    with_stranger = watch.foreign_cores()
+    assert with_child < baseline + 0.4
+    assert with_stranger > baseline + 0.6
+
+
+@pytest.mark.slow
+def test_the_progress_line_says_when_the_machine_is_oversubscribed(tmp_path, monkeypatch) -> None:
+    import time
+
+    from fedsynth.commands import progress
+    from fedsynth.engine.launcher import RunOutcome
+
+    monkeypatch.setattr(progress, "SAMPLE_SECONDS", 0.5)
+    cfg = RunConfig.from_overrides({"federation.rounds": 1})
+    run = RunDir(tmp_path / "run")
+
+    def engine(on_poll):  # noqa: ANN001, ANN202 - a run in which nothing trains; a stranger takes a core
+        _foreign_busy(3)
+        for _ in range(10):
+            time.sleep(0.25)
+            on_poll()
+        run.set_status("finished")
+        return RunOutcome(run.status(), 0, tmp_path / "flower.log")
+
+    with progress.console.capture() as captured:
+        assert progress.run_with_progress(cfg, run, engine)
+    assert "machine oversubscribed: other processes use" in captured.get()

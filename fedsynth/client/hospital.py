@@ -22,7 +22,7 @@ from fedsynth.core.checkpoint import (
     save_checkpoint,
     save_torch_atomic,
 )
-from fedsynth.core.device import pick_device
+from fedsynth.core.device import available_cores, pick_device
 from fedsynth.core.errors import ConfigError
 from fedsynth.core.files import write_json_atomic
 from fedsynth.core.seeds import derive_seed
@@ -204,8 +204,7 @@ def run_local_round(
     cfg = site.config(cfg)
     slices = load_hospital_slices(site, cfg)
     train = slices.only(TRAIN)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    torch.set_num_threads(cfg.train.threads or available_cores())
     device = pick_device(cfg.train.device)
     seed = derive_seed(cfg.train.seed, site.name, server_round)
     torch.manual_seed(derive_seed(cfg.train.seed, site.name, "init"))
@@ -309,8 +308,7 @@ def release_summary(site: HospitalSite, cfg: RunConfig, *, server_round: int) ->
     cfg = site.config(cfg)
     slices = load_hospital_slices(site, cfg)
     train = slices.only(TRAIN)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    torch.set_num_threads(cfg.train.threads or available_cores())
     family = cfg.model.family
     cfg = _with_classes(cfg, slices)
     _, features = build_networks(cfg)
@@ -384,8 +382,7 @@ def score_validation(
     touching the holdout the audit uses). Returns ``{"val-n": N}`` alone when the
     hospital has fewer than 2 validation slices."""
     cfg = site.config(cfg)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    torch.set_num_threads(cfg.train.threads or available_cores())
     slices = load_hospital_slices(site, cfg)
     validation = slices.only(VALIDATION)
     if len(validation) < 2:

@@ -19,6 +19,7 @@ from fedsynth.audit.report import (
 )
 from fedsynth.audit.runs import hospital_names, prepare_audit, real_slices
 from fedsynth.commands.common import CommandError, console, setup_logging, user_errors
+from fedsynth.core.device import available_cores
 from fedsynth.data.sliceset import SliceSet
 from fedsynth.metrics.features import FeatureError
 from fedsynth.runs.rundir import RunDir
@@ -101,7 +102,9 @@ def audit(
     seed: int = typer.Option(
         0, help="Seed of the synthetic draw, the encoder, the attacks and the classifiers."
     ),
-    threads: int = typer.Option(0, help="CPU threads (0: all cores)."),
+    threads: int = typer.Option(
+        0, help="CPU threads (0: the cores this process may use: its affinity and its container's CPU quota)."
+    ),
     federated: bool = typer.Option(
         False,
         "--federated",
@@ -147,7 +150,7 @@ def audit(
         utility_steps=utility_steps,
         utility_model=utility_model,
         utility_fraction=utility_fraction,
-        threads=threads or None,
+        threads=threads or available_cores(),
     )
     run = RunDir(run_dir) if run_dir else None
     if federated:

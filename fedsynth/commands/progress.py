@@ -12,12 +12,44 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedsynth.commands.common import CommandError, console
+from fedsynth.core.device import CpuWatch, available_cores
 from fedsynth.engine.launcher import EngineError, RunOutcome, run_simulation_engine
 from fedsynth.runs.config import RunConfig
 from fedsynth.runs.rundir import RunDir
 from fedsynth.runs.tracking import end_interrupted
 
 __all__ = ["run_with_progress"]
+
+# Other processes using this many cores' worth of CPU, over two samples in a row of at
+# least SAMPLE_SECONDS each, make the machine oversubscribed.
+FOREIGN_CORES = 0.5
+SAMPLE_SECONDS = 5.0
+
+
+class _Busy:
+    """Whether other processes share the cores (:class:`CpuWatch`), in words for the
+    progress line: torch in two processes on the same cores runs many times slower."""
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+        self.streak = 0
+        self.warning = ""
+        self.said = False
+
+    def check(self, watch: CpuWatch) -> str:
+        if time.monotonic() - self.last < SAMPLE_SECONDS:
+            return self.warning
+        self.last = time.monotonic()
+        foreign = watch.foreign_cores()
+        self.streak = self.streak + 1 if foreign >= FOREIGN_CORES else 0
+        cores = available_cores()
+        self.warning = (
+            f"machine oversubscribed: other processes use {foreign:.1f} of its {cores} cores; "
+            "training runs several times slower until they finish"
+            if self.streak >= 2
+            else ""
+        )
+        return self.warning
 
 
 def _round_line(record: dict[str, Any], total: int, privacy: list[dict[str, Any]] | None = None) -> str:
@@ -32,6 +64,9 @@ def _round_line(record: dict[str, Any], total: int, privacy: list[dict[str, Any]
 
     parts = []
     for name, m in sorted(record.get("hospitals", {}).items()):
+        if "g-loss" not in m:  # a released summary (dp-merf), not a training round
+            parts.append(f"{name} released a summary of {m.get('num-examples', 0):.0f} slices{eps(name)}")
+            continue
         d = f"d={m['d-loss']:.2f} " if "d-loss" in m else ""  # withheld under DP
         parts.append(
             f"{name} {d}g={m.get('g-loss', float('nan')):.2f} {m.get('images-per-second', 0):.0f} "
@@ -46,6 +81,9 @@ def _round_line(record: dict[str, Any], total: int, privacy: list[dict[str, Any]
         parts.append(
             f"[yellow]{declined['hospital']}{eps(declined['hospital'])} declined: {declined['reason']}[/]"
         )
+    fit = record.get("fit")
+    if fit:
+        parts.append(f"generator fitted to their sum: {fit['fit-steps']} steps in {fit['fit-seconds']:.0f} s")
     validation = record.get("validation") or {}
     if "fd" in validation:
         parts.append(f"validation FD {validation['fd']:.1f}")
@@ -79,6 +117,7 @@ def run_with_progress(
     total = cfg.federation.rounds
     seen = {r["round"] for r in run.read_rounds()}
     start = time.monotonic()
+    watch, busy = CpuWatch(), _Busy()
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -110,6 +149,12 @@ def run_with_progress(
             if status.get("state") == "running" and status.get("fitting"):  # dp-merf's server-side fit
                 step, steps = status["fitting"]
                 description = f"fitting the generator to the releases: step {step}/{steps}"
+            warning = busy.check(watch)
+            if warning and not busy.said:
+                progress.console.print(f"[yellow]{warning}[/]", highlight=False)
+                busy.said = True
+            if warning:
+                description += f" [yellow]({warning.split(':')[0]})[/]"
             progress.update(task, completed=done, description=description)
 
         try:

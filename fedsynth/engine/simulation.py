@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 from fedsynth.core.checkpoint import file_sha256
+from fedsynth.core.device import available_cores
 from fedsynth.core.errors import ConfigError
 from fedsynth.data.partition import partition
 from fedsynth.data.sliceset import HOLDOUT, TRAIN, VALIDATION, SliceSet, with_validation
@@ -129,14 +129,6 @@ def prepare_simulation(
         slices.only(TRAIN), run.real_grid_path, per_class=cfg.output.grid_per_class, seed=cfg.train.seed
     )
     return cfg
-
-
-def available_cores() -> int:
-    """The CPU cores this process may run on (its affinity mask, not the machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def plan_cores(hospitals: int, cores: int) -> tuple[int, int]:

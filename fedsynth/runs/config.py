@@ -244,7 +244,12 @@ class TrainConfig(_Section):
         description="bfloat16 autocast in training steps: auto = on a CUDA GPU only (not under DP, whose "
         "per-sample clipping stays in float32); on also forces it on the CPU",
     )
-    threads: int = Field(0, ge=0, description="torch CPU threads (0: torch default)")
+    threads: int = Field(
+        0,
+        ge=0,
+        description="torch CPU threads (0: the cores this process may use, its affinity capped by its "
+        "container's CPU quota; in simulation, the cores planned for each hospital)",
+    )
     seed: int = Field(0, ge=0, description="base seed; each hospital and round derive theirs")
 
     _family: str = PrivateAttr(default="cdcgan")  # model.name, set by RunConfig (resolves "auto")

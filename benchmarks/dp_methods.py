@@ -1,0 +1,233 @@
+"""DP methods at the same epsilon: DP-SGD on the discriminator against a one-shot DP-MERF release.
+
+    python -m benchmarks.dp_methods --budget 150          # about 40 minutes on 2 CPU cores
+    python -m benchmarks.dp_methods --budget 30 --quick   # minutes: checks that it runs
+
+On three data sets at 64 px (the de-duplicated brain MRI, one unit per slice; the phantom
+CT hospitals' liver slices classed by lesion, one unit per patient; the phantoms' whole
+abdomen classed by scanner, per patient), three non-IID hospitals (Dirichlet 0.5 over
+classes), each arm trained by ``fedsynth simulate`` for about ``--budget`` seconds:
+
+- ``no-dp``: the default recipe (cdcgan), ``federation.time-budget`` = budget;
+- ``dp-sgd eps E``: the same under DP-SGD for epsilon E per unit, planned for the rounds
+  ``no-dp`` completed (so the budget is spent, not left over);
+- ``dp-merf eps E`` and ``dp-merf no-dp``: one release per hospital, the server's fit given
+  as many steps as fit the budget (``model.merf-fit-steps``, from a timed probe).
+
+Every arm's last generator draws ``n_synthetic`` images in the training class mix, scored
+against the holdout in the penultimate features of a classifier trained on the real
+training slices (the audit's classifier space; its holdout balanced accuracy is
+recorded) and in pixel PCA: FD, KID, precision and recall (k = 5). The real training
+slices give the real-vs-real floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedsynth.runs.rundir import RunDir
+
+from .common import FEDSYNTH, HERE, machine, machine_line, phantom_slices, prepare_brain, progress, run, write
+
+
+@dataclass(frozen=True)
+class DPMethodsConfig:
+    budget: float = 150.0
+    epsilons: tuple[float, ...] = (10.0, 1.0)
+    size: int = 64
+    n_synthetic: int = 1000
+    classifier_steps: int = 480
+    limit: int | None = None  # slices per data set (None: all)
+    datasets: tuple[str, ...] = ("brain-mri", "phantom-lesion", "phantom-scanner")
+    seed: int = 0
+    threads: int = 2
+
+
+QUICK = {"size": 32, "n_synthetic": 200, "classifier_steps": 60, "limit": 600, "epsilons": (10.0,),
+         "datasets": ("brain-mri", "phantom-lesion")}
+
+
+def prepare(name: str, cfg: DPMethodsConfig, work: Path) -> Path:
+    path = work / f"{name}-{cfg.size}px.npz"
+    if path.exists():
+        return path
+    if name == "brain-mri":
+        shutil.copyfile(prepare_brain(work, cfg.size, limit=cfg.limit), path)
+        return path
+    slices = phantom_slices(cfg.size, classes="lesion" if name == "phantom-lesion" else "site")
+    if cfg.limit is not None and len(slices) > cfg.limit:
+        pick = np.sort(np.random.default_rng(cfg.seed).choice(len(slices), size=cfg.limit, replace=False))
+        slices = slices.subset(pick)
+    return slices.save(path)
+
+
+def simulate(data: Path, out: Path, settings: dict[str, Any], *, rounds: int = 200) -> float:
+    cmd = [FEDSYNTH, "simulate", "--data", str(data), "--hospitals", "3", "--partition", "dirichlet:0.5",
+           "--rounds", str(rounds), "--out", str(out)]
+    for key, value in settings.items():
+        cmd += ["--set", f"{key}={value}"]
+    if out.exists():
+        shutil.rmtree(out)
+    return run(cmd, log=out.parent / f"{out.name}.log")
+
+
+def fit_steps_for(budget: float, cfg: DPMethodsConfig, data: Path, work: Path) -> int:
+    """Server fit steps that take about ``budget`` seconds with the hospitals' release: a
+    probe of 20 steps gives the rate (the release and Flower's start are in both)."""
+    probe, steps = work / "probe", 20
+    seconds = simulate(data, probe, {"model.name": "dp-merf", "model.merf-fit-steps": steps, "train.seed": cfg.seed},
+                       rounds=1)
+    fit = json.loads((probe / "rounds.jsonl").read_text().splitlines()[-1])["fit"]
+    overhead = seconds - fit["fit-seconds"]
+    return max(20, int((budget - overhead) / (fit["fit-seconds"] / steps)))
+
+
+def train_arms(cfg: DPMethodsConfig, data: Path, work: Path) -> dict[str, dict[str, Any]]:
+    runs: dict[str, dict[str, Any]] = {}
+    base = {"train.seed": cfg.seed}
+    progress(f"{data.stem}: no-dp (cdcgan, {cfg.budget:g} s)")
+    seconds = simulate(data, work / "no-dp", {**base, "federation.time-budget": cfg.budget})
+    rounds = RunDir(work / "no-dp").last_round() or 1
+    runs["no-dp"] = {"run": work / "no-dp", "seconds": seconds, "rounds": rounds}
+    steps = fit_steps_for(cfg.budget, cfg, data, work)
+    merf = {**base, "model.name": "dp-merf", "model.merf-fit-steps": steps}
+    progress(f"{data.stem}: dp-merf no-dp ({steps} fit steps)")
+    runs["dp-merf no-dp"] = {"run": work / "merf-no-dp", "seconds": simulate(data, work / "merf-no-dp", merf, rounds=1),
+                             "rounds": 1}
+    for eps in cfg.epsilons:
+        progress(f"{data.stem}: dp-sgd eps {eps:g} ({rounds} rounds, as no-dp)")
+        out = work / f"dp-sgd-eps-{eps:g}"
+        runs[f"dp-sgd eps {eps:g}"] = {"run": out, "rounds": rounds, "epsilon": eps,
+                                       "seconds": simulate(data, out, {**base, "dp.target-epsilon": eps}, rounds=rounds)}
+        progress(f"{data.stem}: dp-merf eps {eps:g}")
+        out = work / f"merf-eps-{eps:g}"
+        runs[f"dp-merf eps {eps:g}"] = {"run": out, "rounds": 1, "epsilon": eps,
+                                        "seconds": simulate(data, out, {**merf, "dp.target-epsilon": eps}, rounds=1)}
+    return runs
+
+
+def measure(cfg: DPMethodsConfig, data: Path, runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    from fedsynth.data.sliceset import SliceSet
+    from fedsynth.metrics.features import ClassifierSpace, PixelSpace
+    from fedsynth.metrics.fidelity import frechet_distance, kernel_inception_distance, precision_recall_density_coverage
+
+    from .quality import draw
+
+    slices = SliceSet.load(data)
+    train, holdout = slices.only("train"), slices.only("holdout")
+    proportions = np.bincount(train.labels, minlength=len(train.class_names)).astype(float)
+    classifier = ClassifierSpace(steps=cfg.classifier_steps, seed=cfg.seed, threads=cfg.threads).fit(
+        train.images, train.labels, len(train.class_names), check=(holdout.images, holdout.labels))
+    spaces = {"classifier": classifier, "pixels": PixelSpace(components=64, seed=cfg.seed).fit(train.images)}
+    hold = {k: s.transform(holdout.images) for k, s in spaces.items()}
+
+    def row(images: np.ndarray) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, space in spaces.items():
+            f = space.transform(images)
+            try:
+                out[f"fd_{name}"] = frechet_distance(f, hold[name])
+            except ValueError:
+                out[f"fd_{name}"] = None
+            out[f"kid_{name}"] = kernel_inception_distance(f, hold[name], subset_size=min(1000, len(f), len(hold[name])),
+                                                           seed=cfg.seed)["mean"]
+        pr = precision_recall_density_coverage(hold["classifier"], spaces["classifier"].transform(images), k=5)
+        out.update({k: pr[k] for k in ("precision", "recall")})
+        return out
+
+    rng = np.random.default_rng(cfg.seed)
+    real = train.subset(rng.choice(len(train), size=min(cfg.n_synthetic, len(train)), replace=False))
+    arms: dict[str, Any] = {"real train (floor)": row(real.images)}
+    for arm, info in runs.items():
+        images, _ = draw(info["run"], cfg.n_synthetic, proportions, cfg.seed)
+        arms[arm] = {**row(images), **{k: v for k, v in info.items() if k != "run"}}
+        privacy = info["run"] / "privacy.jsonl"
+        if privacy.exists():
+            rows = [json.loads(line) for line in privacy.read_text().splitlines()]
+            arms[arm]["epsilon_spent"] = max(r["epsilon_rdp"] for r in rows)
+            arms[arm]["privacy_unit"] = rows[0]["privacy_unit"]
+    return {"classifier": classifier.describe(), "train": len(train), "holdout": len(holdout),
+            "classes": list(train.class_names), "arms": arms}
+
+
+def grids(runs: dict[str, dict[str, Any]], out: Path, name: str) -> None:
+    folder = out / "grids" / "dp_methods"
+    folder.mkdir(parents=True, exist_ok=True)
+    first = next(iter(runs.values()))["run"]
+    shutil.copyfile(first / "samples" / "real.png", folder / f"{name}-real.png")
+    for arm, info in runs.items():
+        last = sorted((info["run"] / "samples").glob("round-*.png"))[-1]
+        shutil.copyfile(last, folder / f"{name}-{arm.replace(' ', '-')}.png")
+
+
+def _f(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def markdown(result: dict[str, Any]) -> list[str]:
+    cfg = result["config"]
+    lines = ["### DP methods at the same epsilon: DP-SGD against a one-shot DP-MERF release", "",
+             f"`{result['command']}` on {machine_line(result['machine'])}; {cfg['size']} px, 3 hospitals "
+             f"(Dirichlet 0.5), about {cfg['budget']:g} s per arm; {cfg['n_synthetic']} images per arm against the "
+             "holdout. FD and KID (x1000) in the classifier's features (trained on the real train split) and in "
+             "pixel PCA; precision and recall (k = 5) in the classifier's features.", ""]
+    for name, data in result["datasets"].items():
+        acc = data["classifier"].get("holdout_balanced_accuracy")
+        lines += [f"**{name}** ({data['train']} train / {data['holdout']} holdout slices, classes "
+                  f"{', '.join(data['classes'])}; the classifier's holdout balanced accuracy {_f(acc, '.2f')})", "",
+                  "| arm | epsilon spent (unit) | rounds | seconds | FD classifier | KID classifier | FD pixels | "
+                  "precision | recall |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for arm, r in data["arms"].items():
+            eps = f"{r['epsilon_spent']:.2f} ({r['privacy_unit']})" if "epsilon_spent" in r else "-"
+            kid = None if r["kid_classifier"] is None else 1000 * r["kid_classifier"]
+            lines.append(f"| {arm} | {eps} | {r.get('rounds', '-')} | {_f(r.get('seconds'), '.0f')} | "
+                         f"{_f(r['fd_classifier'], '.3g')} | {_f(kid, '.3g')} | {_f(r['fd_pixels'], '.4g')} | "
+                         f"{_f(r['precision'], '.2f')} | {_f(r['recall'], '.2f')} |")
+        lines += ["", f"Grids: `grids/dp_methods/{name}-*.png` (fixed noise, not picked).", ""]
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.dp_methods", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budget", type=float, default=150.0, help="seconds of training per arm (default 150)")
+    parser.add_argument("--quick", action="store_true", help="32 px, 600 slices, two data sets, epsilon 10 only")
+    parser.add_argument("--datasets", help="comma-separated subset of brain-mri, phantom-lesion, phantom-scanner")
+    parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results/full)")
+    parser.add_argument("--work", type=Path, help="training runs and logs (default OUT/work/dp_methods)")
+    args = parser.parse_args(argv)
+    settings: dict[str, Any] = dict(QUICK) if args.quick else {}
+    settings["budget"] = args.budget
+    if args.datasets:
+        settings["datasets"] = tuple(args.datasets.split(","))
+    cfg = DPMethodsConfig(**settings)
+    out = args.out or HERE / "results" / ("quick" if args.quick else "full")
+    work = args.work or out / "work" / "dp_methods"
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    result: dict[str, Any] = {"config": asdict(cfg), "machine": machine(), "datasets": {},
+                              "command": "python -m benchmarks.dp_methods " + " ".join(sys.argv[1:] if argv is None else argv)}
+    for name in cfg.datasets:
+        progress(f"{name}: preparing {cfg.size} px slices")
+        data = prepare(name, cfg, work)
+        runs = train_arms(cfg, data, work / name)
+        progress(f"{name}: measuring {len(runs)} arms")
+        result["datasets"][name] = measure(cfg, data, runs)
+        grids(runs, out, name)
+        result["seconds"] = round(time.perf_counter() - started, 1)
+        write(out, "dp_methods", result, markdown(result))  # after every data set: nothing measured is lost
+    print("\n".join(markdown(result)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
