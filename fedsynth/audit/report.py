@@ -573,7 +573,7 @@ def _formal(audit: Mapping[str, Any], folder: Path, unit: str) -> str:
         by_hospital.setdefault(row["hospital"], []).append(row)
     html = lead
     if by_hospital:
-        html += _ledger_table(by_hospital)
+        html += _ledger_table(by_hospital) + _warm_start(ledger)
         html += _figure(
             folder,
             audit.get("figures", {}).get("epsilon_rounds"),
@@ -583,6 +583,19 @@ def _formal(audit: Mapping[str, Any], folder: Path, unit: str) -> str:
     if client:
         html += f"<p>Client-level DP on the server: {esc(json.dumps(client))}</p>"
     return html + f"<p>{esc(NOT_COVERED.format(unit=unit))}</p>"
+
+
+def _warm_start(ledger: list[Mapping[str, Any]]) -> str:
+    """What the ledger says of a warm start (``train.init-from``): the checkpoint, its hash,
+    and that the guarantee rests on its data being public."""
+    starts = {row["warm_start"]["sha256"]: row["warm_start"] for row in ledger if row.get("warm_start")}
+    return "".join(
+        f"<p><strong>Warm start.</strong> The generator started from <code>{esc(w['checkpoint'])}</code> "
+        f"(sha256 <code>{esc(w['sha256'])}</code>), trained on data the operator declared public; nothing "
+        "was charged for it. The guarantee above holds only if that declaration is true: a patient whose "
+        "slices were in that data is not protected by it.</p>"
+        for w in starts.values()
+    )
 
 
 def _empirical(audit: Mapping[str, Any], folder: Path, unit: str, *, local: bool) -> str:

@@ -11,9 +11,11 @@ from fedsynth.core.device import available_cores
 from fedsynth.core.errors import ConfigError
 from fedsynth.data.partition import partition
 from fedsynth.data.sliceset import HOLDOUT, TRAIN, VALIDATION, SliceSet, with_validation
+from fedsynth.models import build_networks
 from fedsynth.runs.config import RunConfig
 from fedsynth.runs.rundir import RunDir, RunDirError, collect_manifest
 from fedsynth.runs.tracking import check_tracking
+from fedsynth.synthesis.generator import find_warm_start, load_warm_start
 
 __all__ = ["available_cores", "hospital_summary", "plan_cores", "prepare_simulation"]
 
@@ -65,6 +67,15 @@ def prepare_simulation(
         "simulation.hospitals-dir": str(run.hospitals_dir),
         **family.simulation_settings(cfg, slices, data_path=Path(data_path), samples_dir=run.samples_dir),
     }
+    warm = None
+    if cfg.train.init_from:
+        warm = find_warm_start(cfg.train.init_from)
+        if warm.data_sha256 is not None and warm.data_sha256 == file_sha256(data_path):
+            raise ConfigError(
+                f"train.init-from {warm.checkpoint}: its run trained on {data_path} itself; a warm start "
+                "must come from data you declare public, never from the slices this run protects"
+            )
+        overrides["train.init-from"] = str(warm.checkpoint)
     parts = partition(slices, cfg.simulation.partition, cfg.simulation.hospitals, seed=cfg.train.seed)
     sim = cfg.simulation
     parallel, cpus = sim.parallel_hospitals, sim.client_cpus
@@ -82,6 +93,9 @@ def prepare_simulation(
     if cfg.train.threads == 0:
         overrides["train.threads"] = cpus or 1
     cfg = cfg.with_overrides(overrides)
+    if warm is not None:
+        gen, _ = build_networks(cfg)
+        load_warm_start(cfg, gen)  # a checkpoint that does not fit fails here, not in the first round
     for name, settings in (hospital_settings or {}).items():
         if name not in parts:
             raise ConfigError(f"--hospital-set {name}: no such hospital (hospitals: {', '.join(parts)})")
@@ -123,6 +137,7 @@ def prepare_simulation(
                 "privacy_unit": slices.privacy_unit,
             },
             hospitals=counts,
+            **({"warm_start": warm.record()} if warm is not None else {}),
         ),
     )
     family.real_grid(

@@ -18,6 +18,7 @@ from fedsynth.models.networks import GeneratorNet
 from fedsynth.privacy import epsilon_for
 from fedsynth.runs.config import RunConfig
 from fedsynth.runs.rundir import RunDir
+from fedsynth.synthesis.generator import load_warm_start
 
 __all__ = [
     "build_global_models",
@@ -32,10 +33,13 @@ log = logging.getLogger(__name__)
 
 
 def build_global_models(cfg: RunConfig) -> tuple[GeneratorNet, nn.Module | None]:
-    """The initial global generator (and discriminator, if aggregated), seeded."""
+    """The initial global generator (and discriminator, if aggregated): seeded, or the
+    warm start's weights (``train.init-from``)."""
     torch.manual_seed(cfg.train.seed)
-    gen, disc = build_networks(cfg)
-    return gen, (disc if cfg.federation.aggregate_discriminator else None)
+    gen, built = build_networks(cfg)
+    disc = built if cfg.federation.aggregate_discriminator else None
+    load_warm_start(cfg, gen, disc)
+    return gen, disc
 
 
 def restore_round(run: RunDir, round_: int, gen: GeneratorNet, disc: nn.Module | None) -> None:
@@ -87,12 +91,15 @@ def record_round(
     return record
 
 
-def record_privacy(run: RunDir, round_: int, report: Any) -> None:
+def record_privacy(
+    run: RunDir, round_: int, report: Any, *, warm_start: dict[str, Any] | None = None
+) -> None:
     """Append each hospital's privacy spending this round to the ledger (``privacy.jsonl``).
 
     Written for every reply that carried DP figures, including hospitals that declined
     the round for budget, before the round's checkpoint: spent privacy is recorded even
-    if the round itself is lost.
+    if the round itself is lost. ``warm_start``: the checkpoint the generator started from
+    (``train.init-from``), declared public and charged nothing, named on every line.
     """
     for hospital, spent in sorted(report.privacy.items()):
         # NaN / inf (the accountant could not bound it: PRV at very large epsilon) is written as null.
@@ -120,6 +127,7 @@ def record_privacy(run: RunDir, round_: int, report: Any) -> None:
                     if "dp-noise-std" in spent
                     else {}
                 ),
+                **({"warm_start": warm_start} if warm_start else {}),
             }
         )
 
