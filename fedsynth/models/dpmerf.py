@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 __all__ = ["DPMERF", "SENSITIVITY", "RandomFeatures"]
 
 SENSITIVITY = math.sqrt(2.0)  # L2 change of the released vector when one privacy unit is added or removed
-FIT_BATCH = 128  # generated images per fitting step
+FIT_BATCH = 64  # generated images per fitting step (64: half the time of 128 per step, the same plateau)
 FEATURE_SEED = 20210413  # the feature map is public: the same fixed frequencies for every run
 
 

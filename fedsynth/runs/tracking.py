@@ -69,6 +69,10 @@ def round_scalars(
         for key, value in metrics.items():
             if _number(value):
                 scalars[f"{key}/{name}"] = float(value)
+    for part in ("server", "fit"):  # the server's timings; dp-merf's fit of the generator
+        for key, value in (record.get(part) or {}).items():
+            if _number(value):
+                scalars[f"{part}/{key}"] = float(value)
     validation = record.get("validation") or {}
     if _number(validation.get("fd")):
         scalars["validation-fd/all"] = float(validation["fd"])

@@ -35,6 +35,7 @@ from fedsynth.server.bookkeeping import (
     record_round,
     restore_round,
 )
+from fedsynth.synthesis.generator import find_warm_start
 
 __all__ = ["RoundFailed", "app", "federate"]
 
@@ -153,11 +154,13 @@ def _rounds(
         began = time.perf_counter()
         messages = strategy.configure_train(round_, arrays, ConfigRecord(), grid)
         replies = grid.send_and_receive(messages, timeout=cfg.federation.round_timeout)
+        waited = time.perf_counter() - began
         aggregated, _ = strategy.aggregate_train(round_, replies)
+        aggregating = time.perf_counter() - began - waited
         report = strategy.last_report
         for message in report.messages:
             run.append_message({"round": round_, **message})
-        record_privacy(run, round_, report)
+        record_privacy(run, round_, report, warm_start=_warm_record(cfg))
         if aggregated is None or len(report.hospitals) < cfg.federation.min_hospitals:
             if report.declined and not report.failures and not report.rejected:
                 names = ", ".join(d["hospital"] for d in report.declined)
@@ -193,6 +196,8 @@ def _rounds(
                 "rejected": report.rejected,
                 "declined": report.declined,
                 **({"validation": validation} if validation else {}),
+                # the server's side of the round: waiting for the hospitals, then checking and averaging
+                "server": {"wait-seconds": round(waited, 3), "aggregate-seconds": round(aggregating, 4)},
             },
             seconds=time.perf_counter() - began,
         )
@@ -238,7 +243,7 @@ def _release_round(
     report = strategy.last_report
     for message in report.messages:
         run.append_message({"round": 1, **message})
-    record_privacy(run, 1, report)
+    record_privacy(run, 1, report, warm_start=_warm_record(cfg))
     if summed is None or len(report.hospitals) < cfg.federation.min_hospitals:
         if report.declined and not report.failures and not report.rejected:
             names = ", ".join(d["hospital"] for d in report.declined)
@@ -274,6 +279,11 @@ def _release_round(
     )
     tracker.round(record)
     return None
+
+
+def _warm_record(cfg: RunConfig) -> dict[str, object] | None:
+    """The warm start the privacy ledger names (``train.init-from``), or None."""
+    return find_warm_start(cfg.train.init_from).record() if cfg.train.init_from else None
 
 
 def validation_enabled(cfg: RunConfig) -> bool:
