@@ -65,3 +65,16 @@ def test_flower_app_defaults_in_pyproject_match_the_config_schema() -> None:
     assert committed["components"] == generated["components"]
     assert set(committed["config"]) == set(generated["config"])
     assert RunConfig.from_run_config(committed["config"]) == RunConfig.from_run_config(generated["config"])
+
+
+def test_on_and_off_are_words_not_booleans(tmp_path: Path) -> None:
+    """YAML reads `off` as False: `--set train.mixed-precision=off` and a file saying
+    `validation-score: off` must still mean the documented values."""
+    from fedsynth.runs.config import parse_overrides
+
+    cfg = RunConfig.from_overrides(parse_overrides(["train.mixed-precision=off", "federation.validation-score=on"]))
+    assert (cfg.train.mixed_precision, cfg.federation.validation_score) == ("off", "on")
+    path = tmp_path / "run.yaml"
+    path.write_text("federation:\n  validation-score: off\n")
+    assert RunConfig.from_yaml(path).federation.validation_score == "off"
+    assert RunConfig.from_yaml(path).to_yaml().count("validation-score: 'off'") == 1

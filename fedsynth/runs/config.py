@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import unquote, urlparse
 
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PrivateAttr,
@@ -43,6 +44,13 @@ __all__ = [
 
 def _kebab(name: str) -> str:
     return name.replace("_", "-")
+
+
+def _on_off(value: Any) -> Any:
+    """YAML reads ``on`` and ``off`` (in a file or ``--set KEY=off``) as booleans: back to the words."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return value
 
 
 class _Section(BaseModel):
@@ -240,7 +248,7 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto picks CUDA when present, else CPU"
     )
-    mixed_precision: Literal["auto", "on", "off"] = Field(
+    mixed_precision: Annotated[Literal["auto", "on", "off"], BeforeValidator(_on_off)] = Field(
         "auto",
         description="bfloat16 autocast in training steps: auto = on a CUDA GPU only (not under DP, whose "
         "per-sample clipping stays in float32); on also forces it on the CPU",
@@ -330,7 +338,7 @@ class FederationConfig(_Section):
     server_lr: float = Field(
         1.0, gt=0, le=10, description="server step size on the averaged update (FedAvgM)"
     )
-    validation_score: Literal["auto", "on", "off"] = Field(
+    validation_score: Annotated[Literal["auto", "on", "off"], BeforeValidator(_on_off)] = Field(
         "auto",
         description="each round, hospitals score the new generator on their validation slices (only the "
         "score leaves); auto: on unless DP (dp.* or client-level) is on, since the score is released "
