@@ -156,25 +156,31 @@ def _wait_healthy(port: int, process: subprocess.Popen[bytes], log_path: Path, t
     raise EngineError(f"the SuperLink did not come up within {timeout:.0f} s; see {log_path}")
 
 
-def stop_process(process: subprocess.Popen[bytes] | None, grace: float = 5.0) -> None:
-    """Stop a process and everything it started: its process group, and every descendant
-    found before the first signal (Flower's simulation process and Ray's daemons and
-    workers lead their own sessions and would outlive it). SIGTERM first, SIGKILL to what
-    is left after ``grace`` seconds."""
-    if process is None:
-        return
+def stop_process(*processes: subprocess.Popen[bytes] | None, grace: float = 5.0) -> None:
+    """Stop processes and everything they started, all at once: each one's process group,
+    and every descendant found before the first signal (Flower's simulation process and
+    Ray's daemons and workers lead their own sessions and would outlive it). SIGTERM
+    first, SIGKILL to what is left after ``grace`` seconds: one grace for all of them, so
+    stopping the run and its SuperLink together takes no longer than stopping one."""
     import psutil
 
-    try:
-        family = [psutil.Process(process.pid)] if process.poll() is None else []
-        family += family[0].children(recursive=True) if family else []
-    except psutil.NoSuchProcess:
-        family = []
+    family: list[psutil.Process] = []
+    leaders = []
+    for process in processes:
+        if process is None:
+            continue
+        try:
+            if process.poll() is None:
+                leader = psutil.Process(process.pid)
+                family += [leader, *leader.children(recursive=True)]
+                leaders.append(process)
+        except psutil.NoSuchProcess:
+            process.poll()
     if not family:
-        process.poll()
         return
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGTERM)
+    for process in leaders:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGTERM)
     for member in family:
         with contextlib.suppress(psutil.NoSuchProcess):
             member.terminate()
@@ -183,8 +189,9 @@ def stop_process(process: subprocess.Popen[bytes] | None, grace: float = 5.0) ->
         with contextlib.suppress(psutil.NoSuchProcess):
             member.kill()
     psutil.wait_procs(alive, timeout=grace)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=grace)
+    for process in leaders:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=grace)
 
 
 def run_simulation_engine(
@@ -268,8 +275,7 @@ def run_simulation_engine(
         )
         returncode = follow_run(client, run, on_poll=on_poll, poll_seconds=poll_seconds)
     finally:
-        stop_process(client)
-        stop_process(superlink)
+        stop_process(client, superlink)
     return outcome(run, returncode, flower_log)
 
 
