@@ -158,17 +158,9 @@ def _rounds(
         aggregated, _ = strategy.aggregate_train(round_, replies)
         aggregating = time.perf_counter() - began - waited
         report = strategy.last_report
-        for message in report.messages:
-            run.append_message({"round": round_, **message})
-        record_privacy(run, round_, report, warm_start=_warm_record(cfg))
-        if aggregated is None or len(report.hospitals) < cfg.federation.min_hospitals:
-            if report.declined and not report.failures and not report.rejected:
-                names = ", ".join(d["hospital"] for d in report.declined)
-                return (
-                    f"round {round_}: too few hospitals with privacy budget left to train ({names} declined; "
-                    f"federation.min-hospitals is {cfg.federation.min_hospitals})"
-                )
-            raise RoundFailed(_describe_failure(report, cfg.federation.min_hospitals))
+        stopped = _take_replies(run, cfg, round_, report, usable=aggregated is not None, doing="train")
+        if stopped or aggregated is None:
+            return stopped
         arrays = aggregated
         gen_state, disc_state = unpack_model(arrays)
         load_weights(gen, gen_state)
@@ -241,17 +233,9 @@ def _release_round(
     replies = grid.send_and_receive(messages, timeout=cfg.federation.round_timeout)
     summed, _ = strategy.aggregate_train(1, replies)
     report = strategy.last_report
-    for message in report.messages:
-        run.append_message({"round": 1, **message})
-    record_privacy(run, 1, report, warm_start=_warm_record(cfg))
-    if summed is None or len(report.hospitals) < cfg.federation.min_hospitals:
-        if report.declined and not report.failures and not report.rejected:
-            names = ", ".join(d["hospital"] for d in report.declined)
-            return (
-                f"round 1: too few hospitals with privacy budget left to release ({names} declined; "
-                f"federation.min-hospitals is {cfg.federation.min_hospitals})"
-            )
-        raise RoundFailed(_describe_failure(report, cfg.federation.min_hospitals))
+    stopped = _take_replies(run, cfg, 1, report, usable=summed is not None, doing="release")
+    if stopped or summed is None:
+        return stopped
     released = {k.removeprefix(f"{RELEASE}."): v for k, v in arrays_to_numpy(summed).items()}
     _, features = build_networks(cfg)
     log.info("fitting the generator to the releases of %s", ", ".join(report.hospitals))
@@ -279,6 +263,26 @@ def _release_round(
     )
     tracker.round(record)
     return None
+
+
+def _take_replies(
+    run: RunDir, cfg: RunConfig, round_: int, report: RoundReport, *, usable: bool, doing: str
+) -> str | None:
+    """Record what the round's replies carried (``messages.jsonl``) and what each hospital
+    spent (``privacy.jsonl``); with fewer than ``federation.min-hospitals`` usable replies,
+    return why the run stops (hospitals out of privacy budget) or raise ``RoundFailed``."""
+    for message in report.messages:
+        run.append_message({"round": round_, **message})
+    record_privacy(run, round_, report, warm_start=_warm_record(cfg))
+    if usable and len(report.hospitals) >= cfg.federation.min_hospitals:
+        return None
+    if report.declined and not report.failures and not report.rejected:
+        names = ", ".join(d["hospital"] for d in report.declined)
+        return (
+            f"round {round_}: too few hospitals with privacy budget left to {doing} ({names} declined; "
+            f"federation.min-hospitals is {cfg.federation.min_hospitals})"
+        )
+    raise RoundFailed(_describe_failure(report, cfg.federation.min_hospitals))
 
 
 def _warm_record(cfg: RunConfig) -> dict[str, object] | None:
