@@ -64,6 +64,9 @@ ARMS: dict[str, dict[str, Any]] = {
     "nearest-batch-64": {**NEAREST, "train.batch-size": 64},
     "lr-x2": {"train.lr-d": 4e-4, "train.lr-g": 4e-4},  # tried after the federation screen (below)
     "lr-x3": {"train.lr-d": 6e-4, "train.lr-g": 6e-4},
+    # sqrt(3) x the shipped rates: Adam's square-root rule for the 3x larger effective batch of
+    # averaging three hospitals (Malladi et al., NeurIPS 2022)
+    "lr-sqrt3": {"train.lr-d": 3.46e-4, "train.lr-g": 3.46e-4},
 }
 CENTRAL_ARMS = tuple(a for a in ARMS if not a.startswith("lr-"))  # the default screen
 # Candidates for the federation, run only as fed-<arm>: its generator makes about a third of the
