@@ -45,6 +45,12 @@ def simulate(
         help="One hospital's own privacy setting, HOSPITAL:dp.KEY=VALUE, e.g. hospital-b:dp.target-epsilon=1 "
         "(repeatable).",
     ),
+    ray_address: str = typer.Option(
+        None,
+        "--ray-address",
+        help="Run the hospitals on a running Ray cluster, HOST:PORT (as `ray start --head` prints); every "
+        "node needs fedsynth and the run directory at the same path [default: Ray on this machine].",
+    ),
     resume: bool = typer.Option(
         False, help="Continue the run in --out from its last checkpoint (add --rounds to extend it)."
     ),
@@ -64,6 +70,7 @@ def simulate(
         ("simulation.partition", partition),
         ("federation.rounds", rounds),
         ("train.local-steps", local_steps),
+        ("simulation.ray-address", ray_address),
     ):
         if value is not None:
             overrides[key] = value

@@ -239,7 +239,14 @@ def run_simulation_engine(
         f"num-supernodes={sim.hospitals} client-resources-num-cpus={sim.client_cpus} "
         f"client-resources-num-gpus={sim.client_gpus:g}"
     )
-    if sim.parallel_hospitals:  # tell Ray it may hand out that many clients' worth of CPUs
+    # Flower's simulation engine calls ray.init() without an address: RAY_ADDRESS, inherited
+    # from the SuperLink, decides whether it joins the configured cluster or starts Ray on
+    # this machine ("local"; without it, Ray would join the user's own environment's cluster
+    # or one `ray start` left running here).
+    env["RAY_ADDRESS"] = sim.ray_address or "local"
+    if (
+        not sim.ray_address and sim.parallel_hospitals
+    ):  # tell Ray it may hand out that many clients' worth of CPUs
         federation += f" init-args-num-cpus={sim.parallel_hospitals * sim.client_cpus}"
     superlink = client = None
     run.set_status("starting")

@@ -79,7 +79,9 @@ def prepare_simulation(
     parts = partition(slices, cfg.simulation.partition, cfg.simulation.hospitals, seed=cfg.train.seed)
     sim = cfg.simulation
     parallel, cpus = sim.parallel_hospitals, sim.client_cpus
-    if sim.client_gpus == 0 and (parallel == 0 or cpus == 0):
+    if sim.ray_address:  # the cluster's cores, not this machine's, decide how many train at once
+        cpus = cpus or 1
+    elif sim.client_gpus == 0 and (parallel == 0 or cpus == 0):
         auto_parallel, auto_cpus = plan_cores(sim.hospitals, available_cores())
         parallel, cpus = parallel or auto_parallel, cpus or auto_cpus
         log.info(

@@ -456,6 +456,14 @@ class SimulationConfig(_Section):
         "when the hospitals divide evenly, else all at once sharing the cores, up to 4 per core)",
     )
     client_gpus: float = Field(0.0, ge=0, description="GPU share per simulated hospital")
+    ray_address: str = Field(
+        "",
+        description="HOST:PORT of a running Ray cluster (what `ray start --head` prints) to run the "
+        "simulated hospitals on, across its machines; every node needs this fedsynth installed and the run "
+        "directory at the same path (a shared filesystem). client-cpus is then each hospital's cores "
+        "(default 1) and the cluster's cores decide how many train at once. Empty: a Ray instance on this "
+        "machine, started and stopped with the run (never a cluster from RAY_ADDRESS or `ray start`)",
+    )
     validation: float = Field(
         0.1,
         ge=0,
