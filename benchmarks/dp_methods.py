@@ -2,6 +2,7 @@
 
     python -m benchmarks.dp_methods --budget 150          # about 40 minutes on 2 CPU cores
     python -m benchmarks.dp_methods --budget 30 --quick   # minutes: checks that it runs
+    python -m benchmarks.dp_methods --epsilons 10 --n-critic 1,5 --no-merf   # DP-SGD schedules only
 
 On three data sets at 64 px (the de-duplicated brain MRI, one unit per slice; the phantom
 CT hospitals' liver slices classed by lesion, one unit per patient; the phantoms' whole
@@ -11,6 +12,9 @@ classes), each arm trained by ``fedsynth simulate`` for about ``--budget`` secon
 - ``no-dp``: the default recipe (cdcgan), ``federation.time-budget`` = budget;
 - ``dp-sgd eps E``: the same under DP-SGD for epsilon E per unit, planned for the rounds
   ``no-dp`` completed (so the budget is spent, not left over);
+- ``dp-sgd eps E n-critic K`` (``--n-critic``): the DP-SGD schedule of Bie et al. (TMLR
+  2023), K discriminator steps per generator step; every schedule keeps the round's 50
+  charged discriminator steps, so all are charged alike and only the generator's share changes;
 - ``dp-merf eps E`` and ``dp-merf no-dp``: one release per hospital, the server's fit given
   as many steps as fit the budget (``model.merf-fit-steps``, from a timed probe).
 
@@ -50,7 +54,14 @@ class DPMethodsConfig:
     datasets: tuple[str, ...] = ("brain-mri", "phantom-lesion", "phantom-scanner")
     seed: int = 0
     threads: int = 2
+    # DP-SGD arms: discriminator steps per generator step. Each keeps the round's 50
+    # discriminator steps (local-steps 50 / k generator steps), so every schedule is charged
+    # the same steps at the same noise; only how many generator steps they feed changes.
+    n_critic: tuple[int, ...] = (1,)
+    merf: bool = True
 
+
+LOCAL_STEPS = 50  # train.local-steps' default: the no-dp arm's generator steps per round
 
 QUICK = {"size": 32, "n_synthetic": 200, "classifier_steps": 60, "limit": 600, "epsilons": (10.0,),
          "datasets": ("brain-mri", "phantom-lesion")}
@@ -111,16 +122,25 @@ def train_arms(cfg: DPMethodsConfig, data: Path, work: Path) -> dict[str, dict[s
     seconds = simulate(data, work / "no-dp", {**base, "federation.time-budget": cfg.budget})
     rounds = RunDir(work / "no-dp").last_round() or 1
     runs["no-dp"] = {"run": work / "no-dp", "seconds": seconds, "rounds": rounds}
-    steps = fit_steps_for(cfg.budget, cfg, data, work)
-    merf = {**base, "model.name": "dp-merf", "model.merf-fit-steps": steps}
-    progress(f"{data.stem}: dp-merf no-dp ({steps} fit steps)")
-    runs["dp-merf no-dp"] = {"run": work / "merf-no-dp", "seconds": simulate(data, work / "merf-no-dp", merf, rounds=1),
-                             "rounds": 1}
+    merf: dict[str, Any] = {}
+    if cfg.merf:
+        steps = fit_steps_for(cfg.budget, cfg, data, work)
+        merf = {**base, "model.name": "dp-merf", "model.merf-fit-steps": steps}
+        progress(f"{data.stem}: dp-merf no-dp ({steps} fit steps)")
+        runs["dp-merf no-dp"] = {"run": work / "merf-no-dp", "rounds": 1,
+                                 "seconds": simulate(data, work / "merf-no-dp", merf, rounds=1)}
     for eps in cfg.epsilons:
-        progress(f"{data.stem}: dp-sgd eps {eps:g} ({rounds} rounds, as no-dp)")
-        out = work / f"dp-sgd-eps-{eps:g}"
-        runs[f"dp-sgd eps {eps:g}"] = {"run": out, "rounds": rounds, "epsilon": eps,
-                                       "seconds": simulate(data, out, {**base, "dp.target-epsilon": eps}, rounds=rounds)}
+        for k in cfg.n_critic:
+            arm, folder = f"dp-sgd eps {eps:g}", f"dp-sgd-eps-{eps:g}"
+            dp = {**base, "dp.target-epsilon": eps}
+            if k != 1:
+                arm, folder = f"{arm} n-critic {k}", f"{folder}-n-critic-{k}"
+                dp.update({"train.n-critic": k, "train.local-steps": max(1, LOCAL_STEPS // k)})
+            progress(f"{data.stem}: {arm} ({rounds} rounds, as no-dp)")
+            runs[arm] = {"run": work / folder, "rounds": rounds, "epsilon": eps,
+                         "seconds": simulate(data, work / folder, dp, rounds=rounds)}
+        if not cfg.merf:
+            continue
         progress(f"{data.stem}: dp-merf eps {eps:g}")
         out = work / f"merf-eps-{eps:g}"
         runs[f"dp-merf eps {eps:g}"] = {"run": out, "rounds": 1, "epsilon": eps,
@@ -215,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=150.0, help="seconds of training per arm (default 150)")
     parser.add_argument("--quick", action="store_true", help="32 px, 600 slices, two data sets, epsilon 10 only")
     parser.add_argument("--datasets", help="comma-separated subset of brain-mri, phantom-lesion, phantom-scanner")
+    parser.add_argument("--epsilons", help="comma-separated epsilons of the DP arms (default 10,1)")
+    parser.add_argument("--n-critic", help="comma-separated discriminator steps per generator step for the DP-SGD "
+                        "arms, each with the same 50 charged discriminator steps per round (default 1)")
+    parser.add_argument("--no-merf", action="store_true", help="leave out the dp-merf arms")
     parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results/full)")
     parser.add_argument("--work", type=Path, help="training runs and logs (default OUT/work/dp_methods)")
     args = parser.parse_args(argv)
@@ -229,6 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     settings["budget"] = args.budget
     if args.datasets:
         settings["datasets"] = tuple(args.datasets.split(","))
+    if args.epsilons:
+        settings["epsilons"] = tuple(float(e) for e in args.epsilons.split(","))
+    if args.n_critic:
+        settings["n_critic"] = tuple(int(k) for k in args.n_critic.split(","))
+    settings["merf"] = not args.no_merf
     cfg = DPMethodsConfig(**settings)
     out = args.out or HERE / "results" / ("quick" if args.quick else "full")
     work = args.work or out / "work" / "dp_methods"
