@@ -243,3 +243,31 @@ def test_server_momentum_steps_along_the_accumulated_update_and_leaves_statistic
     arrays, _ = plain.aggregate_train(2, [_reply(1, "hospital-a", {k: np.full(s, 2.0, np.float32)
                                                                      for k, s in shapes.items()})])
     assert arrays is not None and np.allclose(arrays["generator.w"].numpy(), 2.0), "momentum 0 is FedAvg"
+
+
+class _Nodes:
+    """The one thing configure_train asks of Flower's Grid: the connected nodes (a live Grid
+    needs a running SuperLink; the simulation tests use one)."""
+
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return self.nodes
+
+
+@pytest.mark.parametrize(("fraction", "asked"), [(1.0, 4), (0.5, 2)])
+def test_every_training_question_says_how_many_hospitals_the_round_asked(
+    fraction: float, asked: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    # A ServerApp task knows its run, node and task ids; messages are made with them.
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    strategy = GeneratorFedAvg(expected_shapes=SHAPES, fraction_train=fraction)
+    sent = list(strategy.configure_train(3, ArrayRecord(), ConfigRecord(), _Nodes([1, 2, 3, 4])))  # type: ignore[arg-type]
+    assert len(sent) == asked
+    assert all(m.content.config_records["config"]["hospitals-asked"] == asked for m in sent)
+    assert all(m.content.config_records["config"]["server-round"] == 3 for m in sent)

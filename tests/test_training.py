@@ -76,3 +76,31 @@ def test_local_round_is_reproducible_and_keeps_private_state(tmp_path: Path) -> 
     # Only the generator leaves the hospital unless discriminators are aggregated.
     site = HospitalSite("hospital-a", data, tmp_path / "s4")
     assert run_local_round(site, cfg, server_round=1, global_generator=start).discriminator is None
+
+
+def test_a_round_that_averages_more_hospitals_takes_larger_steps(tmp_path: Path) -> None:
+    """federation.lr-scaling=sqrt-hospitals: asked alongside three other hospitals, a
+    hospital's Adam steps are sqrt(4) = 2x as large, so its generator moves about twice as
+    far in a short round; with the scaling off (the default), or alone, it moves as the
+    config says. A later round restores the optimizers' moments but takes that round's
+    rate, not the stored one."""
+    data = make_slices().save(tmp_path / "h.npz")
+    cfg = _cfg(**{"train.local-steps": 2, "train.lr-g": 1e-4, "train.lr-d": 1e-4,
+                  "federation.lr-scaling": "sqrt-hospitals"})
+    torch.manual_seed(0)
+    gen, _ = build_gan(cfg.model, image_size=32, num_classes=2)
+    start = exchanged_state(gen)
+    trained = [k for k, _ in gen.named_parameters()]  # not BatchNorm's running statistics
+
+    def moved(state_dir: str, asked: int, config: RunConfig = cfg, server_round: int = 1) -> float:
+        site = HospitalSite("hospital-a", data, tmp_path / state_dir)
+        out = run_local_round(site, config, server_round=server_round, global_generator=start, hospitals_asked=asked)
+        return float(sum(((out.generator[k] - start[k]) ** 2).sum() for k in trained) ** 0.5)
+
+    alone, four = moved("alone", 1), moved("four", 4)
+    assert 1.6 < four / alone < 2.4
+    assert moved("off", 4, _cfg(**{"train.local-steps": 2, "train.lr-g": 1e-4, "train.lr-d": 1e-4})) == pytest.approx(
+        alone, rel=1e-6)
+    moved("four", 1, server_round=2)
+    stored = torch.load(tmp_path / "four" / "optimizers.pt", weights_only=True)
+    assert [g["lr"] for g in stored["generator"]["param_groups"]] == [pytest.approx(1e-4)]

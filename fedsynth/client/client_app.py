@@ -21,6 +21,7 @@ from fedsynth.engine.records import (
     ARRAYS,
     CONFIG,
     HOSPITAL,
+    HOSPITALS_ASKED,
     METRICS,
     number,
     record_to_tensors,
@@ -89,7 +90,9 @@ def train(msg: Message, context: Context) -> Message:
     a family that federates a summary (dp-merf), reply with the hospital's release."""
     cfg = RunConfig.from_run_config(context.run_config)
     site = site_from_context(context, cfg)
-    server_round = int(number(msg.content.config_records[CONFIG]["server-round"]))
+    config = msg.content.config_records[CONFIG]
+    server_round = int(number(config["server-round"]))
+    asked = int(number(config[HOSPITALS_ASKED])) if HOSPITALS_ASKED in config else 1
     try:
         result: LocalRoundResult
         if cfg.model.family.federation == EMBEDDING:
@@ -102,6 +105,7 @@ def train(msg: Message, context: Context) -> Message:
                 server_round=server_round,
                 global_generator=gen_state,
                 global_discriminator=disc_state or None,
+                hospitals_asked=asked,
             )
     except Exception as err:
         # Flower reports a ClientApp's exception by node id only: name the hospital.

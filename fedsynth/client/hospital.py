@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,6 +176,20 @@ def save_local_state(
     write_json_atomic(state.info_path, {"last_round": server_round, "hospital": hospital})
 
 
+def scaled_learning_rates(cfg: RunConfig, hospitals_asked: int) -> RunConfig:
+    """``cfg`` with the learning rates ``federation.lr-scaling`` gives a round that asked
+    ``hospitals_asked`` hospitals."""
+    if cfg.federation.lr_scaling == "none" or hospitals_asked <= 1:
+        return cfg
+    scale = math.sqrt(hospitals_asked)
+    return cfg.with_overrides({"train.lr-g": cfg.train.lr_g * scale, "train.lr-d": cfg.train.lr_d * scale})
+
+
+def set_learning_rate(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
 def run_local_round(
     site: HospitalSite,
     cfg: RunConfig,
@@ -182,8 +197,13 @@ def run_local_round(
     server_round: int,
     global_generator: dict[str, torch.Tensor],
     global_discriminator: dict[str, torch.Tensor] | None = None,
+    hospitals_asked: int = 1,
 ) -> LocalRoundResult:
     """Train the received global generator on this hospital's slices for one round.
+
+    ``hospitals_asked`` is how many hospitals the round asked: with ``federation.lr-scaling``
+    at ``sqrt-hospitals`` the learning rates are multiplied by its square root (the
+    averaged update is one over that many hospitals' batches).
 
     The discriminator is the hospital's own (restored from its state folder), unless the
     run aggregates discriminators, in which case the global one is used. With DP on
@@ -201,7 +221,7 @@ def run_local_round(
     PrivacyError
         DP is on but the discriminator cannot be made private, or the budget cannot be met.
     """
-    cfg = site.config(cfg)
+    cfg = scaled_learning_rates(site.config(cfg), hospitals_asked)
     slices = load_hospital_slices(site, cfg)
     train = slices.only(TRAIN)
     torch.set_num_threads(cfg.train.threads or available_cores())
@@ -253,6 +273,10 @@ def run_local_round(
     last = restore_local_state(site.state, disc, opt_g, opt_d)
     if last is not None:
         log.info("%s: restored local state from round %d", site.name, last)
+        # The moments carry over; the rates are this round's (the number of hospitals asked,
+        # or the config after a resume, may have changed).
+        set_learning_rate(opt_g, cfg.train.lr_g)
+        set_learning_rate(opt_d, cfg.train.lr_d)
     if global_discriminator:
         load_weights(disc, global_discriminator)
     rng = torch.Generator().manual_seed(seed)
@@ -276,12 +300,14 @@ def run_local_round(
     )
     save_local_state(site.state, disc, opt_g, opt_d, server_round=server_round, hospital=site.name)
     log.info(
-        "%s round %d: d=%.3f g=%.3f %.0f img/s",
+        "%s round %d: d=%.3f g=%.3f %.0f img/s (lr-g %.3g, lr-d %.3g)",
         site.name,
         server_round,
         stats.d_loss,
         stats.g_loss,
         stats.images_per_second,
+        cfg.train.lr_g,
+        cfg.train.lr_d,
     )
     return LocalRoundResult(
         generator={k: v.cpu() for k, v in exchanged_state(gen).items()},

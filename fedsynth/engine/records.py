@@ -12,6 +12,7 @@ __all__ = [
     "ARRAYS",
     "CONFIG",
     "HOSPITAL",
+    "HOSPITALS_ASKED",
     "METRICS",
     "arrays_to_numpy",
     "number",
@@ -23,6 +24,8 @@ __all__ = [
 
 # Record keys in messages between the ServerApp and the ClientApps.
 ARRAYS, METRICS, CONFIG, HOSPITAL = "arrays", "metrics", "config", "hospital"
+# In a training round's config: how many hospitals the round asked (whose copies are averaged).
+HOSPITALS_ASKED = "hospitals-asked"
 
 
 def number(value: object) -> float:

@@ -14,7 +14,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedsynth.core.weights import DISCRIMINATOR, GENERATOR
-from fedsynth.engine.records import ARRAYS, HOSPITAL, METRICS, arrays_to_numpy, number
+from fedsynth.engine.records import ARRAYS, HOSPITAL, HOSPITALS_ASKED, METRICS, arrays_to_numpy, number
 from fedsynth.engine.updates import check_update, read_update, relative_update_norm
 
 __all__ = ["RELEASE", "GeneratorFedAvg", "RoundReport", "describe_message", "first_line"]
@@ -112,6 +112,8 @@ class GeneratorFedAvg(FedAvg):
         # Kept: the grid gives each message its id when it pushes it, and a reply (or
         # the SuperLink's "node unavailable" error) names the message it answers.
         self.sent = list(super().configure_train(server_round, arrays, config, grid))
+        for msg in self.sent:  # how many copies will be averaged: the hospitals scale their steps by it
+            msg.content.config_records[self.configrecord_key][HOSPITALS_ASKED] = len(self.sent)
         return self.sent
 
     def aggregate_train(

@@ -83,9 +83,11 @@ class ConditionalGenerator(GeneratorNet):
 class ProjectionDiscriminator(nn.Module):
     """Image (and label) to a real/fake logit; Opacus-compatible.
 
-    Strided convolutions halve the side down to 4x4 (GroupNorm after all but the first),
-    features are averaged over space (mean pooling keeps the logits small without
-    spectral normalisation, which Opacus cannot wrap), then ``head`` decides how the label enters:
+    Strided convolutions halve the side down to 4x4 (GroupNorm after all but the first).
+    ``readout`` ``mean`` averages that map over space (small logits without spectral
+    normalisation, which Opacus cannot wrap, but blind to where features are); ``spatial``
+    keeps every position (DCGAN's final 4x4 convolution, as a linear layer), so the layout
+    of the image counts. Then ``head`` decides how the label enters:
     ``projection`` adds <embed(label), features>; ``ac`` adds a class-logit head;
     ``none`` ignores the label.
     """
@@ -97,11 +99,14 @@ class ProjectionDiscriminator(nn.Module):
         num_classes: int,
         width: int = 32,
         head: str = "projection",
+        readout: str = "mean",
     ) -> None:
         super().__init__()
         if head not in ("projection", "ac", "none"):
             raise ValueError(f"unknown discriminator head {head!r}")
-        self.image_size, self.num_classes, self.head = image_size, num_classes, head
+        if readout not in ("mean", "spatial"):
+            raise ValueError(f"unknown discriminator readout {readout!r} (mean or spatial)")
+        self.image_size, self.num_classes, self.head, self.readout = image_size, num_classes, head, readout
         n_down = n_up(image_size)
         channels = [width * 2**i for i in range(n_down)]  # e.g. 32,64,128,256
         layers: list[nn.Module] = [nn.Conv2d(1, channels[0], 4, 2, 1), nn.LeakyReLU(0.2)]
@@ -112,14 +117,15 @@ class ProjectionDiscriminator(nn.Module):
                 nn.LeakyReLU(0.2),
             ]
         self.features = nn.Sequential(*layers)
-        feat = channels[-1]
+        feat = channels[-1] * (16 if readout == "spatial" else 1)
         self.adv = nn.Linear(feat, 1)
         self.embed = nn.Embedding(num_classes, feat) if head == "projection" else None
         self.classify = nn.Linear(feat, num_classes) if head == "ac" else None
         self.apply(dcgan_init)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> DiscriminatorOutput:
-        h = self.features(x).mean(dim=(2, 3))
+        f = self.features(x)
+        h = f.flatten(1) if self.readout == "spatial" else f.mean(dim=(2, 3))
         adv = self.adv(h).squeeze(1)
         if self.embed is not None:
             if labels is None:
@@ -145,6 +151,10 @@ class CDCGAN(Family):
             upsample=model.upsample,
         )
         disc = ProjectionDiscriminator(
-            image_size=image_size, num_classes=num_classes, width=model.width, head=model.conditioning
+            image_size=image_size,
+            num_classes=num_classes,
+            width=model.width,
+            head=model.conditioning,
+            readout=model.d_readout,
         )
         return gen, disc

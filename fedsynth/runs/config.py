@@ -134,6 +134,13 @@ class ModelConfig(_Section):
         "nearest-neighbour upsampling + 3x3 convolution (no checkerboard; not yet better on all data "
         "sets: benchmarks/recipe_ablation.py)",
     )
+    d_readout: Literal["mean", "spatial"] = Field(
+        "mean",
+        description="cdcgan: how the discriminator reads its last 4x4 feature map: mean (averaged over "
+        "positions: it judges a bag of local patches, and a generator can fool it with a motif tiled "
+        "across the image) or spatial (every position weighed on its own, as DCGAN's final 4x4 "
+        "convolution does: the layout counts)",
+    )
     spectral_norm: bool = Field(
         True,
         description="wgan-gp: spectral normalisation on the critic's layers (not under DP: Opacus "
@@ -337,6 +344,16 @@ class FederationConfig(_Section):
     )
     server_lr: float = Field(
         1.0, gt=0, le=10, description="server step size on the averaged update (FedAvgM)"
+    )
+    lr_scaling: Literal["sqrt-hospitals", "none"] = Field(
+        "none",
+        description="sqrt-hospitals: each hospital's Adam learning rates (train.lr-g, train.lr-d) are "
+        "multiplied by the square root of the number of hospitals asked in the round. Averaging K hospitals' "
+        "copies makes each round's update one over a K times larger batch, and Adam's square-root rule "
+        "(Malladi et al., NeurIPS 2022) scales the step with it; one hospital keeps the rates as set. "
+        "none: the rates as set. Measured on three data sets (BENCHMARKS.md): better in FD at 450 "
+        "generator steps, mixed at 1,350 (higher recall, FD 1.2-2x worse on two phantom sets), so not "
+        "the default",
     )
     validation_score: Annotated[Literal["auto", "on", "off"], BeforeValidator(_on_off)] = Field(
         "auto",
