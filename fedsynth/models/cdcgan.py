@@ -84,10 +84,10 @@ class ProjectionDiscriminator(nn.Module):
     """Image (and label) to a real/fake logit; Opacus-compatible.
 
     Strided convolutions halve the side down to 4x4 (GroupNorm after all but the first).
-    ``readout`` ``mean`` averages that map over space (small logits without spectral
-    normalisation, which Opacus cannot wrap, but blind to where features are); ``spatial``
-    keeps every position (DCGAN's final 4x4 convolution, as a linear layer), so the layout
-    of the image counts. Then ``head`` decides how the label enters:
+    ``readout`` ``spatial`` keeps every position (DCGAN's final 4x4 convolution, as a
+    linear layer), so the layout of the image counts; ``mean`` averages the map over space
+    (blind to where features are: a generator fools it by tiling one motif). Then ``head``
+    decides how the label enters:
     ``projection`` adds <embed(label), features>; ``ac`` adds a class-logit head;
     ``none`` ignores the label.
     """
@@ -99,7 +99,7 @@ class ProjectionDiscriminator(nn.Module):
         num_classes: int,
         width: int = 32,
         head: str = "projection",
-        readout: str = "mean",
+        readout: str = "spatial",
     ) -> None:
         super().__init__()
         if head not in ("projection", "ac", "none"):

@@ -134,12 +134,12 @@ class ModelConfig(_Section):
         "nearest-neighbour upsampling + 3x3 convolution (no checkerboard; not yet better on all data "
         "sets: benchmarks/recipe_ablation.py)",
     )
-    d_readout: Literal["mean", "spatial"] = Field(
-        "mean",
-        description="cdcgan: how the discriminator reads its last 4x4 feature map: mean (averaged over "
-        "positions: it judges a bag of local patches, and a generator can fool it with a motif tiled "
-        "across the image) or spatial (every position weighed on its own, as DCGAN's final 4x4 "
-        "convolution does: the layout counts)",
+    d_readout: Literal["spatial", "mean"] = Field(
+        "spatial",
+        description="cdcgan: how the discriminator reads its last 4x4 feature map: spatial (every position "
+        "weighed on its own, as DCGAN's final 4x4 convolution does: the layout of the image counts) or "
+        "mean (averaged over positions: it judges a bag of local patches, and the generator learns to "
+        "tile one motif across the image; the default before it was measured, BENCHMARKS.md)",
     )
     spectral_norm: bool = Field(
         True,
