@@ -92,8 +92,8 @@ def simulate(data: Path, out: Path, settings: dict[str, Any], *, rounds: int = 2
             return float(saved["seconds"])
     cmd = [FEDSYNTH, "simulate", "--data", str(data), "--hospitals", "3", "--partition", "dirichlet:0.5",
            "--rounds", str(rounds), "--out", str(out)]
-    for key, value in settings.items():
-        cmd += ["--set", f"{key}={value}"]
+    for name, value in settings.items():
+        cmd += ["--set", f"{name}={value}"]
     if out.exists():
         shutil.rmtree(out)
     seconds = run(cmd, log=out.parent / f"{out.name}.log")
@@ -135,7 +135,7 @@ def train_arms(cfg: DPMethodsConfig, data: Path, work: Path) -> dict[str, dict[s
             dp = {**base, "dp.target-epsilon": eps}
             if k != 1:
                 arm, folder = f"{arm} n-critic {k}", f"{folder}-n-critic-{k}"
-                dp.update({"train.n-critic": k, "train.local-steps": max(1, LOCAL_STEPS // k)})
+                dp.update({"train.n-critic": k, "train.local-steps": LOCAL_STEPS // k})
             progress(f"{data.stem}: {arm} ({rounds} rounds, as no-dp)")
             runs[arm] = {"run": work / folder, "rounds": rounds, "epsilon": eps,
                          "seconds": simulate(data, work / folder, dp, rounds=rounds)}
@@ -257,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
         settings["epsilons"] = tuple(float(e) for e in args.epsilons.split(","))
     if args.n_critic:
         settings["n_critic"] = tuple(int(k) for k in args.n_critic.split(","))
+        uneven = [k for k in settings["n_critic"] if k < 1 or LOCAL_STEPS % k]
+        if uneven:
+            parser.error(f"--n-critic {uneven}: each must divide {LOCAL_STEPS} (the round's charged steps)")
     settings["merf"] = not args.no_merf
     cfg = DPMethodsConfig(**settings)
     out = args.out or HERE / "results" / ("quick" if args.quick else "full")

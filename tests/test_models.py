@@ -142,3 +142,38 @@ def test_cdcgan_upsample_nearest_builds_a_generator_without_transposed_convoluti
     assert disc_t.state_dict().keys() == disc_n.state_dict().keys()
     with pytest.raises(ValueError, match="upsample"):
         RunConfig.from_overrides({"model.upsample": "bilinear"})
+
+
+@pytest.mark.parametrize("readout", ["spatial", "mean"])
+def test_cdcgan_discriminator_readout_decides_whether_the_layout_counts(readout: str) -> None:
+    """The same last-layer features in another layout (positions mirrored: what a generator
+    that tiles patches changes) score differently with the default spatial readout, and
+    exactly the same when the map is averaged over positions (``mean``). Both are
+    Opacus-ready."""
+    _, disc = build_gan(ModelConfig(d_readout=readout), image_size=64, num_classes=2)
+    assert ModuleValidator.validate(disc, strict=False) == []
+    channels = [m for m in disc.features if isinstance(m, torch.nn.GroupNorm)][-1].num_channels
+    disc.features = torch.nn.Identity()  # score a feature map directly
+    torch.manual_seed(0)
+    f, labels = torch.randn(4, channels, 4, 4), torch.tensor([0, 1, 0, 1])
+    with torch.no_grad():
+        a, b = disc(f, labels).adv, disc(f.flip(2, 3), labels).adv
+    if readout == "spatial":
+        assert ((a - b).abs() > 0.05 * a.abs().mean()).all()
+    else:
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_a_run_saved_before_the_spatial_readout_keeps_its_mean_discriminator(tmp_path) -> None:
+    """A run directory whose config.yaml predates ``model.d-readout`` trained (and saved its
+    hospitals' discriminators) with the mean readout: resuming or auditing it must build
+    that shape, not today's default."""
+    from fedsynth.runs.config import RunConfig
+    from fedsynth.runs.rundir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    run.save_config(RunConfig())
+    assert run.load_config().model.d_readout == "spatial"
+    text = run.config_path.read_text()
+    run.config_path.write_text("".join(line for line in text.splitlines(True) if "d-readout" not in line))
+    assert run.load_config().model.d_readout == "mean"

@@ -81,6 +81,13 @@ def prepare_simulation(
     parallel, cpus = sim.parallel_hospitals, sim.client_cpus
     if sim.ray_address:  # the cluster's cores, not this machine's, decide how many train at once
         cpus = cpus or 1
+        if parallel:
+            log.warning(
+                "simulation.parallel-hospitals=%d is not used on a Ray cluster: its cores decide how many "
+                "hospitals train at once (simulation.client-cpus each)",
+                parallel,
+            )
+            parallel = 0
     elif sim.client_gpus == 0 and (parallel == 0 or cpus == 0):
         auto_parallel, auto_cpus = plan_cores(sim.hospitals, available_cores())
         parallel, cpus = parallel or auto_parallel, cpus or auto_cpus

@@ -347,13 +347,12 @@ class FederationConfig(_Section):
     )
     lr_scaling: Literal["sqrt-hospitals", "none"] = Field(
         "none",
-        description="sqrt-hospitals: each hospital's Adam learning rates (train.lr-g, train.lr-d) are "
-        "multiplied by the square root of the number of hospitals asked in the round. Averaging K hospitals' "
-        "copies makes each round's update one over a K times larger batch, and Adam's square-root rule "
-        "(Malladi et al., NeurIPS 2022) scales the step with it; one hospital keeps the rates as set. "
-        "none: the rates as set. Measured on three data sets (BENCHMARKS.md): better in FD at 450 "
-        "generator steps, mixed at 1,350 (higher recall, FD 1.2-2x worse on two phantom sets), so not "
-        "the default",
+        description="sqrt-hospitals: each hospital's Adam learning rates (train.lr-g and, to keep the two "
+        "in balance, train.lr-d) are multiplied by the square root of the number of hospitals asked in "
+        "the round. Averaging K hospitals' generators makes each round's update one over a K times "
+        "larger batch, and Adam's square-root rule (Malladi et al., NeurIPS 2022) scales the step with "
+        "it; one hospital keeps the rates as set. none: the rates as set. Measured on three data sets "
+        "at 1,350 federated steps (BENCHMARKS.md): better on two, worse on the third, so not the default",
     )
     validation_score: Annotated[Literal["auto", "on", "off"], BeforeValidator(_on_off)] = Field(
         "auto",
@@ -488,6 +487,14 @@ class SimulationConfig(_Section):
         description="share of the training patients kept out of training to score every round's generator "
         "(fedsynth sample --round best), when the slice set has no validation split of its own (0: none)",
     )
+
+    @field_validator("ray_address")
+    @classmethod
+    def _check_ray_address(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if value and (not sep or not host or "/" in value or not port.isdigit()):
+            raise ValueError("must be HOST:PORT of a running Ray cluster's head, e.g. 10.0.0.5:6379")
+        return value
 
     @field_validator("partition")
     @classmethod

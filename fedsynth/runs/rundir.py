@@ -347,7 +347,7 @@ class RunDir:
 
     def resume_config(self, overrides: dict[str, object]) -> RunConfig:
         """The saved config with ``output.resume`` on and the few overrides that may change
-        on resume (more rounds, a longer timeout), saved again.
+        on resume (more rounds, a longer timeout, another Ray cluster), saved again.
 
         Raises
         ------
@@ -357,7 +357,8 @@ class RunDir:
             An override of a key that must not change mid-run.
         """
         cfg = self.load_config()
-        allowed = {"federation.rounds", "federation.round-timeout"}
+        # more rounds, a longer timeout, or another place to run (what is trained is unchanged)
+        allowed = {"federation.rounds", "federation.round-timeout", "simulation.ray-address"}
         current = cfg.to_run_config()
         frozen = sorted(k for k, v in overrides.items() if k not in allowed and current.get(k) != v)
         if frozen:
@@ -382,7 +383,13 @@ class RunDir:
         """
         if not self.config_path.is_file():
             raise RunDirError(f"{self.root}: no config.yaml (is this a fedsynth run directory?)")
-        return RunConfig.from_yaml(self.config_path)
+        cfg = RunConfig.from_yaml(self.config_path)
+        # Keys added since a run was started take the value that run trained with, not
+        # today's default (its checkpoints and discriminators have that shape).
+        saved = yaml.safe_load(self.config_path.read_text()) or {}
+        if "d-readout" not in (saved.get("model") or {}):
+            cfg = cfg.with_overrides({"model.d-readout": "mean"})
+        return cfg
 
 
 def _append_line(path: Path, record: dict[str, Any]) -> None:
