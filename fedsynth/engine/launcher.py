@@ -156,12 +156,18 @@ def _wait_healthy(port: int, process: subprocess.Popen[bytes], log_path: Path, t
     raise EngineError(f"the SuperLink did not come up within {timeout:.0f} s; see {log_path}")
 
 
-def stop_process(*processes: subprocess.Popen[bytes] | None, grace: float = 5.0) -> None:
+def stop_process(*processes: subprocess.Popen[bytes] | None, grace: float = 2.0) -> None:
     """Stop processes and everything they started, all at once: each one's process group,
     and every descendant found before the first signal (Flower's simulation process and
     Ray's daemons and workers lead their own sessions and would outlive it). SIGTERM
     first, SIGKILL to what is left after ``grace`` seconds: one grace for all of them, so
-    stopping the run and its SuperLink together takes no longer than stopping one."""
+    stopping the run and its SuperLink together takes no longer than stopping one.
+
+    The grace is short because nothing is lost by killing: every file a run keeps is
+    replaced atomically or appended a line at a time, and a hospital's privacy charge is
+    saved before it trains. Ray's
+    training workers ignore SIGTERM while they train, so a longer grace only delays the
+    stop (5 s made a Ctrl-C take 7.5 s on an idle 2-core machine, and over 10 s under load)."""
     import psutil
 
     family: list[psutil.Process] = []
