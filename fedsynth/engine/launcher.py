@@ -165,9 +165,9 @@ def stop_process(*processes: subprocess.Popen[bytes] | None, grace: float = 2.0)
 
     The grace is short because nothing is lost by killing: every file a run keeps is
     replaced atomically or appended a line at a time, and a hospital's privacy charge is
-    saved before it trains. Ray's
-    training workers ignore SIGTERM while they train, so a longer grace only delays the
-    stop (5 s made a Ctrl-C take 7.5 s on an idle 2-core machine, and over 10 s under load)."""
+    saved before it trains. Ray's training workers ignore SIGTERM while they train, so a
+    longer grace only delays the stop (5 s made a Ctrl-C take 7.5 s on an idle 2-core
+    machine, and over 10 s under load)."""
     import psutil
 
     family: list[psutil.Process] = []
@@ -250,9 +250,8 @@ def run_simulation_engine(
     # this machine ("local"; without it, Ray would join the user's own environment's cluster
     # or one `ray start` left running here).
     env["RAY_ADDRESS"] = sim.ray_address or "local"
-    if (
-        not sim.ray_address and sim.parallel_hospitals
-    ):  # tell Ray it may hand out that many clients' worth of CPUs
+    if not sim.ray_address and sim.parallel_hospitals:
+        # tell Ray it may hand out that many clients' worth of CPUs
         federation += f" init-args-num-cpus={sim.parallel_hospitals * sim.client_cpus}"
     superlink = client = None
     run.set_status("starting")
