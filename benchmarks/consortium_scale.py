@@ -4,8 +4,9 @@
     python -m benchmarks.consortium_scale --hospitals 3,10 --rounds 2   # a shorter look
 
 The de-duplicated brain MRI slices at 32 px are split by ``fedsynth simulate`` into N
-hospitals (Dirichlet 0.5 over classes, so hospitals hold from a few dozen to several
-hundred slices), and the default recipe trains ``--rounds`` rounds of ``--local-steps``
+hospitals (Dirichlet 0.5 over classes, then whole patients moved from the largest
+hospitals until each has 20 training slices: ``dirichlet:0.5,min=20``; hospitals hold
+from 20 to a few hundred slices), and the default recipe trains ``--rounds`` rounds of ``--local-steps``
 steps (validation scores off, so a round is training and aggregation only). Per N:
 
 - round wall time (``rounds.jsonl``), the server's wait for the replies and its
@@ -60,9 +61,12 @@ def run_sampled(cmd: list[str], log: Path) -> tuple[float, float]:
     return time.perf_counter() - started, peak
 
 
+PARTITION = "dirichlet:0.5,min=20"
+
+
 def measure(n: int, data: Path, work: Path, rounds: int, steps: int) -> dict[str, Any]:
     out = work / f"hospitals-{n}"
-    cmd = [FEDSYNTH, "simulate", "--data", str(data), "--hospitals", str(n), "--partition", "dirichlet:0.5",
+    cmd = [FEDSYNTH, "simulate", "--data", str(data), "--hospitals", str(n), "--partition", PARTITION,
            "--rounds", str(rounds), "--local-steps", str(steps), "--out", str(out),
            "--set", "federation.validation-score=off", "--set", "train.batch-size=32"]
     if out.exists():

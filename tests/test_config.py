@@ -43,8 +43,9 @@ def test_missing_and_malformed_yaml_files_are_named(tmp_path: Path) -> None:
 
 
 def test_partition_spec_is_validated() -> None:
-    assert RunConfig.from_overrides({"simulation.partition": "dirichlet:0.5"}).simulation.partition == "dirichlet:0.5"
-    for bad in ("dirichlet:0", "dirichlet:x", "random"):
+    for good in ("dirichlet:0.5", "dirichlet:0.5,min=20", "iid", "by-site"):
+        assert RunConfig.from_overrides({"simulation.partition": good}).simulation.partition == good
+    for bad in ("dirichlet:0", "dirichlet:x", "random", "dirichlet:0.5,min=0", "dirichlet:0.5,20"):
         with pytest.raises(ConfigError, match="simulation.partition"):
             RunConfig.from_overrides({"simulation.partition": bad})
 

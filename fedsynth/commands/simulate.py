@@ -30,8 +30,9 @@ def simulate(
     hospitals: int = typer.Option(None, help="Number of simulated hospitals [default: 3]."),
     partition: str = typer.Option(
         None,
-        help="How to split the data: iid, dirichlet:ALPHA (non-IID by class; 0.5 is strongly skewed) or "
-        "by-site (the slice set's site column) [default: iid].",
+        help="How to split the data: iid, dirichlet:ALPHA (non-IID by class; 0.5 is strongly skewed; "
+        "dirichlet:0.5,min=20 gives every hospital at least 20 training slices) or by-site (the slice set's "
+        "site column) [default: iid].",
     ),
     rounds: int = typer.Option(None, help="Federated rounds [default: 5]."),
     local_steps: int = typer.Option(None, help="GAN steps per hospital per round [default: 50]."),

@@ -2,17 +2,56 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from fedsynth.data.sliceset import SliceSet
 
-__all__ = ["PartitionError", "hospital_names", "partition"]
+__all__ = ["SPEC_HELP", "PartitionError", "PartitionSpec", "hospital_names", "parse_spec", "partition"]
 
 
 class PartitionError(ValueError):
     """A partition that cannot be made from this slice set."""
+
+
+@dataclass(frozen=True)
+class PartitionSpec:
+    """A parsed partition: ``kind`` is iid, dirichlet or by-site; ``alpha`` Dirichlet's
+    concentration; ``min_slices`` the fewest training slices any hospital may get."""
+
+    kind: str
+    alpha: float = 0.0
+    min_slices: int = 1
+
+
+SPEC_HELP = (
+    "iid, by-site, or dirichlet:ALPHA with ALPHA > 0, optionally ,min=N (N training slices per hospital)"
+)
+
+
+def parse_spec(spec: str) -> PartitionSpec:
+    """``iid``, ``by-site``, ``dirichlet:ALPHA`` or ``dirichlet:ALPHA,min=N``.
+
+    Raises
+    ------
+    PartitionError
+        Anything else, with the accepted forms.
+    """
+    if spec in ("iid", "by-site"):
+        return PartitionSpec(spec)
+    if spec.startswith("dirichlet:"):
+        alpha_text, _, option = spec.removeprefix("dirichlet:").partition(",")
+        try:
+            alpha = float(alpha_text)
+            minimum = (
+                int(option.removeprefix("min=")) if option.startswith("min=") else (1 if not option else 0)
+            )
+        except ValueError:
+            alpha, minimum = -1.0, 0
+        if alpha > 0 and minimum >= 1:
+            return PartitionSpec("dirichlet", alpha, minimum)
+    raise PartitionError(f"unknown partition {spec!r}: use {SPEC_HELP}")
 
 
 def hospital_names(count: int) -> list[str]:
@@ -28,8 +67,10 @@ def partition(slices: SliceSet, spec: str, hospitals: int, *, seed: int = 0) -> 
     ----------
     slices : the pooled slice set.
     spec : ``iid``, ``dirichlet:ALPHA`` (class proportions per hospital drawn from
-        Dirichlet(ALPHA); small ALPHA is very non-IID) or ``by-site`` (the slice set's
-        site column decides, and ``hospitals`` must equal the number of sites).
+        Dirichlet(ALPHA); small ALPHA is very non-IID; ``dirichlet:ALPHA,min=N`` then moves
+        whole patients from the largest hospitals until each has N training slices) or
+        ``by-site`` (the slice set's site column decides, and ``hospitals`` must equal the
+        number of sites).
     hospitals : number of hospitals.
     seed : seed of the draw.
 
@@ -41,12 +82,13 @@ def partition(slices: SliceSet, spec: str, hospitals: int, *, seed: int = 0) -> 
     Raises
     ------
     PartitionError
-        by-site without a site column or with a different number of sites, or too few
-        patients for the number of hospitals.
+        by-site without a site column or with a different number of sites, too few
+        patients for the number of hospitals, or too few training slices for ``min=N``.
     """
     if hospitals < 1:
         raise PartitionError("need at least one hospital")
-    if spec == "by-site":
+    parsed = parse_spec(spec)
+    if parsed.kind == "by-site":
         return _by_site(slices, hospitals)
     patients, inverse = np.unique(slices.patient_ids.astype(str), return_inverse=True)
     train_patients = np.unique(inverse[slices.split == "train"])
@@ -54,15 +96,25 @@ def partition(slices: SliceSet, spec: str, hospitals: int, *, seed: int = 0) -> 
         raise PartitionError(
             f"{len(train_patients)} training patients cannot be shared by {hospitals} hospitals"
         )
+    is_train = slices.split == "train"
+    if int(is_train.sum()) < parsed.min_slices * hospitals:
+        raise PartitionError(
+            f"{int(is_train.sum())} training slices cannot give {hospitals} hospitals "
+            f"{parsed.min_slices} each (partition {spec})"
+        )
     rng = np.random.default_rng(seed)
-    if spec == "iid":
+    if parsed.kind == "iid":
         owner = _iid(len(patients), hospitals, rng)
-    elif spec.startswith("dirichlet:"):
-        alpha = float(spec.split(":", 1)[1])
-        owner = _dirichlet(slices, inverse, len(patients), hospitals, alpha, rng)
     else:
-        raise PartitionError(f"unknown partition {spec!r} (use iid, dirichlet:ALPHA or by-site)")
-    owner = _ensure_training_data(owner, inverse, slices.split == "train", hospitals, rng)
+        owner = _dirichlet(slices, inverse, len(patients), hospitals, parsed.alpha, rng)
+    owner = _ensure_training_data(owner, inverse, is_train, hospitals, parsed.min_slices, rng)
+    if parsed.min_slices > 1:
+        counts = np.bincount(owner[inverse[is_train]], minlength=hospitals)
+        if counts.min() < parsed.min_slices:
+            raise PartitionError(
+                f"partition {spec}: whole patients cannot give every one of {hospitals} hospitals "
+                f"{parsed.min_slices} training slices (the smallest has {counts.min()})"
+            )
     slice_owner = owner[inverse]
     names = hospital_names(hospitals)
     return {name: _as_hospital(slices.subset(slice_owner == i), name, spec) for i, name in enumerate(names)}
@@ -104,18 +156,26 @@ def _ensure_training_data(
     inverse: np.ndarray,
     is_train: np.ndarray,
     hospitals: int,
+    min_slices: int,
     rng: np.random.Generator,
 ) -> np.ndarray:
-    """Move single training patients from the largest hospitals to empty ones."""
+    """Move training patients, one at a time, from the hospital with the most training
+    slices to the one with the fewest, until each has a patient and ``min_slices`` slices
+    (or no move would leave the donor with ``min_slices``: the caller checks)."""
     train_patients = np.unique(inverse[is_train])
-    for hospital in range(hospitals):
-        mine = train_patients[owner[train_patients] == hospital]
-        if len(mine):
-            continue
-        counts = np.bincount(owner[train_patients], minlength=hospitals)
+    slices_of = np.bincount(inverse[is_train], minlength=len(owner))  # training slices per patient
+    for _ in range(len(train_patients)):
+        counts = np.bincount(owner[train_patients], weights=slices_of[train_patients], minlength=hospitals)
+        patients_at = np.bincount(owner[train_patients], minlength=hospitals)
+        poorest = int(counts.argmin())
+        if patients_at[poorest] and counts[poorest] >= min_slices:
+            break
         donor = int(counts.argmax())
         candidates = train_patients[owner[train_patients] == donor]
-        owner[rng.choice(candidates)] = hospital
+        candidates = candidates[counts[donor] - slices_of[candidates] >= min_slices]
+        if donor == poorest or not len(candidates):
+            break
+        owner[rng.choice(candidates)] = poorest
     return owner
 
 

@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from fedsynth.core.errors import ConfigError
+from fedsynth.data.partition import SPEC_HELP, PartitionError, parse_spec
 from fedsynth.models.augment import POLICIES as AUGMENTATIONS
 from fedsynth.models.family import EMBEDDING
 from fedsynth.models.registry import FAMILIES, get_family, presets
@@ -457,7 +458,11 @@ class SimulationConfig(_Section):
     """Only for `fedsynth simulate`: how the slice set is split into hospitals."""
 
     hospitals: int = Field(3, ge=1, le=64, description="simulated hospitals")
-    partition: str = Field("iid", description="iid, dirichlet:ALPHA (non-IID by class) or by-site")
+    partition: str = Field(
+        "iid",
+        description="iid, dirichlet:ALPHA (non-IID by class; dirichlet:ALPHA,min=N moves whole patients "
+        "until every hospital has N training slices) or by-site",
+    )
     hospitals_dir: str = Field("", description="folder of per-hospital slice sets (written by simulate)")
     client_cpus: int = Field(
         0,
@@ -499,16 +504,11 @@ class SimulationConfig(_Section):
     @field_validator("partition")
     @classmethod
     def _check_partition(cls, value: str) -> str:
-        if value in ("iid", "by-site"):
-            return value
-        if value.startswith("dirichlet:"):
-            try:
-                alpha = float(value.split(":", 1)[1])
-            except ValueError:
-                alpha = -1.0
-            if alpha > 0:
-                return value
-        raise ValueError("must be iid, by-site or dirichlet:ALPHA with ALPHA > 0")
+        try:
+            parse_spec(value)
+        except PartitionError:
+            raise ValueError(f"must be {SPEC_HELP}") from None
+        return value
 
 
 class RunConfig(_Section):
