@@ -28,6 +28,7 @@ from fedsynth.audit.utility import (
     CONTROL,
     REAL,
     SYNTHETIC_ONLY,
+    PrivateBaseline,
     plot_gain_vs_ratio,
     small_set,
     utility_study,
@@ -123,6 +124,9 @@ class AuditOptions:
     # < 1: the utility study trains on this share of the training patients (a small
     # hospital) and the oracle adds real images of the other training patients
     utility_fraction: float = 1.0
+    # where the run used DP-SGD, the utility study also trains a classifier by DP-SGD on the
+    # real training slices at the epsilon the run spent: the private release to compare with
+    dp_baseline: bool = True
     classifier_steps: int = 480
     mia_max_patients: int = 2000
     mia_max_slices: int = 8  # per patient
@@ -220,12 +224,14 @@ def run_audit(
         mia = _membership(inputs, spaces, distances, options, discriminators or [])
         timings["membership"] = time.monotonic() - t
 
-        t = time.monotonic()
-        util = _utility(inputs, options, out, step)
-        timings["utility"] = time.monotonic() - t
-
         dp = _privacy(privacy_ledger or [], client_privacy or [])
         dp["ledger_read"] = privacy_ledger is not None
+
+        t = time.monotonic()
+        util = _utility(
+            inputs, options, out, step, epsilon=_spent(dp, hospital) if options.dp_baseline else None
+        )
+        timings["utility"] = time.monotonic() - t
         checks = _checks(memo, mia, fid, util, dp)
         figures = _figures(inputs, distances, mia, out, options)
         curves = (context or {}).get("curves")
@@ -576,8 +582,23 @@ def _membership(
     }
 
 
+def _spent(dp: dict[str, Any], hospital: str | None) -> tuple[float, float] | None:
+    """(epsilon, delta) the run's DP-SGD spent: this hospital's where the ledger has it,
+    else the largest of any hospital's; None for a run without DP-SGD."""
+    rows = {name: row for name, row in dp["hospitals"].items() if row.get("epsilon_rdp")}
+    if not rows:
+        return None
+    row = rows.get(hospital or "") or max(rows.values(), key=lambda r: r["epsilon_rdp"])
+    return float(row["epsilon_rdp"]), float(row.get("delta") or 0.0)
+
+
 def _utility(
-    inputs: AuditInputs, options: AuditOptions, out: Path, step: Callable[..., None]
+    inputs: AuditInputs,
+    options: AuditOptions,
+    out: Path,
+    step: Callable[..., None],
+    *,
+    epsilon: tuple[float, float] | None = None,
 ) -> dict[str, Any]:
     if not options.utility:
         return {"skipped": "not asked for (--no-utility)"}
@@ -589,10 +610,14 @@ def _utility(
     if len(np.unique(inputs.holdout_labels)) < 2:
         return {"skipped": "the holdout holds a single class: a classifier cannot be tested on it"}
     train_images, train_labels, unseen = inputs.train_images, inputs.train_labels, None
+    units = inputs.train_patients if inputs.privacy_unit == "patient" else np.arange(len(train_labels))
     if options.utility_fraction < 1:
         small = small_set(train_labels, inputs.train_patients, options.utility_fraction, seed=options.seed)
         unseen = (train_images[~small], train_labels[~small])
-        train_images, train_labels = train_images[small], train_labels[small]
+        train_images, train_labels, units = train_images[small], train_labels[small], units[small]
+    private = None
+    if epsilon is not None:
+        private = PrivateBaseline(epsilon[0], units, unit=inputs.privacy_unit, delta=epsilon[1])
     result = utility_study(
         train_images,
         train_labels,
@@ -610,6 +635,7 @@ def _utility(
         seed=options.seed,
         threads=options.threads,
         progress=lambda d, n, stage="": step("utility: training classifiers", d, n),
+        private=private,
     )
     result["fraction"] = float(options.utility_fraction)
     return result

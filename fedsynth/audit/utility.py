@@ -40,6 +40,7 @@ import math
 import time
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,13 +51,18 @@ from fedsynth.core.plotting import pyplot
 from fedsynth.core.progress import Progress
 from fedsynth.core.stats import interval, percentile_bounds
 from fedsynth.metrics.classifier import MODELS, predict_proba, train_classifier
+from fedsynth.privacy.accounting import PrivacyError, PrivacyPlan, plan_privacy
+from fedsynth.privacy.classifier import train_private_classifier
+from fedsynth.runs.config import DPConfig
 
 __all__ = [
     "BALANCED",
     "CONDITIONS",
     "CONTROL",
     "DEFAULT_STEPS",
+    "DP_SGD",
     "ORACLE",
+    "PrivateBaseline",
     "REAL",
     "SYNTHETIC_ONLY",
     "ratio_condition",
@@ -72,6 +78,7 @@ BALANCED = "real+synthetic-balanced"
 CONTROL = "real+resampled-balanced"
 SYNTHETIC_ONLY = "synthetic-only"
 ORACLE = "real+unseen-real-balanced"
+DP_SGD = "real-dp-sgd"
 CONDITIONS = (
     REAL,
     "real+synthetic-0.5x",
@@ -92,6 +99,22 @@ GAIN_METRICS = ("balanced_accuracy", "auc")
 DEFAULT_STEPS = 480
 MIN_IMAGE_SIZE = 16
 _BOOTSTRAP_CHUNK = 250
+
+
+@dataclass(frozen=True)
+class PrivateBaseline:
+    """The ``real-dp-sgd`` condition: the same classifier trained by DP-SGD on the real
+    training images alone, at ``epsilon`` per privacy unit (``unit_ids``: one per
+    training image; images sharing an id are one patient), for the same steps and
+    (expected) batch as every other condition. Synthetic images released under DP are
+    worth their cost where a classifier trained on them comes near this one
+    (Dockhorn et al., TMLR 2023)."""
+
+    epsilon: float
+    unit_ids: np.ndarray
+    unit: str = "patient"
+    delta: float = 0.0  # 0: min(1e-5, 1 / (10 units))
+    max_grad_norm: float = 1.0
 
 
 def ratio_condition(ratio: float) -> str:
@@ -285,7 +308,7 @@ def _compose(
     """(real indices, synthetic indices) of one condition's training set for one seed;
     the oracle's unseen real images are indexed after the training images."""
     everything = np.arange(len(train_labels))
-    if condition == REAL:
+    if condition in (REAL, DP_SGD):
         return everything, np.zeros(0, dtype=np.int64)
     if condition == ORACLE:
         assert unseen_labels is not None
@@ -453,6 +476,7 @@ def utility_study(
     seed: int = 0,
     threads: int | None = None,
     progress: Progress | None = None,
+    private: PrivateBaseline | None = None,
 ) -> dict[str, Any]:
     """Train a classifier on real, real+synthetic and control training sets; score each
     on held-out real images; report metrics and gains with bootstrap intervals.
@@ -482,6 +506,9 @@ def utility_study(
     seed : base seed of everything random in the study.
     threads : torch CPU threads while the study runs (restored afterwards).
     progress : called with (classifiers trained, classifiers in all) after each one.
+    private : given, the ``real-dp-sgd`` condition runs too: a DP-SGD classifier on the
+        real training images (:class:`PrivateBaseline`); its entry adds ``epsilon``,
+        ``delta`` and ``noise_multiplier``, and it has a gain over ``real`` only.
 
     Returns
     -------
@@ -564,8 +591,25 @@ def utility_study(
             skipped[ORACLE] = "too few unseen real images of " + ", ".join(short)
         else:
             added[ORACLE] = added[CONTROL]
+    plan = None
+    if private is not None:
+        units = len(np.unique(np.asarray(private.unit_ids).astype(str)))
+        try:
+            if len(private.unit_ids) != len(train_labels):
+                raise PrivacyError(
+                    f"{len(private.unit_ids)} unit ids for {len(train_labels)} training images"
+                )
+            dp = DPConfig(
+                target_epsilon=private.epsilon, delta=private.delta, max_grad_norm=private.max_grad_norm
+            )
+            plan = plan_privacy(
+                dp, units=units, unit=private.unit, batch_size=batch_size, planned_steps=steps
+            )
+            added[DP_SGD] = np.zeros(n_classes, dtype=np.int64)
+        except (PrivacyError, ValueError) as err:
+            skipped[DP_SGD] = f"a DP-SGD classifier at epsilon {private.epsilon:g} cannot be trained: {err}"
     ratio_of = {ratio_condition(r): float(r) for r in ratios}
-    order = [REAL, *ratio_of, BALANCED, CONTROL, ORACLE, SYNTHETIC_ONLY]
+    order = [REAL, *ratio_of, BALANCED, CONTROL, ORACLE, SYNTHETIC_ONLY, DP_SGD]
     conditions = [c for c in order if c in added]
     for name, reason in skipped.items():
         log.warning("utility: %s skipped: %s", name, reason)
@@ -584,7 +628,7 @@ def utility_study(
     if threads:
         torch.set_num_threads(threads)
     try:
-        probs, losses, steps_taken, train_seconds = _train_all(
+        probs, losses, steps_taken, spent, train_seconds = _train_all(
             conditions,
             added,
             train_images,
@@ -601,6 +645,7 @@ def utility_study(
             seed=seed,
             device=device,
             progress=progress,
+            private=None if plan is None or private is None else (plan, private.unit_ids),
         )
     finally:
         torch.set_num_threads(previous_threads)
@@ -623,6 +668,14 @@ def utility_study(
         }
         if name in ratio_of:
             entry["ratio"] = ratio_of[name]
+        if name == DP_SGD and plan is not None:
+            entry.update(
+                epsilon=float(max(spent[DP_SGD])),
+                delta=plan.delta,
+                noise_multiplier=plan.noise_multiplier,
+                privacy_unit=plan.unit,
+                units=plan.units,
+            )
         for metric in per_seed[0]:
             entry[metric] = _summary([m[metric] for m in per_seed])
         condition_report[name] = entry
@@ -682,10 +735,14 @@ def _train_all(
     seed: int,
     device: torch.device,
     progress: Progress | None,
-) -> tuple[dict[str, list[np.ndarray]], dict[str, list[float]], dict[str, list[int]], float]:
+    private: tuple[PrivacyPlan, np.ndarray] | None = None,
+) -> tuple[
+    dict[str, list[np.ndarray]], dict[str, list[float]], dict[str, list[int]], dict[str, list[float]], float
+]:
     """Train every (condition, seed) classifier: holdout probabilities, final training
-    losses, optimiser steps taken, and the seconds spent training. The unseen real images
-    (the oracle's pool) sit after the training images in the real tensor."""
+    losses, optimiser steps taken, the epsilon each DP-SGD classifier spent, and the
+    seconds spent training. The unseen real images (the oracle's pool) sit after the
+    training images in the real tensor."""
     unseen_labels = None if unseen is None else unseen[1]
     if unseen is not None:
         train_images = np.concatenate([train_images, unseen[0]])
@@ -698,6 +755,7 @@ def _train_all(
     probs: dict[str, list[np.ndarray]] = {c: [] for c in conditions}
     losses: dict[str, list[float]] = {c: [] for c in conditions}
     steps_taken: dict[str, list[int]] = {c: [] for c in conditions}
+    spent: dict[str, list[float]] = {c: [] for c in conditions}
     n_train = len(train_labels) - (0 if unseen_labels is None else len(unseen_labels))
     total, done, train_seconds = len(conditions) * seeds, 0, 0.0
     for s in range(seeds):
@@ -715,17 +773,32 @@ def _train_all(
             images = torch.cat([x[i] for x, _, i in parts if len(i)])
             labels = torch.cat([y[i] for _, y, i in parts if len(i)])
             tic = time.perf_counter()
-            net, loss, taken = train_classifier(
-                images.to(device),
-                labels.to(device),
-                model=model,
-                n_classes=n_classes,
-                steps=steps,
-                batch_size=batch_size,
-                init_seed=init_seed,
-                order_seed=order_seed,
-                device=device,
-            )
+            if name == DP_SGD:
+                assert private is not None
+                net, loss, taken, epsilon = train_private_classifier(
+                    images,
+                    labels,
+                    private[1],
+                    private[0],
+                    n_classes=n_classes,
+                    init_seed=init_seed,
+                    device=device,
+                    # a measurement, never released: seeded, so the study repeats exactly
+                    generator=torch.Generator().manual_seed(order_seed),
+                )
+                spent[name].append(epsilon)
+            else:
+                net, loss, taken = train_classifier(
+                    images.to(device),
+                    labels.to(device),
+                    model=model,
+                    n_classes=n_classes,
+                    steps=steps,
+                    batch_size=batch_size,
+                    init_seed=init_seed,
+                    order_seed=order_seed,
+                    device=device,
+                )
             train_seconds += time.perf_counter() - tic
             probs[name].append(predict_proba(net, holdout_t, device))
             losses[name].append(loss)
@@ -741,7 +814,7 @@ def _train_all(
             )
             if progress:
                 progress(done, total)
-    return probs, losses, steps_taken, train_seconds
+    return probs, losses, steps_taken, spent, train_seconds
 
 
 def _gains(
@@ -788,7 +861,7 @@ def _gains(
         if c == REAL:
             continue
         gains[c] = {"over_real": gain(c, REAL)}
-        if c != CONTROL:
+        if c not in (CONTROL, DP_SGD):  # a private classifier is compared with real alone
             gains[c]["over_control"] = gain(c, CONTROL)
     return gains
 
@@ -804,7 +877,7 @@ def _oracle_shares(gains: dict[str, Any]) -> dict[str, Any]:
         shares = {
             name: float(g["over_control"][metric]["mean"] / top) if top > 0 else None
             for name, g in gains.items()
-            if name not in (CONTROL, ORACLE, SYNTHETIC_ONLY)
+            if name not in (CONTROL, ORACLE, SYNTHETIC_ONLY, DP_SGD)
         }
         out[metric] = {"gain_over_control": ceiling, "headroom": headroom, "share_of_oracle": shares}
     return out
