@@ -23,6 +23,12 @@ against the holdout in the penultimate features of a classifier trained on the r
 training slices (the audit's classifier space; its holdout balanced accuracy is
 recorded) and in pixel PCA: FD, KID, precision and recall (k = 5). The real training
 slices give the real-vs-real floor.
+
+Downstream, with the audit's small CNN (``classifier_steps`` steps, ``downstream_seeds``
+seeds), balanced accuracy on the holdout of a classifier trained on each arm's images
+alone (the classification accuracy score, CAS), on as many real training slices (the
+reference CAS is read against), and, at each epsilon, by DP-SGD on all the real training
+slices (Dockhorn et al., TMLR 2023: the private release that DP images must approach).
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ class DPMethodsConfig:
     # the same steps at the same noise; only how many generator steps they feed changes.
     n_critic: tuple[int, ...] = (1,)
     merf: bool = True
+    downstream_seeds: int = 3  # classifiers per arm for the classification accuracy score
 
 
 LOCAL_STEPS = 50  # train.local-steps' default: the no-dp arm's generator steps per round
@@ -179,17 +186,74 @@ def measure(cfg: DPMethodsConfig, data: Path, runs: dict[str, dict[str, Any]]) -
 
     rng = np.random.default_rng(cfg.seed)
     real = train.subset(rng.choice(len(train), size=min(cfg.n_synthetic, len(train)), replace=False))
-    arms: dict[str, Any] = {"real train (floor)": row(real.images)}
+    arms: dict[str, Any] = {"real train (floor)": {**row(real.images),
+                                                   "cas": cas(cfg, real.images, real.labels, holdout)}}
     for arm, info in runs.items():
-        images, _ = draw(info["run"], cfg.n_synthetic, proportions, cfg.seed)
+        images, labels = draw(info["run"], cfg.n_synthetic, proportions, cfg.seed)
         arms[arm] = {**row(images), **{k: v for k, v in info.items() if k != "run"}}
+        if labels is not None:
+            arms[arm]["cas"] = cas(cfg, images, labels, holdout)
         privacy = info["run"] / "privacy.jsonl"
         if privacy.exists():
             rows = [json.loads(line) for line in privacy.read_text().splitlines()]
             arms[arm]["epsilon_spent"] = max(r["epsilon_rdp"] for r in rows)
             arms[arm]["privacy_unit"] = rows[0]["privacy_unit"]
+    private = {f"{eps:g}": private_classifier(cfg, train, holdout, eps) for eps in cfg.epsilons}
     return {"classifier": classifier.describe(), "train": len(train), "holdout": len(holdout),
-            "classes": list(train.class_names), "arms": arms}
+            "classes": list(train.class_names), "arms": arms, "dp_sgd_classifier": private}
+
+
+def _balanced_accuracy(net: Any, holdout: Any) -> float:
+    import torch
+    from sklearn.metrics import balanced_accuracy_score
+
+    from fedsynth.metrics.classifier import predict_proba
+
+    probs = predict_proba(net, torch.from_numpy(holdout.images)[:, None], torch.device("cpu"))
+    return float(balanced_accuracy_score(holdout.labels, probs.argmax(axis=1)))
+
+
+def cas(cfg: DPMethodsConfig, images: np.ndarray, labels: np.ndarray, holdout: Any) -> dict[str, Any]:
+    """Balanced accuracy on the holdout of the audit's CNN trained on ``images`` alone:
+    mean and per seed."""
+    import torch
+
+    from fedsynth.metrics.classifier import train_classifier
+
+    torch.set_num_threads(cfg.threads)
+    scores = []
+    for s in range(cfg.downstream_seeds):
+        net, _, _ = train_classifier(torch.from_numpy(images)[:, None], torch.from_numpy(labels.astype(np.int64)),
+                                     model="cnn", n_classes=int(holdout.labels.max()) + 1, steps=cfg.classifier_steps,
+                                     batch_size=64, init_seed=cfg.seed + s, order_seed=cfg.seed + s,
+                                     device=torch.device("cpu"))
+        scores.append(_balanced_accuracy(net, holdout))
+    return {"mean": float(np.mean(scores)), "per_seed": scores}
+
+
+def private_classifier(cfg: DPMethodsConfig, train: Any, holdout: Any, epsilon: float) -> dict[str, Any]:
+    """The audit's CNN trained by DP-SGD on all the real training slices at ``epsilon`` per
+    privacy unit (the slice set's: patient or slice), as many steps as the CAS classifiers."""
+    import torch
+
+    from fedsynth.privacy.accounting import plan_privacy
+    from fedsynth.privacy.classifier import train_private_classifier
+    from fedsynth.runs.config import DPConfig
+
+    torch.set_num_threads(cfg.threads)
+    unit = train.privacy_unit
+    units = train.patient_ids.astype(str) if unit == "patient" else np.arange(len(train)).astype(str)
+    plan = plan_privacy(DPConfig(target_epsilon=epsilon), units=len(np.unique(units)), unit=unit, batch_size=64,
+                        planned_steps=cfg.classifier_steps)
+    scores, spent = [], 0.0
+    for s in range(cfg.downstream_seeds):
+        net, _, _, spent = train_private_classifier(
+            torch.from_numpy(train.images)[:, None], torch.from_numpy(train.labels.astype(np.int64)), units, plan,
+            n_classes=int(train.labels.max()) + 1, init_seed=cfg.seed + s,
+            device=torch.device("cpu"), generator=torch.Generator().manual_seed(cfg.seed + s))
+        scores.append(_balanced_accuracy(net, holdout))
+    return {"mean": float(np.mean(scores)), "per_seed": scores, "epsilon_spent": spent, "unit": unit,
+            "noise_multiplier": plan.noise_multiplier}
 
 
 def grids(runs: dict[str, dict[str, Any]], out: Path, name: str) -> None:
@@ -218,13 +282,21 @@ def markdown(result: dict[str, Any]) -> list[str]:
         lines += [f"**{name}** ({data['train']} train / {data['holdout']} holdout slices, classes "
                   f"{', '.join(data['classes'])}; the classifier's holdout balanced accuracy {_f(acc, '.2f')})", "",
                   "| arm | epsilon spent (unit) | rounds | seconds | FD classifier | KID classifier | FD pixels | "
-                  "precision | recall |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "precision | recall | CAS |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for arm, r in data["arms"].items():
             eps = f"{r['epsilon_spent']:.2f} ({r['privacy_unit']})" if "epsilon_spent" in r else "-"
             kid = None if r["kid_classifier"] is None else 1000 * r["kid_classifier"]
             lines.append(f"| {arm} | {eps} | {r.get('rounds', '-')} | {_f(r.get('seconds'), '.0f')} | "
                          f"{_f(r['fd_classifier'], '.3g')} | {_f(kid, '.3g')} | {_f(r['fd_pixels'], '.4g')} | "
-                         f"{_f(r['precision'], '.2f')} | {_f(r['recall'], '.2f')} |")
+                         f"{_f(r['precision'], '.2f')} | {_f(r['recall'], '.2f')} | "
+                         f"{_f((r.get('cas') or {}).get('mean'), '.3f')} |")
+        for eps, p in (data.get("dp_sgd_classifier") or {}).items():
+            lines.append(f"| DP-SGD classifier on the real slices, eps {eps} | {p['epsilon_spent']:.2f} ({p['unit']}) "
+                         f"| - | - | - | - | - | - | - | {p['mean']:.3f} |")
+        lines += ["", "CAS: balanced accuracy on the holdout of a classifier trained on the arm's images alone "
+                  f"({cfg.get('downstream_seeds', 3)} seeds); the real-train row trains on as many real slices; the "
+                  "DP-SGD rows train on all the real training slices at that epsilon: the private release a DP "
+                  "generator's images must approach.", ""]
         lines += ["", f"Grids: `grids/dp_methods/{name}-*.png` (fixed noise, not picked).", ""]
     return lines
 
@@ -244,8 +316,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # everything the measurements import, imported now: the arms take long, and a fedsynth
     # edited meanwhile must not be mixed with the one already loaded
+    import fedsynth.metrics.classifier  # noqa: F401
     import fedsynth.metrics.features  # noqa: F401
     import fedsynth.metrics.fidelity  # noqa: F401
+    import fedsynth.privacy.classifier  # noqa: F401
     import fedsynth.server.bookkeeping  # noqa: F401
     from . import quality  # noqa: F401
 
