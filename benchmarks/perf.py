@@ -277,10 +277,11 @@ def peak_memory(data: Path, work: Path, *, hospitals: int, steps: int, threads: 
 
 
 def audit_scale(sizes: list[int], *, image_size: int, threads: int, full_audit_max: int,
-                work: Path, steps: int = 0) -> tuple[dict, list[str]]:
+                work: Path, steps: int = 0, encoder_steps: int = 0) -> tuple[dict, list[str]]:
     """The copy detector's search (and the whole audit, utility study aside) at each size,
-    n synthetic x n training images and a holdout of n / 4 (at most 10,000). ``steps``
-    (0: the audit's default) trains the audit's classifier for that many steps."""
+    n synthetic x n training images and a holdout of n / 4 (at most 10,000). ``steps`` and
+    ``encoder_steps`` (0: the audit's defaults) train the audit's classifier and encoder
+    for that many steps."""
     from fedsynth.audit.pipeline import AuditInputs, AuditOptions, run_audit
 
     torch.set_num_threads(threads)
@@ -303,6 +304,8 @@ def audit_scale(sizes: list[int], *, image_size: int, threads: int, full_audit_m
             options = AuditOptions(utility=False, threads=threads)
             if steps:
                 options.classifier_steps = steps
+            if encoder_steps:
+                options.encoder_steps = encoder_steps
             audit = run_audit(inputs, work / f"audit-{n}", options)
             row["full_audit_without_utility_s"] = time.perf_counter() - start
             row["audit_steps_s"] = audit["seconds"]

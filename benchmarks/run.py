@@ -28,11 +28,11 @@ from fedsynth.core.files import write_json_atomic
 from .common import HERE, machine, machine_line, prepare_brain, write
 
 PERF_QUICK = {"size": 32, "steps": 3, "repeats": 2, "batch": 32, "threads": 2, "fed_rounds": 2, "fed_steps": 5,
-              "memory_steps": 3, "audit_sizes": [120, 240], "full_audit_max": 240,
-              "classifier_steps": 60}
+              "memory_steps": 3, "audit_sizes": [120, 240], "full_audit_max": 120,
+              "classifier_steps": 60, "encoder_steps": 100}
 PERF_FULL = {"size": 64, "steps": 10, "repeats": 5, "batch": 64, "threads": 2, "fed_rounds": 5, "fed_steps": 50,
              "memory_steps": 20, "audit_sizes": [1000, 5000, 20000, 50000], "full_audit_max": 20000,
-             "classifier_steps": 0}
+             "classifier_steps": 0, "encoder_steps": 0}
 
 
 SECTIONS = (("Performance", ("trainer_overhead", "dp_overhead", "federation_overhead", "peak_memory", "audit_scaling")),
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             progress(f"perf: audit scaling at {', '.join(map(str, p['audit_sizes']))} images")
             record("audit_scaling", perf.audit_scale(p["audit_sizes"], image_size=p["size"], threads=p["threads"],
                                                      full_audit_max=p["full_audit_max"], work=work,
-                                                     steps=p["classifier_steps"]))
+                                                     steps=p["classifier_steps"], encoder_steps=p["encoder_steps"]))
     if "quality" in only:
         cfg = quality.QUICK if args.quick else quality.FULL
         result, lines = quality.run_quality(cfg, work / "quality", out, progress)
