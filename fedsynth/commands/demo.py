@@ -1,4 +1,4 @@
-"""`fedsynth demo`: the whole loop on built-in phantom hospitals, about 6 minutes on an idle 2-core CPU."""
+"""`fedsynth demo`: the whole loop on built-in phantom hospitals, about 7 minutes on an idle 2-core CPU."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from fedsynth.runs.rundir import RunDir
 
 __all__ = ["DEMO_SETTINGS", "demo"]
 
-# The demo's training settings: small enough for about 6 minutes on an idle 2-core CPU (352 s measured), large
+# The demo's training settings: small enough for about 7 minutes on an idle 2-core CPU (435 s measured), large
 # enough that later rounds' grids clearly look like the phantoms.
 DEMO_SETTINGS = {
     "federation.rounds": 6,
@@ -56,7 +56,7 @@ def demo(
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log fedsynth's progress messages."),
 ) -> None:
-    """The whole loop, about 6 minutes on 2 idle cores: phantom hospitals, training, an ethics report.
+    """The whole loop, about 7 minutes on 2 idle cores: phantom hospitals, training, an ethics report.
 
     Ingestion, federated training and a federated audit ending in an ethics report.
 
@@ -116,17 +116,24 @@ def demo(
         )
         report = federated_audit(run, out / "audit", AuditOptions(**DEMO_AUDIT))
     console.rule("done")
-    console.print(f"demo finished in {time.monotonic() - started:.0f} s. Look at:")
+    console.print(f"demo finished in {time.monotonic() - started:.0f} s. Look at:", soft_wrap=True)
     last = run.last_round() or 0
     if last > 1:
-        console.print(f"  {run.grid(1)}  vs  {run.grid(last)}  (first and last round)")
+        console.print(f"  {run.grid(1)}  vs  {run.grid(last)}  (first and last round)", soft_wrap=True)
     else:
-        console.print(f"  {run.grid(last)}  (the generator after round {last})")
-    console.print(f"  {run.root / 'samples' / 'real.png'}  (real phantom slices, for comparison)")
-    console.print(f"  {run.curves_path}  (losses per hospital; or tensorboard --logdir {run.root})")
+        console.print(f"  {run.grid(last)}  (the generator after round {last})", soft_wrap=True)
+    console.print(
+        f"  {run.root / 'samples' / 'real.png'}  (real phantom slices, for comparison)", soft_wrap=True
+    )
+    console.print(
+        f"  {run.curves_path}  (losses per hospital; or tensorboard --logdir {run.root})", soft_wrap=True
+    )
     if report is not None:
         console.print(
             f"  {report}  (the consortium's ethics report; each hospital's own report with its galleries is "
-            f"in {out / 'audit' / 'hospitals'})"
+            f"in {out / 'audit' / 'hospitals'})",
+            soft_wrap=True,
         )
-    console.print(f"  fedsynth sample --run {run.root} --n 64 --label lesion --out {out / 'samples'}")
+    console.print(
+        f"  fedsynth sample --run {run.root} --n 64 --label lesion --out {out / 'samples'}", soft_wrap=True
+    )

@@ -165,7 +165,9 @@ def run_with_progress(
             # The engine has stopped every process of the run by now; nothing else writes the status.
             run.set_status("interrupted", rounds=run.last_round() or 0, resume=resume)
             end_interrupted(run)
-            console.print(f"[yellow]interrupted[/]; finished rounds are kept. Continue with: {resume}")
+            console.print(
+                f"[yellow]interrupted[/]; finished rounds are kept. Continue with: {resume}", soft_wrap=True
+            )
             raise typer.Exit(130) from None
     elapsed = time.monotonic() - start
     if not outcome.ok:
@@ -174,7 +176,7 @@ def run_with_progress(
         console.print(f"Flower's log: {outcome.log_path}")
         last = run.last_round()
         if last is not None and last > 0:
-            console.print(f"rounds up to {last} are saved; continue with: {resume}")
+            console.print(f"rounds up to {last} are saved; continue with: {resume}", soft_wrap=True)
         return False
     last = run.last_round()
     stopped = outcome.status.get("stopped_early")
