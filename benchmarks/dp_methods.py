@@ -272,7 +272,9 @@ def _f(value: Any, spec: str) -> str:
 
 def markdown(result: dict[str, Any]) -> list[str]:
     cfg = result["config"]
-    lines = ["### DP methods at the same epsilon: DP-SGD against a one-shot DP-MERF release", "",
+    title = ("DP methods at the same epsilon: DP-SGD against a one-shot DP-MERF release" if cfg.get("merf", True)
+             else "DP-SGD at the same epsilon: discriminator schedules, and the private baseline")
+    lines = [f"### {title}", "",
              f"`{result['command']}` on {machine_line(result['machine'])}; {cfg['size']} px, 3 hospitals "
              f"(Dirichlet 0.5), about {cfg['budget']:g} s per arm; {cfg['n_synthetic']} images per arm against the "
              "holdout. FD and KID (x1000) in the classifier's features (trained on the real train split) and in "
@@ -280,7 +282,8 @@ def markdown(result: dict[str, Any]) -> list[str]:
     for name, data in result["datasets"].items():
         acc = data["classifier"].get("holdout_balanced_accuracy")
         lines += [f"**{name}** ({data['train']} train / {data['holdout']} holdout slices, classes "
-                  f"{', '.join(data['classes'])}; the classifier's holdout balanced accuracy {_f(acc, '.2f')})", "",
+                  f"{', '.join(data['classes'])}, so chance is {1 / len(data['classes']):.2f}; the classifier's "
+                  f"holdout balanced accuracy {_f(acc, '.2f')})", "",
                   "| arm | epsilon spent (unit) | rounds | seconds | FD classifier | KID classifier | FD pixels | "
                   "precision | recall | CAS |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for arm, r in data["arms"].items():

@@ -60,15 +60,12 @@ class QualityConfig:
     # the low-data federation also trained under DP at epsilon 10 (when 10 is among the epsilons);
     # the quick run leaves it out: the dp-eps-10 arm runs the same DP code path
     lowdata_dp: bool = True
-    # the unconditional vanilla GAN is audited too (its downstream gain cannot be measured);
-    # the quick run leaves it out: its audit is the federated arm's code path
-    audit_vanilla: bool = True
 
 
 QUICK = QualityConfig(image_size=32, limit=600, rounds=2, local_steps=10, batch=32, epsilons=(10.0,), n_synthetic=200,
                       audit_seeds=2, audit_utility_steps=30, audit_encoder_steps=200, audit_classifier_steps=60, lowdata_fraction=0.2,
                       lowdata_seeds=2, lowdata_steps=30, threads=2, local_hospitals=("hospital-a",),
-                      lowdata_dp=False, audit_vanilla=False)
+                      lowdata_dp=False)
 FULL = QualityConfig(image_size=32, limit=None, rounds=8, local_steps=100, batch=32, epsilons=(10.0, 3.0, 1.0),
                      n_synthetic=2000, audit_seeds=5, audit_utility_steps=200, audit_encoder_steps=500, audit_classifier_steps=480,
                      lowdata_fraction=0.15, lowdata_seeds=5, lowdata_steps=200, threads=2)
@@ -237,7 +234,7 @@ def audits(cfg: QualityConfig, runs: dict[str, dict[str, Any]], work: Path, prog
     import json
 
     out = {}
-    targets = ["federated", *(["vanilla-gan"] if cfg.audit_vanilla else []), *(f"dp-eps-{e:g}" for e in cfg.epsilons)]
+    targets = ["federated", "vanilla-gan", *(f"dp-eps-{e:g}" for e in cfg.epsilons)]
     for i, arm in enumerate(targets, 1):
         progress(f"quality: audit {i}/{len(targets)}: {arm}")
         folder = work / "audits" / arm

@@ -463,3 +463,6 @@ def test_a_private_baseline_that_cannot_be_trained_is_skipped_with_the_reason(to
     assert DP_SGD not in result["conditions"] and "at least 2 patients" in result["skipped"][DP_SGD]
     result = utility_study(*toy, **QUICK, private=PrivateBaseline(10.0, np.arange(3)))
     assert "3 unit ids for 48 training images" in result["skipped"][DP_SGD]
+    result = utility_study(*toy, **dict(QUICK, model="resnet18", steps=2, seeds=1),
+                           private=PrivateBaseline(10.0, np.arange(48)))
+    assert "small CNN only, not resnet18" in result["skipped"][DP_SGD]

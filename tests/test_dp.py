@@ -202,3 +202,31 @@ def test_a_budget_no_noise_can_meet_is_declined_with_the_reason(tmp_path: Path) 
                              global_generator=exchanged_state(gen))
     assert result.generator is None and "cannot be met" in (result.declined or "")
     assert not (tmp_path / "state" / "privacy.json").exists(), "nothing was spent"
+
+
+def test_the_private_classifiers_step_is_noise_of_std_sigma_c_plus_clipped_sums_over_the_expected_batch() -> None:
+    """The audit's DP-SGD classifier (the private baseline): with no patient sampled, a
+    step's gradient is Gaussian noise of std sigma*C / expected batch; with every patient
+    sampled and no noise, the gradient is the sum of per-sample gradients each clipped to
+    C, over the expected batch, so its norm is at most n*C / expected batch."""
+    from fedsynth.privacy.accounting import PrivacyPlan
+    from fedsynth.privacy.classifier import train_private_classifier
+
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.integers(0, 255, (12, 1, 16, 16), dtype=np.uint8))
+    labels = torch.from_numpy(rng.integers(0, 2, 12))
+
+    def last_gradient(sigma: float, rate: float) -> torch.Tensor:
+        plan = PrivacyPlan(noise_multiplier=sigma, sample_rate=rate, delta=1e-5, max_grad_norm=0.5,
+                           expected_batch=8, units=12, unit="slice", planned_steps=1, target_epsilon=0.0)
+        net, _, steps, _ = train_private_classifier(images, labels, np.arange(12), plan, n_classes=2, init_seed=0,
+                                                    device=torch.device("cpu"),
+                                                    generator=torch.Generator().manual_seed(1))
+        assert steps == 1
+        return torch.cat([p.grad.flatten() for p in net.parameters()])
+
+    noise = last_gradient(3.0, 0.0)  # nobody sampled: noise alone
+    assert len(noise) > 10_000 and noise.mean().abs() < 0.005
+    assert float(noise.std()) == pytest.approx(3.0 * 0.5 / 8, rel=0.03)
+    clipped = last_gradient(0.0, 1.0)  # everyone sampled, no noise
+    assert 0 < float(clipped.norm()) <= 12 * 0.5 / 8 + 1e-6

@@ -75,7 +75,7 @@ def _bash(command: str, cwd: Path, timeout: float) -> subprocess.CompletedProces
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "COLUMNS": "100",
+        "COLUMNS": "80",
         "OMP_NUM_THREADS": "2",
     }
     print(f"$ {command}")

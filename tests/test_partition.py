@@ -72,3 +72,17 @@ def test_a_minimum_per_hospital_moves_whole_patients_until_every_hospital_has_it
     for bad in ("dirichlet:0.5,min=0", "dirichlet:0.5,max=3", "dirichlet:-1", "iid,min=3"):
         with pytest.raises(PartitionError, match="min=N"):
             partition(pooled, bad, 3)
+
+
+def test_a_hospital_holding_one_large_patient_is_not_the_only_donor() -> None:
+    """Hospital 0 has the most slices but a single patient (40 slices); hospital 1 has five
+    patients of 5. The empty hospital 2 is served from hospital 1, with or without a minimum."""
+    from fedsynth.data.partition import _ensure_training_data
+
+    inverse = np.repeat(np.arange(6), [40, 5, 5, 5, 5, 5])
+    is_train = np.ones(len(inverse), dtype=bool)
+    for minimum, expected in ((1, 5), (10, 10)):
+        owner = _ensure_training_data(np.array([0, 1, 1, 1, 1, 1]), inverse, is_train, 3, minimum,
+                                      np.random.default_rng(0))
+        counts = np.bincount(owner[inverse], minlength=3)
+        assert owner[0] == 0 and counts[2] == expected and counts.min() >= minimum, counts

@@ -26,6 +26,7 @@ from fedsynth.audit.plots import plot_epsilon, plot_roc
 from fedsynth.audit.utility import (
     BALANCED,
     CONTROL,
+    DP_SGD,
     REAL,
     SYNTHETIC_ONLY,
     PrivateBaseline,
@@ -245,7 +246,7 @@ def run_audit(
         if "conditions" in util:
             # No figure when every synthetic condition was skipped (too few synthetic
             # images): the skipped reasons are in audit.json and the report.
-            if set(util["gains"]) - {CONTROL}:
+            if set(util["gains"]) - {CONTROL, DP_SGD}:
                 figures["utility_gain"] = str(
                     plot_gain_vs_ratio(util, out / FIGURES / "utility_gain.png").relative_to(out)
                 )

@@ -926,7 +926,8 @@ def _utility(audit: Mapping[str, Any], folder: Path) -> str:
             reached = _num(private["balanced_accuracy"]["mean"])
             html += _plain(
                 f"The private baseline ({DP_SGD}): the same classifier trained by DP-SGD on the real "
-                f"training slices at ε = {private['epsilon']:.3g} per {unit} (what the run spent) reaches "
+                f"training slices at ε = {private['epsilon']:.3g} per {unit} (what the run spent; the "
+                "largest of the hospitals' where their slices are audited together) reaches "
                 f"{reached} balanced accuracy. Releasing synthetic images is worth its privacy cost where a "
                 "classifier trained on them alone "
                 + (f"(here {_num(cas)}) " if cas is not None else "")

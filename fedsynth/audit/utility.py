@@ -595,6 +595,8 @@ def utility_study(
     if private is not None:
         units = len(np.unique(np.asarray(private.unit_ids).astype(str)))
         try:
+            if model != "cnn":
+                raise PrivacyError(f"it trains the small CNN only, not {model} (use the utility model cnn)")
             if len(private.unit_ids) != len(train_labels):
                 raise PrivacyError(
                     f"{len(private.unit_ids)} unit ids for {len(train_labels)} training images"

@@ -108,13 +108,12 @@ def partition(slices: SliceSet, spec: str, hospitals: int, *, seed: int = 0) -> 
     else:
         owner = _dirichlet(slices, inverse, len(patients), hospitals, parsed.alpha, rng)
     owner = _ensure_training_data(owner, inverse, is_train, hospitals, parsed.min_slices, rng)
-    if parsed.min_slices > 1:
-        counts = np.bincount(owner[inverse[is_train]], minlength=hospitals)
-        if counts.min() < parsed.min_slices:
-            raise PartitionError(
-                f"partition {spec}: whole patients cannot give every one of {hospitals} hospitals "
-                f"{parsed.min_slices} training slices (the smallest has {counts.min()})"
-            )
+    counts = np.bincount(owner[inverse[is_train]], minlength=hospitals)
+    if counts.min() < parsed.min_slices:
+        raise PartitionError(
+            f"partition {spec}: whole patients cannot give every one of {hospitals} hospitals "
+            f"{parsed.min_slices} training slices (the smallest has {counts.min()})"
+        )
     slice_owner = owner[inverse]
     names = hospital_names(hospitals)
     return {name: _as_hospital(slices.subset(slice_owner == i), name, spec) for i, name in enumerate(names)}
@@ -159,9 +158,10 @@ def _ensure_training_data(
     min_slices: int,
     rng: np.random.Generator,
 ) -> np.ndarray:
-    """Move training patients, one at a time, from the hospital with the most training
-    slices to the one with the fewest, until each has a patient and ``min_slices`` slices
-    (or no move would leave the donor with ``min_slices``: the caller checks)."""
+    """Move training patients, one at a time, to the hospital with the fewest training
+    slices, until each has a patient and ``min_slices`` slices. Each comes from the hospital
+    with the most slices among those that can give one and keep ``min_slices`` (or the
+    loop stops: the caller checks)."""
     train_patients = np.unique(inverse[is_train])
     slices_of = np.bincount(inverse[is_train], minlength=len(owner))  # training slices per patient
     for _ in range(len(train_patients)):
@@ -170,12 +170,13 @@ def _ensure_training_data(
         poorest = int(counts.argmin())
         if patients_at[poorest] and counts[poorest] >= min_slices:
             break
-        donor = int(counts.argmax())
-        candidates = train_patients[owner[train_patients] == donor]
-        candidates = candidates[counts[donor] - slices_of[candidates] >= min_slices]
-        if donor == poorest or not len(candidates):
+        # a patient may move where its hospital keeps min_slices (and so a patient) without it
+        movable = train_patients[counts[owner[train_patients]] - slices_of[train_patients] >= min_slices]
+        movable = movable[owner[movable] != poorest]
+        if not len(movable):
             break
-        owner[rng.choice(candidates)] = poorest
+        donor = owner[movable][int(np.argmax(counts[owner[movable]]))]
+        owner[rng.choice(movable[owner[movable] == donor])] = poorest
     return owner
 
 
