@@ -6,6 +6,7 @@ checkpoints, grids, resume, failures, sampling), not image quality.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -278,7 +279,17 @@ def test_a_stopped_simulation_leaves_no_process_and_resumes(tmp_path: Path, stop
     assert any("ray" in p.name().lower() or "raylet" in " ".join(p.cmdline()) for p in family), names
     signalled = time.monotonic()
     cli.send_signal(stop)
-    returncode = cli.wait(timeout=10)
+    try:
+        returncode = cli.wait(timeout=10)
+    except subprocess.TimeoutExpired:  # say what was still there, for the next one to read
+        states = []
+        for p in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                states.append((p.pid, p.name(), p.status()))
+        cli.kill()
+        output = cli.stdout.read().decode() if cli.stdout else ""
+        pytest.fail(f"fedsynth simulate still running 10 s after the signal; its processes then: {states}\n"
+                    f"{output[-2000:]}")
     _, alive = psutil.wait_procs(family, timeout=max(0.1, 10 - (time.monotonic() - signalled)))
     assert not alive, f"still running 10 s after the signal: {[(p.pid, p.name()) for p in alive]}"
     output = cli.stdout.read().decode() if cli.stdout else ""

@@ -161,7 +161,8 @@ def stop_process(*processes: subprocess.Popen[bytes] | None, grace: float = 2.0)
     and every descendant found before the first signal (Flower's simulation process and
     Ray's daemons and workers lead their own sessions and would outlive it). SIGTERM
     first, SIGKILL to what is left after ``grace`` seconds: one grace for all of them, so
-    stopping the run and its SuperLink together takes no longer than stopping one.
+    stopping the run and its SuperLink together takes no longer than stopping one; then at
+    most one more grace for the killed to go.
 
     The grace is short because nothing is lost by killing: every file a run keeps is
     replaced atomically or appended a line at a time, and a hospital's privacy charge is
@@ -194,10 +195,14 @@ def stop_process(*processes: subprocess.Popen[bytes] | None, grace: float = 2.0)
     for member in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             member.kill()
+    # SIGKILL cannot be refused: what is left is only the kernel tearing processes down (slow
+    # for a worker holding a GB under load). One grace for all of it, so a stop takes at most
+    # two graces; the leaders, our own children, are reaped as they go.
+    deadline = time.monotonic() + grace
     psutil.wait_procs(alive, timeout=grace)
     for process in leaders:
         with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=grace)
+            process.wait(timeout=max(0.05, deadline - time.monotonic()))
 
 
 def run_simulation_engine(
