@@ -51,7 +51,7 @@ from fedsynth.core.plotting import pyplot
 from fedsynth.core.progress import Progress
 from fedsynth.core.stats import interval, percentile_bounds
 from fedsynth.metrics.classifier import MODELS, predict_proba, train_classifier
-from fedsynth.privacy.accounting import PrivacyError, PrivacyPlan, plan_privacy
+from fedsynth.privacy.accounting import PrivacyError, PrivacyPlan, epsilon_for, plan_privacy
 from fedsynth.privacy.classifier import train_private_classifier
 from fedsynth.runs.config import DPConfig
 
@@ -630,7 +630,7 @@ def utility_study(
     if threads:
         torch.set_num_threads(threads)
     try:
-        probs, losses, steps_taken, spent, train_seconds = _train_all(
+        probs, losses, steps_taken, train_seconds = _train_all(
             conditions,
             added,
             train_images,
@@ -672,7 +672,10 @@ def utility_study(
             entry["ratio"] = ratio_of[name]
         if name == DP_SGD and plan is not None:
             entry.update(
-                epsilon=float(max(spent[DP_SGD])),
+                # the whole study's plan: every seed's classifier spends exactly this
+                epsilon=epsilon_for(
+                    [(plan.noise_multiplier, plan.sample_rate, plan.planned_steps)], plan.delta
+                ),
                 delta=plan.delta,
                 noise_multiplier=plan.noise_multiplier,
                 privacy_unit=plan.unit,
@@ -738,13 +741,10 @@ def _train_all(
     device: torch.device,
     progress: Progress | None,
     private: tuple[PrivacyPlan, np.ndarray] | None = None,
-) -> tuple[
-    dict[str, list[np.ndarray]], dict[str, list[float]], dict[str, list[int]], dict[str, list[float]], float
-]:
+) -> tuple[dict[str, list[np.ndarray]], dict[str, list[float]], dict[str, list[int]], float]:
     """Train every (condition, seed) classifier: holdout probabilities, final training
-    losses, optimiser steps taken, the epsilon each DP-SGD classifier spent, and the
-    seconds spent training. The unseen real images (the oracle's pool) sit after the
-    training images in the real tensor."""
+    losses, optimiser steps taken, and the seconds spent training. The unseen real images
+    (the oracle's pool) sit after the training images in the real tensor."""
     unseen_labels = None if unseen is None else unseen[1]
     if unseen is not None:
         train_images = np.concatenate([train_images, unseen[0]])
@@ -757,7 +757,6 @@ def _train_all(
     probs: dict[str, list[np.ndarray]] = {c: [] for c in conditions}
     losses: dict[str, list[float]] = {c: [] for c in conditions}
     steps_taken: dict[str, list[int]] = {c: [] for c in conditions}
-    spent: dict[str, list[float]] = {c: [] for c in conditions}
     n_train = len(train_labels) - (0 if unseen_labels is None else len(unseen_labels))
     total, done, train_seconds = len(conditions) * seeds, 0, 0.0
     for s in range(seeds):
@@ -777,7 +776,7 @@ def _train_all(
             tic = time.perf_counter()
             if name == DP_SGD:
                 assert private is not None
-                net, loss, taken, epsilon = train_private_classifier(
+                net, loss, taken, _ = train_private_classifier(
                     images,
                     labels,
                     private[1],
@@ -788,7 +787,6 @@ def _train_all(
                     # a measurement, never released: seeded, so the study repeats exactly
                     generator=torch.Generator().manual_seed(order_seed),
                 )
-                spent[name].append(epsilon)
             else:
                 net, loss, taken = train_classifier(
                     images.to(device),
@@ -816,7 +814,7 @@ def _train_all(
             )
             if progress:
                 progress(done, total)
-    return probs, losses, steps_taken, spent, train_seconds
+    return probs, losses, steps_taken, train_seconds
 
 
 def _gains(
