@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -26,6 +28,12 @@ from fedsynth.engine.records import (
     number,
     record_to_tensors,
     tensors_to_record,
+)
+from fedsynth.engine.secure import (
+    is_secure_request,
+    read_secure_request,
+    secure_aggregation_mod,
+    secure_reply,
 )
 from fedsynth.engine.strategy import RELEASE
 from fedsynth.engine.supernode import DATA_PATH, HOSPITAL_NAME, PARTITION_ID, STATE_DIR
@@ -84,13 +92,22 @@ def site_from_context(context: Context, cfg: RunConfig) -> HospitalSite:
     )
 
 
-@app.train()
+@app.train(mods=[secure_aggregation_mod])
 def train(msg: Message, context: Context) -> Message:
     """Run one local GAN round on the global generator and reply with the new weights; for
-    a family that federates a summary (dp-merf), reply with the hospital's release."""
+    a family that federates a summary (dp-merf), reply with the hospital's release; in a
+    secure round (``federation.secure-aggregation``), reply with the update for SecAgg+
+    to mask."""
     cfg = RunConfig.from_run_config(context.run_config)
     site = site_from_context(context, cfg)
-    config = msg.content.config_records[CONFIG]
+    secure = is_secure_request(msg.content)
+    config: Mapping[str, Any]
+    if secure:
+        global_model, config = read_secure_request(msg.content)
+        tensors_in = {k: torch.from_numpy(v.copy()) for k, v in global_model.items()}
+    else:
+        config = msg.content.config_records[CONFIG]
+        tensors_in = record_to_tensors(msg.content.array_records[ARRAYS])
     server_round = int(number(config["server-round"]))
     asked = int(number(config[HOSPITALS_ASKED])) if HOSPITALS_ASKED in config else 1
     try:
@@ -98,7 +115,7 @@ def train(msg: Message, context: Context) -> Message:
         if cfg.model.family.federation == EMBEDDING:
             result = release_summary(site, cfg, server_round=server_round)
         else:
-            gen_state, disc_state = split_model(record_to_tensors(msg.content.array_records[ARRAYS]))
+            gen_state, disc_state = split_model(tensors_in)
             result = run_local_round(
                 site,
                 cfg,
@@ -128,25 +145,48 @@ def train(msg: Message, context: Context) -> Message:
             }
         )
         return Message(content=content, reply_to=msg)
-    if result.declined is not None or result.generator is None or result.stats is None:
-        # A hospital that declines sends no weights, only why (and what it has spent).
+    declined = result.declined is not None or result.generator is None or result.stats is None
+    if declined:
         hospital["declined"] = result.declined or "declined"
+    if secure:
+        local = None
+        if not declined:
+            metrics.update(result.stats.as_metrics())  # type: ignore[union-attr]
+            local = {k: v.numpy() for k, v in _model_tensors(result).items()}
+        return secure_reply(
+            msg,
+            global_model,
+            local,
+            metrics=metrics,
+            info=hospital,
+            config=config,
+            max_update_norm=cfg.federation.max_update_norm,
+        )
+    if declined:
+        # A hospital that declines sends no weights, only why (and what it has spent).
         return Message(
             content=RecordDict({METRICS: MetricRecord(metrics), HOSPITAL: ConfigRecord(hospital)}),
             reply_to=msg,
         )
-    tensors = {f"{GENERATOR}.{k}": v for k, v in result.generator.items()}
-    if result.discriminator is not None:
-        tensors.update({f"{DISCRIMINATOR}.{k}": v for k, v in result.discriminator.items()})
-    metrics.update(result.stats.as_metrics())
+    metrics.update(result.stats.as_metrics())  # type: ignore[union-attr]
     content = RecordDict(
         {
-            ARRAYS: tensors_to_record(tensors),
+            ARRAYS: tensors_to_record(_model_tensors(result)),
             METRICS: MetricRecord(metrics),
             HOSPITAL: ConfigRecord(hospital),
         }
     )
     return Message(content=content, reply_to=msg)
+
+
+def _model_tensors(result: LocalRoundResult) -> dict[str, torch.Tensor]:
+    """The round's weights by model tensor name: the generator's, and the discriminator's
+    when the run aggregates it."""
+    assert result.generator is not None
+    tensors = {f"{GENERATOR}.{k}": v for k, v in result.generator.items()}
+    if result.discriminator is not None:
+        tensors.update({f"{DISCRIMINATOR}.{k}": v for k, v in result.discriminator.items()})
+    return tensors
 
 
 @app.evaluate()

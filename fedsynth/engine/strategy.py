@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,21 +131,14 @@ class GeneratorFedAvg(FedAvg):
             if msg.has_error():
                 reason = first_line(msg.error.reason)
                 report.messages.append({"node": node, "error": reason})
-                report.failures.append(
-                    {"node": node, "hospital": self.node_names.get(node, f"node-{node}"), "reason": reason}
-                )
+                self.note_failure(report, node, reason)
                 continue
             content = msg.content
             report.messages.append(describe_message(node, content))
             info = content.config_records[HOSPITAL] if HOSPITAL in content.config_records else ConfigRecord()
-            name = self.registered.get(node) or str(info.get("name", f"node-{node}"))
-            self.node_names[node] = name
             metrics = content.metric_records[METRICS] if METRICS in content.metric_records else MetricRecord()
-            spent = {k: v for k, v in metrics.items() if k.startswith("dp-")}
-            if spent:
-                report.privacy[name] = {**spent, "dp-unit": str(info.get("dp-unit", "slice"))}
-            if "declined" in info:
-                report.declined.append({"hospital": name, "node": node, "reason": str(info["declined"])})
+            name = self.note_reply(report, node, info, metrics)
+            if name is None:
                 continue
             problem: str | None = None
             norm = None
@@ -176,27 +169,21 @@ class GeneratorFedAvg(FedAvg):
                 report.hospitals[name]["update-norm"] = round(norm, 6)
             accepted.append(msg)
         for node in sorted(set(asked.values()) - answered):
-            report.failures.append(
-                {
-                    "node": node,
-                    "hospital": self.node_names.get(node, f"node-{node}"),
-                    "reason": "no reply within federation.round-timeout",
-                }
-            )
+            self.note_failure(report, node, "no reply within federation.round-timeout")
         self.last_report = report
         if not accepted:
             return None, None
         if self.sum_updates:
             return self._sum(accepted), None
         if self.client_dp is not None:
-            return self._server_step(self._aggregate_client_dp(accepted, report)), None
+            return self.apply_server_step(self._aggregate_client_dp(accepted, report)), None
         if any(
             metric.startswith(PART_WEIGHT)
             for msg in accepted
             for metric in msg.content.metric_records[METRICS]
         ):
             averaged, untrained = self._aggregate_parts(accepted)
-            return self._server_step(averaged, keep=untrained), None
+            return self.apply_server_step(averaged, keep=untrained), None
         # Hospitals report different metrics (a DP hospital adds its spend and withholds
         # its discriminator's losses), and Flower's FedAvg refuses replies whose metric
         # keys differ. The metrics are kept in the report already; FedAvg needs only the
@@ -206,7 +193,29 @@ class GeneratorFedAvg(FedAvg):
                 {"num-examples": number(msg.content.metric_records[METRICS]["num-examples"])}
             )
         fed_averaged, fed_metrics = super().aggregate_train(server_round, accepted)
-        return (self._server_step(fed_averaged) if fed_averaged is not None else None), fed_metrics
+        return (self.apply_server_step(fed_averaged) if fed_averaged is not None else None), fed_metrics
+
+    def note_reply(
+        self, report: RoundReport, node: int, info: Mapping[str, Any], metrics: Mapping[str, Any]
+    ) -> str | None:
+        """Name the hospital behind a reply (``info``: its declared name, privacy unit and
+        decline) and keep what it spent in ``report.privacy``; returns its name, or None
+        when it declined the round (then listed in ``report.declined``)."""
+        name = self.registered.get(node) or str(info.get("name", f"node-{node}"))
+        self.node_names[node] = name
+        spent = {k: v for k, v in metrics.items() if k.startswith("dp-")}
+        if spent:
+            report.privacy[name] = {**spent, "dp-unit": str(info.get("dp-unit", "slice"))}
+        if "declined" in info:
+            report.declined.append({"hospital": name, "node": node, "reason": str(info["declined"])})
+            return None
+        return name
+
+    def note_failure(self, report: RoundReport, node: int, reason: str) -> None:
+        """A hospital that was asked and failed: an error, or no reply."""
+        report.failures.append(
+            {"node": node, "hospital": self.node_names.get(node, f"node-{node}"), "reason": reason}
+        )
 
     @staticmethod
     def _sum(accepted: list[Message]) -> ArrayRecord:
@@ -250,7 +259,7 @@ class GeneratorFedAvg(FedAvg):
             out[key] = np.asarray(value).astype(updates[0][0][key].dtype)
         return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in out.items()}), untrained
 
-    def _server_step(self, averaged: ArrayRecord, keep: set[str] | None = None) -> ArrayRecord:
+    def apply_server_step(self, averaged: ArrayRecord, keep: set[str] | None = None) -> ArrayRecord:
         """FedAvgM (Hsu et al. 2019): the server treats the averaged update as a gradient
         and steps along its momentum, ``v = beta v + (avg - global)``, ``global += lr v``.
         Only trainable tensors move this way; BatchNorm statistics are the plain average.

@@ -362,6 +362,11 @@ class CycleGAN(Family):
             )
         if cfg.train.loss == "wgan-gp":
             raise ValueError("train.loss: cyclegan trains with bce or hinge, not wgan-gp")
+        if cfg.federation.secure_aggregation == "on":
+            raise ValueError(
+                "federation.secure-aggregation: not with cyclegan (each translator is averaged over the "
+                "hospitals holding its domains, with a weight per part; a secure sum has one weight)"
+            )
 
     def conditional(self, model: ModelConfig) -> bool:
         return False

@@ -379,6 +379,14 @@ class FederationConfig(_Section):
     client_dp_delta: float = Field(
         1e-5, gt=0, lt=1, description="client-level DP: delta of the reported epsilon"
     )
+    secure_aggregation: Annotated[Literal["on", "off"], BeforeValidator(_on_off)] = Field(
+        "off",
+        description="on: Flower's SecAgg+ (Bell et al. 2020); each hospital masks its generator update so "
+        "that the server learns only the weighted sum of the round's updates, never one hospital's. The "
+        "server then cannot check updates one by one: each hospital checks and bounds its own, the server "
+        "checks the aggregate (see docs: privacy). Needs 2 or more hospitals a round; not with "
+        "client-level DP, dp-merf or cyclegan",
+    )
 
 
 class DPConfig(_Section):
@@ -525,7 +533,7 @@ class RunConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _expand_presets(cls, raw: Any) -> Any:
-        """``model.name: PRESET`` (e.g. medscangan, seed 003's recipe on the wgan-gp family)
+        """``model.name: PRESET`` (e.g. medscangan, the MedScanGAN recipe on the wgan-gp family)
         expands to the preset's keys; keys the user gives explicitly win over the preset's."""
         if not isinstance(raw, dict):
             return raw
@@ -555,6 +563,18 @@ class RunConfig(_Section):
                     "summary once); set federation.rounds=1 or leave it out"
                 )
             self.federation.rounds = 1
+        if self.federation.secure_aggregation == "on":
+            if family.federation == EMBEDDING:
+                raise ValueError(
+                    f"federation.secure-aggregation: not with {family.name} (its hospitals release a noised "
+                    "summary once, not model updates)"
+                )
+            if self.federation.client_dp_noise_multiplier > 0:
+                raise ValueError(
+                    "federation.secure-aggregation: not with federation.client-dp-noise-multiplier (the "
+                    "server clips each hospital's update before noising the average, and under secure "
+                    "aggregation it never sees one)"
+                )
         family.check_config(self)
         return self
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from fedsynth.core.weights import DISCRIMINATOR, GENERATOR, load_weights
 from fedsynth.engine.records import METRICS, arrays_to_numpy, number, pack_model, unpack_model
+from fedsynth.engine.secure import secure_round
 from fedsynth.engine.strategy import RELEASE, GeneratorFedAvg, RoundReport, first_line
 from fedsynth.models import EMBEDDING, build_networks
 from fedsynth.models.networks import GeneratorNet
@@ -152,11 +153,16 @@ def _rounds(
     )
     for round_ in range(start, cfg.federation.rounds + 1):
         began = time.perf_counter()
-        messages = strategy.configure_train(round_, arrays, ConfigRecord(), grid)
-        replies = grid.send_and_receive(messages, timeout=cfg.federation.round_timeout)
-        waited = time.perf_counter() - began
-        aggregated, _ = strategy.aggregate_train(round_, replies)
-        aggregating = time.perf_counter() - began - waited
+        if cfg.federation.secure_aggregation == "on":
+            # SecAgg+'s four stages: waiting and summing are interleaved, timed as waiting
+            aggregated = secure_round(strategy, round_, arrays, grid, timeout=cfg.federation.round_timeout)
+            waited, aggregating = time.perf_counter() - began, 0.0
+        else:
+            messages = strategy.configure_train(round_, arrays, ConfigRecord(), grid)
+            replies = grid.send_and_receive(messages, timeout=cfg.federation.round_timeout)
+            waited = time.perf_counter() - began
+            aggregated, _ = strategy.aggregate_train(round_, replies)
+            aggregating = time.perf_counter() - began - waited
         report = strategy.last_report
         stopped = _take_replies(run, cfg, round_, report, usable=aggregated is not None, doing="train")
         if stopped or aggregated is None:
