@@ -23,6 +23,7 @@ from fedsynth.commands.common import (
     OutputFormat,
     console,
     echo_json,
+    interrupt_on_sigterm,
     setup_logging,
     user_errors,
 )
@@ -35,7 +36,7 @@ from fedsynth.engine.deployment import (
     run_deployment,
 )
 from fedsynth.engine.launcher import EngineError
-from fedsynth.engine.supernode import prepare_node
+from fedsynth.engine.supernode import RETRY_SECONDS, prepare_node, run_node
 from fedsynth.runs.config import RunConfig, parse_overrides
 from fedsynth.runs.rundir import RunDir
 
@@ -175,7 +176,9 @@ def client(
 
     Only model weights and scalar metrics leave the hospital; the slices, the
     discriminator and the privacy ledger stay here. Runs in the foreground (Ctrl-C stops it)
-    and reconnects by itself if the coordinator restarts.
+    and reconnects by itself if the coordinator restarts; while the coordinator does not
+    accept this hospital's key (not registered yet, or still holding the connection of a
+    machine that went down) it tries again every 10 seconds.
     """
     dp = {
         k: v
@@ -209,7 +212,25 @@ def client(
     console.print(f"  local state and privacy ledger: {s['state_dir']}")
     console.print("  leaves this hospital: generator weights and scalar metrics only")
     sys.stdout.flush()
-    os.execve(node.command[0], node.command, node.env)
+
+    def refused(attempt: int) -> None:
+        if attempt == 1:
+            console.print(
+                "the coordinator did not accept this hospital's key: either it is not registered yet (the "
+                f"coordinator runs: fedsynth server register-hospital {s['hospital']} KEY.pub), or the "
+                "coordinator still holds this hospital's previous connection (it lets go about a minute "
+                f"after a machine goes down). Trying again every {RETRY_SECONDS:g} s; Ctrl-C stops.",
+                soft_wrap=True,
+            )
+        else:
+            console.print(f"still not accepted after {attempt} tries; trying again in {RETRY_SECONDS:g} s")
+
+    interrupt_on_sigterm()
+    try:
+        code = run_node(node, max_wait=max_wait, on_refused=refused)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    raise typer.Exit(code)
 
 
 @user_errors

@@ -4,15 +4,21 @@ which comes from the coordinator)."""
 
 from __future__ import annotations
 
+import contextlib
 import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import tomli_w
 
 from fedsynth.data.sliceset import TRAIN, SliceSet
-from fedsynth.engine.launcher import flower_env, tool
+from fedsynth.engine.launcher import flower_env, stop_process, tool
 from fedsynth.runs.config import RunConfig
 
 __all__ = [
@@ -23,11 +29,18 @@ __all__ = [
     "HospitalNode",
     "NodeError",
     "prepare_node",
+    "run_node",
 ]
 
 # Node config keys a hospital sets on its SuperNode (per hospital, never run config).
 DATA_PATH, STATE_DIR, HOSPITAL_NAME = "data-path", "state-dir", "hospital-name"
 PARTITION_ID = "partition-id"  # what Flower's simulation engine gives a simulated hospital instead
+
+# What Flower's SuperNode prints before it exits when the SuperLink refuses to activate
+# it: its key is not registered, or the SuperLink still holds the previous session of the
+# same node (a machine that died and came straight back). Its exit status is a plain 1.
+REFUSED = b"Failed to activate SuperNode"
+RETRY_SECONDS = 10.0
 
 ADDRESS_RE = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
 NODE_CONFIG = "node-config.toml"
@@ -138,3 +151,64 @@ def _nest(flat: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+def run_node(
+    node: HospitalNode,
+    *,
+    max_wait: float = 0.0,
+    on_refused: Callable[[int], None] | None = None,
+    retry_seconds: float = RETRY_SECONDS,
+) -> int:
+    """Run the hospital's SuperNode in the foreground until it ends; returns its exit code.
+
+    When the coordinator refuses to activate the node (Flower exits at once), it is
+    started again every ``retry_seconds``: the coordinator may still hold this hospital's
+    previous session (a machine that died and came straight back is refused until the
+    SuperLink notices, about a minute), or the key is registered later. ``on_refused(n)``
+    is called before the n-th retry. ``max_wait`` (0: keep trying) bounds the whole wait,
+    counted from the start, as it bounds the SuperNode's own reconnecting.
+
+    The SuperNode's output is relayed to this process's. It stays in this process's group
+    (a signal to the group reaches it); whatever it started is stopped when it exits or is
+    interrupted: Flower's SuperNode leaves its SuperExec helper running when it fails.
+    """
+    import psutil
+
+    started = time.monotonic()
+    attempt = 0
+    while True:
+        proc = subprocess.Popen(node.command, env=node.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        refused = threading.Event()
+        relay = threading.Thread(target=_relay, args=(proc.stdout, refused), daemon=True)
+        relay.start()
+        family: dict[int, psutil.Process] = {}
+        try:
+            while proc.poll() is None:
+                with contextlib.suppress(psutil.Error):
+                    family.update({p.pid: p for p in psutil.Process(proc.pid).children(recursive=True)})
+                time.sleep(0.5)
+        finally:
+            stop_process(proc)
+            for child in family.values():
+                with contextlib.suppress(psutil.Error):
+                    child.kill()  # only a process still the same (psutil checks its start time)
+            relay.join(timeout=5)
+        waited = time.monotonic() - started
+        if not refused.is_set() or (max_wait > 0 and waited + retry_seconds > max_wait):
+            return proc.returncode
+        attempt += 1
+        if on_refused is not None:
+            on_refused(attempt)
+        time.sleep(retry_seconds)
+
+
+def _relay(stream: IO[bytes] | None, refused: threading.Event) -> None:
+    """The SuperNode's output, line by line, to this process's; notes a refusal."""
+    if stream is None:
+        return
+    for line in iter(stream.readline, b""):
+        sys.stdout.buffer.write(line)
+        sys.stdout.flush()
+        if REFUSED in line:
+            refused.set()
