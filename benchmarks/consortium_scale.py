@@ -16,6 +16,12 @@ steps (validation scores off, so a round is training and aggregation only). Per 
 - peak memory of the whole simulation: the resident memory of every process of the
   command (Flower's, Ray's, the hospitals' workers), sampled every 0.5 s and summed.
 
+Then, at ``--churn`` sizes (10 and 30), the same run as a real consortium goes: half the
+hospitals asked each round (``federation.fraction-train=0.5``), two slow sites that answer
+after ``federation.round-timeout`` (``simulation.slow``) and three that join at round 2
+(``simulation.join``). Per round: how many were asked, trained, gave no reply in time,
+declined (not joined yet), and the round's seconds.
+
 Writes ``OUT/consortium_scale.{json,md}`` and ``OUT/consortium_scale.png``.
 """
 
@@ -64,17 +70,44 @@ def run_sampled(cmd: list[str], log: Path) -> tuple[float, float]:
 PARTITION = "dirichlet:0.5,min=20"
 
 
-def measure(n: int, data: Path, work: Path, rounds: int, steps: int) -> dict[str, Any]:
-    out = work / f"hospitals-{n}"
+# the churn runs: who is slow, who joins late, and how long the server waits
+SLOW, LATE, TIMEOUT, DELAY = ("hospital-a", "hospital-b"), ("hospital-c", "hospital-d", "hospital-e"), 60, 90
+CHURN = ["--set", "federation.fraction-train=0.5", "--set", f"federation.round-timeout={TIMEOUT}",
+         "--set", "simulation.slow=" + ",".join(f"{h}={DELAY}" for h in SLOW),
+         "--set", "simulation.join=" + ",".join(f"{h}=2" for h in LATE)]
+
+
+def simulate(n: int, data: Path, work: Path, rounds: int, steps: int, name: str, extra: list[str]) -> tuple[RunDir, float, float]:
+    out = work / name
     cmd = [FEDSYNTH, "simulate", "--data", str(data), "--hospitals", str(n), "--partition", PARTITION,
            "--rounds", str(rounds), "--local-steps", str(steps), "--out", str(out),
-           "--set", "federation.validation-score=off", "--set", "train.batch-size=32"]
+           "--set", "federation.validation-score=off", "--set", "train.batch-size=32", *extra]
     if out.exists():
         import shutil
 
         shutil.rmtree(out)
-    wall, peak = run_sampled(cmd, work / f"hospitals-{n}.log")
-    run = RunDir(out)
+    wall, peak = run_sampled(cmd, work / f"{name}.log")
+    return RunDir(out), wall, peak
+
+
+def churn(n: int, data: Path, work: Path, rounds: int, steps: int) -> dict[str, Any]:
+    run, wall, peak = simulate(n, data, work, rounds, steps, f"churn-{n}", CHURN)
+    per_round = []
+    for record in run.read_rounds():
+        late = [f for f in record["failures"] if "round-timeout" in f["reason"]]
+        per_round.append({"round": record["round"], "seconds": record["seconds"],
+                          "asked": len(record["hospitals"]) + len(record["failures"]) + len(record["declined"])
+                          + len(record["rejected"]),
+                          "trained": len(record["hospitals"]), "no_reply": len(late),
+                          "other_failures": len(record["failures"]) - len(late),
+                          "not_joined": len(record["declined"]),
+                          "late_joiners_trained": sorted(set(LATE) & set(record["hospitals"]))})
+    return {"hospitals": n, "command_seconds": round(wall, 1), "peak_gb": round(peak, 2), "rounds": per_round,
+            "finished": run.status().get("state") == "finished"}
+
+
+def measure(n: int, data: Path, work: Path, rounds: int, steps: int) -> dict[str, Any]:
+    run, wall, peak = simulate(n, data, work, rounds, steps, f"hospitals-{n}", [])
     cfg = run.load_config()
     records = run.read_rounds()
     cores = available_cores()
@@ -138,6 +171,17 @@ def markdown(result: dict[str, Any]) -> list[str]:
                      f"{r['threads_each']} | {r['round_seconds']:.1f} | {training:.1f} | {r['overhead_seconds']:.1f} | "
                      f"{r['overhead_per_hospital']:.2f} | {r['aggregate_seconds']:.3f} | {r['peak_gb']:.2f} |")
     lines += ["", "![round time, overhead per hospital, memory and aggregation](consortium_scale.png)"]
+    if result.get("churn"):
+        lines += ["", f"With churn: half the hospitals asked each round, {' and '.join(SLOW)} answering after "
+                  f"{DELAY} s (federation.round-timeout {TIMEOUT} s), {', '.join(LATE)} joining at round 2.", "",
+                  "| hospitals | round | asked | trained | no reply in time | not joined yet | other failures | "
+                  "late joiners that trained | round (s) | finished | peak memory (GB) |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in result["churn"]:
+            for x in r["rounds"]:
+                lines.append(f"| {r['hospitals']} | {x['round']} | {x['asked']} | {x['trained']} | {x['no_reply']} | "
+                             f"{x['not_joined']} | {x['other_failures']} | {', '.join(x['late_joiners_trained']) or '-'} | "
+                             f"{x['seconds']:.1f} | {'yes' if r['finished'] else 'no'} | {r['peak_gb']:.2f} |")
     return lines
 
 
@@ -147,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hospitals", default="3,10,30", help="comma-separated consortium sizes (default 3,10,30)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per run (default 3)")
     parser.add_argument("--local-steps", type=int, default=20, help="local steps per round (default 20)")
+    parser.add_argument("--churn", default="10,30",
+                        help="consortium sizes to run with churn (partial participation, slow sites, late joiners); "
+                        "empty: none (default 10,30)")
     parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results/full)")
     args = parser.parse_args(argv)
     out = args.out or HERE / "results" / "full"
@@ -163,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
         result["rows"] = rows
         write(out, "consortium_scale", result, markdown(result))  # after every size: nothing is lost
     plot(rows, out / "consortium_scale.png")
+    for n in (int(x) for x in args.churn.split(",") if x):
+        progress(f"consortium scale: {n} hospitals with churn")
+        result.setdefault("churn", []).append(churn(n, data, work, args.rounds, args.local_steps))
+        write(out, "consortium_scale", result, markdown(result))
     print("\n".join(markdown(result)))
     return 0
 

@@ -23,6 +23,7 @@ from fedsynth.cli import app
 from fedsynth.engine.launcher import run_simulation_engine
 from fedsynth.engine.simulation import prepare_simulation
 from fedsynth.core.checkpoint import load_checkpoint
+from fedsynth.core.errors import ConfigError
 from fedsynth.runs.config import RunConfig
 from fedsynth.runs.rundir import RunDir
 from fedsynth.data.sliceset import SliceSet
@@ -232,6 +233,31 @@ def test_a_hospital_that_fails_is_recorded_and_the_round_goes_on(tmp_path: Path)
     assert set(record["hospitals"]) == {"hospital-a", "hospital-b"}
     assert len(record["failures"]) == 1
     assert "hospital-c" in record["failures"][0]["reason"] and "damaged" not in record["failures"][0]["reason"]
+
+
+def test_a_slow_hospital_misses_rounds_and_a_late_one_joins(tmp_path: Path) -> None:
+    """The rehearsals of ``simulation.slow`` and ``simulation.join``: a site slower than
+    ``federation.round-timeout`` is left out of each round, named, and the run goes on; a
+    site that joins at round 2 declines round 1, saying so, then trains."""
+    data = make_slices(n_patients=18).save(tmp_path / "slices.npz")
+    run = RunDir(tmp_path / "run")
+    cfg = RunConfig.from_overrides({"simulation.hospitals": 3, "federation.rounds": 2, "train.local-steps": 2,
+                                    "train.batch-size": 8, "model.width": 8, "federation.min-hospitals": 1,
+                                    "federation.round-timeout": 20, "simulation.slow": "hospital-c=45",
+                                    "simulation.join": "hospital-b=2"})
+    cfg = prepare_simulation(cfg, data, run)
+    outcome = run_simulation_engine(cfg, run)
+    assert outcome.ok, outcome.status
+    first, second = run.read_rounds()
+    assert set(first["hospitals"]) == {"hospital-a"} and set(second["hospitals"]) == {"hospital-a", "hospital-b"}
+    assert [d["hospital"] for d in first["declined"]] == ["hospital-b"] and not second["declined"]
+    assert "not joined until round 2" in first["declined"][0]["reason"]
+    for record in (first, second):
+        [late] = record["failures"]
+        assert "round-timeout" in late["reason"]
+    bad = RunConfig.from_overrides({"simulation.hospitals": 3, "simulation.slow": "hospital-x=5"})
+    with pytest.raises(ConfigError, match="simulation.slow: no such hospital 'hospital-x'"):
+        prepare_simulation(bad, data, RunDir(tmp_path / "bad"))
 
 
 def test_too_few_hospitals_stops_the_run_with_a_reason_and_keeps_round_zero(tmp_path: Path) -> None:

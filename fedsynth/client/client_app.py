@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -110,9 +111,15 @@ def train(msg: Message, context: Context) -> Message:
         tensors_in = record_to_tensors(msg.content.array_records[ARRAYS])
     server_round = int(number(config["server-round"]))
     asked = int(number(config[HOSPITALS_ASKED])) if HOSPITALS_ASKED in config else 1
+    delay, joins = cfg.simulation.rehearsal(site.name) if PARTITION_ID in context.node_config else (0.0, 1)
+    time.sleep(delay)  # a rehearsed slow site (simulation.slow)
     try:
         result: LocalRoundResult
-        if cfg.model.family.federation == EMBEDDING:
+        if server_round < joins:  # a rehearsed late joiner (simulation.join)
+            result = LocalRoundResult(
+                None, None, None, declined=f"not joined until round {joins} (simulation.join)"
+            )
+        elif cfg.model.family.federation == EMBEDDING:
             result = release_summary(site, cfg, server_round=server_round)
         else:
             gen_state, disc_state = split_model(tensors_in)

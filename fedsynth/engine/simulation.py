@@ -105,6 +105,10 @@ def prepare_simulation(
     if warm is not None:
         gen, _ = build_networks(cfg)
         load_warm_start(cfg, gen)  # a checkpoint that does not fit fails here, not in the first round
+    for key, spec in (("simulation.slow", cfg.simulation.slow), ("simulation.join", cfg.simulation.join)):
+        for name in (item.partition("=")[0] for item in filter(None, spec.split(","))):
+            if name not in parts:
+                raise ConfigError(f"{key}: no such hospital {name!r} (hospitals: {', '.join(parts)})")
     for name, settings in (hospital_settings or {}).items():
         if name not in parts:
             raise ConfigError(f"--hospital-set {name}: no such hospital (hospitals: {', '.join(parts)})")

@@ -4,6 +4,7 @@ validated against the model families (each family checks the keys it cares about
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import unquote, urlparse
@@ -16,6 +17,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -500,6 +502,37 @@ class SimulationConfig(_Section):
         description="share of the training patients kept out of training to score every round's generator "
         "(fedsynth sample --round best), when the slice set has no validation split of its own (0: none)",
     )
+
+    slow: str = Field(
+        "",
+        description="rehearse slow sites: NAME=SECONDS[,NAME=SECONDS...]; each named simulated hospital "
+        "waits that long before every round's training, so a shorter federation.round-timeout leaves it out "
+        "of the round (recorded as no reply) (empty: none)",
+    )
+    join: str = Field(
+        "",
+        description="rehearse hospitals that join late: NAME=ROUND[,NAME=ROUND...]; each named simulated "
+        "hospital declines every round before that one, saying it has not joined, as a site not yet "
+        "connected takes no part (empty: none)",
+    )
+
+    @field_validator("slow", "join")
+    @classmethod
+    def _check_rehearsal(cls, value: str, info: ValidationInfo) -> str:
+        slow = info.field_name == "slow"
+        number, wanted = (r"\d+(\.\d+)?", "SECONDS") if slow else (r"[1-9]\d*", "ROUND (1 or more)")
+        for item in filter(None, value.split(",")):
+            name, _, amount = item.partition("=")
+            if not name.strip() or not re.fullmatch(number, amount):
+                raise ValueError(f"expected NAME={wanted}, e.g. hospital-c={30 if slow else 3}")
+        return value
+
+    def rehearsal(self, hospital: str) -> tuple[float, int]:
+        """A simulated hospital's rehearsed delay in seconds (``slow``) and the first round
+        it takes part in (``join``; 1: from the start)."""
+        slow = dict(item.split("=") for item in filter(None, self.slow.split(",")))
+        join = dict(item.split("=") for item in filter(None, self.join.split(",")))
+        return float(slow.get(hospital, 0)), int(join.get(hospital, 1))
 
     @field_validator("ray_address")
     @classmethod
