@@ -157,7 +157,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 def markdown(result: dict[str, Any]) -> list[str]:
     lines = ["### A consortium at scale: 3 to 30 simulated hospitals", "",
-             f"`{result['command']}` on {machine_line(result['machine'])}; brain MRI at 32 px, Dirichlet 0.5, "
+             f"`{result['command']}` on {machine_line(result['machine'])}; brain MRI at 32 px, Dirichlet 0.5 with at "
+             "least 20 training slices per hospital, "
              f"{result['rounds']} rounds x {result['local_steps']} local steps (batch 32), validation off. "
              "Per round: the median over rounds after the first (which pays the workers' start).", "",
              "| hospitals | train slices (min / median / max) | at once x threads | round (s) | "

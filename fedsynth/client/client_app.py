@@ -112,7 +112,17 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(number(config["server-round"]))
     asked = int(number(config[HOSPITALS_ASKED])) if HOSPITALS_ASKED in config else 1
     delay, joins = cfg.simulation.rehearsal(site.name) if PARTITION_ID in context.node_config else (0.0, 1)
-    time.sleep(delay)  # a rehearsed slow site (simulation.slow)
+    timeout = cfg.federation.round_timeout
+    if delay > timeout:
+        # A rehearsed slow site (simulation.slow) whose answer would come too late: it holds
+        # its simulation worker only as long as the server waits, then gives up (a worker
+        # held for the whole delay would keep other hospitals from training).
+        time.sleep(timeout)
+        raise RuntimeError(
+            f"{site.name}: simulation.slow: answers after {delay:g} s, past federation.round-timeout "
+            f"({timeout:g} s)"
+        )
+    time.sleep(delay)
     try:
         result: LocalRoundResult
         if server_round < joins:  # a rehearsed late joiner (simulation.join)

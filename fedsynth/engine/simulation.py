@@ -97,6 +97,9 @@ def prepare_simulation(
             cpus,
             available_cores(),
         )
+    slow = [item for item in cfg.simulation.slow.split(",") if item]
+    if slow and parallel and not sim.parallel_hospitals:
+        parallel += len(slow)  # a waiting slow site holds a worker, not a core: one more worker each
     overrides["simulation.parallel-hospitals"] = parallel
     overrides["simulation.client-cpus"] = cpus or 1
     if cfg.train.threads == 0:
