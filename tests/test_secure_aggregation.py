@@ -92,7 +92,8 @@ def test_no_reply_the_server_receives_holds_an_update(runs: dict[str, RunDir]) -
         assert reply["arrays"] == {}, f"an array arrived in the clear: {reply}"
         if reply["stage"] == "collect_masked_vectors":
             assert reply["configs"]["secaggplus_configs/masked_params"] == "list"
-            assert not any(key.startswith(("generator.", "discriminator.")) for key in reply["configs"])
+            names = {key.split("/", 1)[1] for key in (*reply["configs"], *reply["metrics"])}
+            assert not names & set(model), "a model tensor's name in a reply"
     # 3 hospitals answer the 4 stages, twice; hospital-d answers the first two stages and
     # then fails in its training call
     assert by_stage == {"setup": 8, "share_keys": 8, "collect_masked_vectors": 8, "unmask": 6}
@@ -111,6 +112,24 @@ def test_a_hospital_that_drops_out_mid_round_is_named_and_the_round_goes_on(runs
         reason = record["failures"][0]["reason"]
         assert "collect_masked_vectors" in reason and "hospital-d" in reason, reason
         assert "damaged" not in reason
+
+
+@pytest.mark.slow
+def test_a_sum_of_one_update_is_never_unmasked(tmp_path: Path) -> None:
+    """Two hospitals, one of which declines (it has not joined yet): SecAgg+ would count it
+    (its update of weight 0 is masked like any other) and unmask a "sum" that is the other
+    hospital's update alone. The server stops before unmasking, and the round fails saying why."""
+    data = make_slices(n_patients=12).save(tmp_path / "slices.npz")
+    run = RunDir(tmp_path / "run")
+    cfg = prepare_simulation(RunConfig.from_overrides({
+        **SETTINGS, "simulation.hospitals": 2, "federation.rounds": 1, "federation.min-hospitals": 1,
+        "federation.secure-aggregation": "on", "simulation.join": "hospital-b=2"}), data, run)
+    outcome = run_simulation_engine(cfg, run)
+    assert not outcome.ok and outcome.status["state"] == "failed"
+    assert "would reveal one hospital's update" in outcome.status["error"], outcome.status
+    assert run.checkpoint_rounds() == [0], "no model was made from one hospital's update"
+    stages = [json.loads(line)["stage"] for line in (run.root / "messages.jsonl").read_text().splitlines()]
+    assert "unmask" not in stages and stages.count("collect_masked_vectors") == 2
 
 
 def test_a_hospital_bounds_and_checks_its_own_update() -> None:

@@ -170,15 +170,18 @@ def train(msg: Message, context: Context) -> Message:
         if not declined:
             metrics.update(result.stats.as_metrics())  # type: ignore[union-attr]
             local = {k: v.numpy() for k, v in _model_tensors(result).items()}
-        return secure_reply(
-            msg,
-            global_model,
-            local,
-            metrics=metrics,
-            info=hospital,
-            config=config,
-            max_update_norm=cfg.federation.max_update_norm,
-        )
+        try:
+            return secure_reply(
+                msg,
+                global_model,
+                local,
+                metrics=metrics,
+                info=hospital,
+                config=config,
+                max_update_norm=cfg.federation.max_update_norm,
+            )
+        except ValueError as err:
+            raise RuntimeError(f"{site.name}: {err}") from err
     if declined:
         # A hospital that declines sends no weights, only why (and what it has spent).
         return Message(

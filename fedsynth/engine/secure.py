@@ -65,7 +65,7 @@ __all__ = [
     "read_secure_request",
     "secure_aggregation_mod",
     "secure_reply",
-    "secure_round",
+    "SecureAggregator",
 ]
 
 log = logging.getLogger(__name__)
@@ -78,8 +78,9 @@ INFO_KEYS = ("name", "dp-unit", "declined")
 # clipped to +-CLIPPING_RANGE and stochastically rounded to one of 2**22 integers, summed
 # modulo 2**32. One step is 2 x 8 / 2**22 = 3.8e-6, and the mean update's error is at most
 # (hospitals x step x max-weight / the round's training slices). max-weight is the largest
-# training-slice count among the previous round's hospitals (they report it in the clear),
-# so the error stays under hospitals x step; in a run's first round it is MAX_WEIGHT.
+# weight (training slices) among the round's hospitals as they last masked an update, so
+# once every asked hospital has taken part the error stays under hospitals x step; a
+# hospital not seen yet counts as MAX_WEIGHT.
 CLIPPING_RANGE = 8.0
 MAX_WEIGHT = 1000.0
 # In the request's config: the max-weight of this round.
@@ -169,8 +170,25 @@ def secure_reply(
 
 
 # --- the server's side ---------------------------------------------------------------
+class _Halt(Exception):
+    """Stops the workflow before it unmasks a sum that would reveal one hospital's update."""
+
+
+def _weight(reply: Message) -> int:
+    """The weight a masked-update reply was masked with (its ``fitres.num_examples``), 0
+    when the reply is malformed."""
+    try:
+        value = reply.content.metric_records["fitres.num_examples"]["num_examples"]
+    except (KeyError, TypeError):
+        return 0
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
 class _Wire:
-    """The grid, writing down every reply the server receives: node, stage, the reply."""
+    """The grid, writing down every reply the server receives (node, stage, the reply),
+    and refusing to let the workflow unmask a sum of fewer than two hospitals' updates:
+    a declined hospital's weight-0 update counts for SecAgg+'s threshold but adds
+    nothing, so its sum could be one hospital's update, in the clear."""
 
     def __init__(self, grid: Grid) -> None:
         self.grid = grid
@@ -182,6 +200,17 @@ class _Wire:
     ) -> Iterable[Message]:
         messages = list(messages)
         stage = str(messages[0].content.config_records[RECORD_KEY_CONFIGS][Key.STAGE]) if messages else "?"
+        if stage == Stage.UNMASK:
+            weighted = [
+                node
+                for node, s, reply in self.replies
+                if s == Stage.COLLECT_MASKED_VECTORS and not reply.has_error() and _weight(reply) > 0
+            ]
+            if len(weighted) < 2:
+                raise _Halt(
+                    f"{len(weighted)} hospital(s) sent an update of weight above 0; a sum of fewer than 2 "
+                    "would reveal one hospital's update, so it is not unmasked"
+                )
         self.asked[stage] = {int(m.metadata.dst_node_id) for m in messages}
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
         # the grid gives each message its id as it pushes it; a reply names the one it answers
@@ -232,116 +261,159 @@ class _LegacyRound(Strategy):
         return None
 
 
-def secure_round(
-    strategy: GeneratorFedAvg, server_round: int, arrays: ArrayRecord, grid: Grid, *, timeout: float
-) -> ArrayRecord | None:
-    """One training round under SecAgg+: the new global model, or None when the round
-    has no usable sum (``strategy.last_report`` says why, hospital by hospital)."""
-    # The round's hospitals and config, sampled as in any round; these messages are not sent.
-    planned = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
-    strategy.sent = []
-    previous = [number(h.get("num-examples", 0)) for h in strategy.last_report.hospitals.values()]
-    max_weight = max(previous) if previous and max(previous) > 0 else MAX_WEIGHT
-    names = list(arrays.keys())
-    current = {k: arrays[k].numpy() for k in names}
-    parameters = ndarrays_to_parameters([current[k] for k in names])
-    requests: list[tuple[ClientProxy, FitIns]] = []
-    for msg in planned:
-        config: dict[str, Scalar] = {
-            k: v
-            for k, v in msg.content.config_records[strategy.configrecord_key].items()
-            if isinstance(v, (int, float, str, bool))
-        }
-        config[TENSOR_NAMES] = ",".join(names)
-        config[ROUND_MAX_WEIGHT] = max_weight
-        requests.append((GridClientProxy(int(msg.metadata.dst_node_id), grid, 0), FitIns(parameters, config)))
-    report = RoundReport(round=server_round)
-    strategy.last_report = report
-    if len(requests) < 2:
-        for proxy, _ in requests:
-            strategy.note_failure(
-                report, int(proxy.node_id), "secure aggregation needs 2 or more hospitals a round"
+class SecureAggregator:
+    """The server's side of secure aggregation, one instance per run: it remembers the
+    weight (training slices) each hospital masked its last update with, to set the next
+    round's max-weight from the hospitals that round asks."""
+
+    def __init__(self) -> None:
+        self.weights: dict[int, int] = {}
+
+    def max_weight(self, nodes: Iterable[int]) -> float:
+        """The largest known weight among ``nodes``; MAX_WEIGHT stands in for the unknown."""
+        known = [self.weights[n] for n in nodes if n in self.weights]
+        unknown = any(n not in self.weights for n in nodes)
+        return float(max(known + ([int(MAX_WEIGHT)] if unknown or not known else [])))
+
+    def round(
+        self, strategy: GeneratorFedAvg, server_round: int, arrays: ArrayRecord, grid: Grid, *, timeout: float
+    ) -> ArrayRecord | None:
+        """One training round under SecAgg+: the new global model, or None when the round
+        has no usable sum (``strategy.last_report`` says why, hospital by hospital)."""
+        # The round's hospitals and config, sampled as in any round; these messages are not sent.
+        planned = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+        strategy.sent = []
+        names = list(arrays.keys())
+        current = {k: arrays[k].numpy() for k in names}
+        parameters = ndarrays_to_parameters([current[k] for k in names])
+        max_weight = self.max_weight(int(m.metadata.dst_node_id) for m in planned)
+        requests: list[tuple[ClientProxy, FitIns]] = []
+        for msg in planned:
+            config: dict[str, Scalar] = {
+                k: v
+                for k, v in msg.content.config_records[strategy.configrecord_key].items()
+                if isinstance(v, (int, float, str, bool))
+            }
+            config[TENSOR_NAMES] = ",".join(names)
+            config[ROUND_MAX_WEIGHT] = max_weight
+            requests.append(
+                (GridClientProxy(int(msg.metadata.dst_node_id), grid, 0), FitIns(parameters, config))
             )
-        return None
+        report = RoundReport(round=server_round)
+        strategy.last_report = report
+        if len(requests) < 2:
+            for proxy, _ in requests:
+                strategy.note_failure(
+                    report, int(proxy.node_id), "secure aggregation needs 2 or more hospitals a round"
+                )
+            return None
 
-    legacy = _LegacyRound(requests)
-    context = LegacyContext(
-        Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}), strategy=legacy
-    )
-    context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
-        {WorkflowKey.CURRENT_ROUND: server_round}
-    )
-    context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
-        parameters, keep_input=True
-    )
-    wire = _Wire(grid)
-    workflow = SecAggPlusWorkflow(
-        SHARES, THRESHOLD, clipping_range=CLIPPING_RANGE, max_weight=max_weight, timeout=timeout
-    )
-    try:
-        workflow(cast(Grid, wire), context)
-        halted = None if legacy.mean_update is not None else "too few hospitals were left to remove the masks"
-    except Exception as err:  # noqa: BLE001 - a malformed reply ends the round, never the server
-        halted = f"{type(err).__name__}: {err}"
-    summed = _note_replies(strategy, report, wire)
-    mean = legacy.mean_update
-    if halted or mean is None or not summed:
-        for _, node in summed:  # their updates were masked, and the sum never came
-            strategy.note_failure(report, node, f"secure aggregation halted: {halted or 'no update to sum'}")
-        report.hospitals.clear()
-        return None
-    update = dict(zip(names, mean, strict=True))
-    new = {
-        k: (current[k] + update[k]).astype(current[k].dtype)
-        if np.issubdtype(current[k].dtype, np.floating)
-        else current[k]
-        for k in names
-    }
-    problem = None
-    if not all(np.isfinite(v).all() for v in new.values()):
-        problem = "the sum holds non-finite values"
-    else:
-        norm = relative_update_norm(new, current)
-        if strategy.max_update_norm and norm > strategy.max_update_norm * (1 + 1e-3):
-            problem = f"its change is {norm:.3g} of the global model's norm, above federation.max-update-norm"
-    if problem:
-        who = ", ".join(name for name, _ in summed)
-        log.warning("round %d: rejected the secure sum of %s: %s", server_round, who, problem)
-        report.rejected.append({"hospital": f"the secure sum of {who}", "node": 0, "reason": problem})
-        report.hospitals.clear()
-        return None
-    return strategy.apply_server_step(
-        ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in new.items()})
-    )
+        legacy = _LegacyRound(requests)
+        context = LegacyContext(
+            Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}), strategy=legacy
+        )
+        context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
+            {WorkflowKey.CURRENT_ROUND: server_round}
+        )
+        context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
+            parameters, keep_input=True
+        )
+        wire = _Wire(grid)
+        workflow = SecAggPlusWorkflow(
+            SHARES, THRESHOLD, clipping_range=CLIPPING_RANGE, max_weight=max_weight, timeout=timeout
+        )
+        try:
+            workflow(cast(Grid, wire), context)
+            halted = (
+                None if legacy.mean_update is not None else "too few hospitals were left to remove the masks"
+            )
+        except Exception as err:  # noqa: BLE001 - a malformed reply ends the round, never the server
+            halted = str(err) if isinstance(err, _Halt) else f"{type(err).__name__}: {err}"
+        summed = self._note_replies(strategy, report, wire)
+        mean = legacy.mean_update
+        if halted or mean is None or not summed:
+            for _, node in summed:  # their updates were masked, and the sum never came
+                strategy.note_failure(
+                    report, node, f"secure aggregation halted: {halted or 'no update to sum'}"
+                )
+            report.hospitals.clear()
+            return None
+        problem = None
+        if [m.shape for m in mean] != [current[k].shape for k in names]:
+            problem = "its arrays do not have the global model's shapes (a reply masked other shapes)"
+        else:
+            new = {
+                k: (current[k] + m).astype(current[k].dtype)
+                if np.issubdtype(current[k].dtype, np.floating)
+                else current[k]
+                for k, m in zip(names, mean, strict=True)
+            }
+            if not all(np.isfinite(v).all() for v in new.values()):
+                problem = "the sum holds non-finite values"
+            else:
+                norm = relative_update_norm(new, current)
+                if strategy.max_update_norm and norm > strategy.max_update_norm * (1 + 1e-3):
+                    problem = (
+                        f"its change is {norm:.3g} of the global model's norm, "
+                        "above federation.max-update-norm"
+                    )
+        if problem:
+            who = ", ".join(name for name, _ in summed)
+            log.warning("round %d: rejected the secure sum of %s: %s", server_round, who, problem)
+            report.rejected.append({"hospital": f"the secure sum of {who}", "node": 0, "reason": problem})
+            report.hospitals.clear()
+            return None
+        return strategy.apply_server_step(
+            ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in new.items()})
+        )
 
-
-def _note_replies(strategy: GeneratorFedAvg, report: RoundReport, wire: _Wire) -> list[tuple[str, int]]:
-    """Fill ``report`` from what arrived on the wire: each reply's description (stage by
-    stage), each hospital's clear metrics, declines, and failures (a hospital asked at
-    the first stage whose masked update never came: its first error, or no reply).
-    Returns the hospitals whose masked update went into the sum, as (name, node)."""
-    errors: dict[int, str] = {}
-    summed = []
-    for node, stage, reply in wire.replies:
-        if reply.has_error():
-            reason = first_line(reply.error.reason)
-            report.messages.append({"node": node, "stage": stage, "error": reason})
-            errors.setdefault(node, f"{reason} (secure aggregation, stage {stage})")
-            continue
-        report.messages.append({**describe_message(node, reply.content), "stage": stage})
-        if stage != Stage.COLLECT_MASKED_VECTORS:
-            continue
-        fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
-        info = {k: str(v) for k, v in fitres.metrics.items() if k in INFO_KEYS}
-        metrics = {k: v for k, v in fitres.metrics.items() if k not in INFO_KEYS}
-        name = strategy.note_reply(report, node, info, metrics)
-        if name is not None:
-            report.hospitals[name] = {k: v for k, v in metrics.items() if not k.startswith("dp-")}
-            summed.append((name, node))
-    # (a hospital whose masked update arrived is in the sum even if it fails to unmask:
-    # the others' key shares remove its mask)
-    out = {node for _, node in summed} | {d["node"] for d in report.declined}
-    for node in sorted(wire.asked.get(Stage.SETUP, set()) - out):
-        reason = errors.get(node, "no reply within federation.round-timeout (secure aggregation)")
-        strategy.note_failure(report, node, reason)
-    return summed
+    def _note_replies(
+        self, strategy: GeneratorFedAvg, report: RoundReport, wire: _Wire
+    ) -> list[tuple[str, int]]:
+        """Fill ``report`` from what arrived on the wire: each reply's description (stage
+        by stage), each hospital's clear metrics and decline, and a failure for each
+        hospital asked at the first stage whose update is not in the sum: its first error,
+        the stage it did not answer, or the stage at which the protocol halted. Returns
+        the hospitals whose masked update went into the sum, as (name, node)."""
+        errors: dict[int, str] = {}
+        answered: dict[int, list[str]] = {}
+        summed = []
+        for node, stage, reply in wire.replies:
+            if reply.has_error():
+                reason = first_line(reply.error.reason)
+                report.messages.append({"node": node, "stage": stage, "error": reason})
+                errors.setdefault(node, f"{reason} (secure aggregation, stage {stage})")
+                continue
+            answered.setdefault(node, []).append(stage)
+            report.messages.append({**describe_message(node, reply.content), "stage": stage})
+            if stage != Stage.COLLECT_MASKED_VECTORS:
+                continue
+            try:
+                fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
+            except Exception as err:  # noqa: BLE001 - a malformed reply is that hospital's failure
+                errors.setdefault(node, f"malformed reply ({type(err).__name__}: {err}) (secure aggregation)")
+                continue
+            info = {k: str(v) for k, v in fitres.metrics.items() if k in INFO_KEYS}
+            metrics = {k: v for k, v in fitres.metrics.items() if k not in INFO_KEYS}
+            name = strategy.note_reply(report, node, info, metrics)
+            if name is not None:
+                # the weight it masked its update with (what the sum used), not a clear claim
+                metrics["num-examples"] = _weight(reply)
+                self.weights[node] = _weight(reply) or self.weights.get(node, 0)
+                report.hospitals[name] = {k: v for k, v in metrics.items() if not k.startswith("dp-")}
+                summed.append((name, node))
+        # (a hospital whose masked update arrived is in the sum even if it fails to unmask:
+        # the others' key shares remove its mask)
+        out = {node for _, node in summed} | {d["node"] for d in report.declined}
+        for node in sorted(wire.asked.get(Stage.SETUP, set()) - out):
+            missed = [
+                s for s, nodes in wire.asked.items() if node in nodes and s not in answered.get(node, [])
+            ]
+            if node in errors:
+                reason = errors[node]
+            elif missed:
+                reason = f"no reply within federation.round-timeout (secure aggregation, stage {missed[0]})"
+            else:
+                reason = "secure aggregation halted before this hospital's update was asked for"
+            strategy.note_failure(report, node, reason)
+        return summed

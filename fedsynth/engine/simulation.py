@@ -97,7 +97,7 @@ def prepare_simulation(
             cpus,
             available_cores(),
         )
-    slow = [item for item in cfg.simulation.slow.split(",") if item]
+    slow = cfg.simulation.rehearsed()["slow"]
     if slow and parallel and not sim.parallel_hospitals:
         parallel += len(slow)  # a waiting slow site holds a worker, not a core: one more worker each
     overrides["simulation.parallel-hospitals"] = parallel
@@ -108,10 +108,12 @@ def prepare_simulation(
     if warm is not None:
         gen, _ = build_networks(cfg)
         load_warm_start(cfg, gen)  # a checkpoint that does not fit fails here, not in the first round
-    for key, spec in (("simulation.slow", cfg.simulation.slow), ("simulation.join", cfg.simulation.join)):
-        for name in (item.partition("=")[0] for item in filter(None, spec.split(","))):
+    for key, named in cfg.simulation.rehearsed().items():
+        for name in named:
             if name not in parts:
-                raise ConfigError(f"{key}: no such hospital {name!r} (hospitals: {', '.join(parts)})")
+                raise ConfigError(
+                    f"simulation.{key}: no such hospital {name!r} (hospitals: {', '.join(parts)})"
+                )
     for name, settings in (hospital_settings or {}).items():
         if name not in parts:
             raise ConfigError(f"--hospital-set {name}: no such hospital (hospitals: {', '.join(parts)})")

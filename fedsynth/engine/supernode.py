@@ -188,6 +188,12 @@ def run_node(
                 with contextlib.suppress(psutil.Error):
                     family.update({p.pid: p for p in psutil.Process(proc.pid).children(recursive=True)})
                 time.sleep(0.5)
+        except KeyboardInterrupt:
+            # Ctrl-C reached the SuperNode too: let it say goodbye to the coordinator, or the
+            # coordinator holds its session and refuses the next start for about a minute
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+            raise
         finally:
             stop_process(proc)
             for child in family.values():
@@ -208,7 +214,8 @@ def _relay(stream: IO[bytes] | None, refused: threading.Event) -> None:
     if stream is None:
         return
     for line in iter(stream.readline, b""):
-        sys.stdout.buffer.write(line)
-        sys.stdout.flush()
         if REFUSED in line:
             refused.set()
+        with contextlib.suppress(OSError, ValueError):  # a closed stdout must not stop the draining
+            sys.stdout.buffer.write(line)
+            sys.stdout.flush()

@@ -507,7 +507,7 @@ class SimulationConfig(_Section):
         "",
         description="rehearse slow sites: NAME=SECONDS[,NAME=SECONDS...]; each named simulated hospital "
         "waits that long before every round's training, so a shorter federation.round-timeout leaves it out "
-        "of the round (recorded as no reply) (empty: none)",
+        "of the round (recorded among its failures, naming the timeout) (empty: none)",
     )
     join: str = Field(
         "",
@@ -527,12 +527,18 @@ class SimulationConfig(_Section):
                 raise ValueError(f"expected NAME={wanted}, e.g. hospital-c={30 if slow else 3}")
         return value
 
+    def rehearsed(self) -> dict[str, dict[str, str]]:
+        """``slow`` and ``join`` as {key: {hospital: value}}."""
+        return {
+            key: dict(item.partition("=")[::2] for item in filter(None, spec.split(",")))
+            for key, spec in (("slow", self.slow), ("join", self.join))
+        }
+
     def rehearsal(self, hospital: str) -> tuple[float, int]:
         """A simulated hospital's rehearsed delay in seconds (``slow``) and the first round
         it takes part in (``join``; 1: from the start)."""
-        slow = dict(item.split("=") for item in filter(None, self.slow.split(",")))
-        join = dict(item.split("=") for item in filter(None, self.join.split(",")))
-        return float(slow.get(hospital, 0)), int(join.get(hospital, 1))
+        rehearsed = self.rehearsed()
+        return float(rehearsed["slow"].get(hospital, 0)), int(rehearsed["join"].get(hospital, 1))
 
     @field_validator("ray_address")
     @classmethod

@@ -22,7 +22,7 @@ from torch import nn
 
 from fedsynth.core.weights import DISCRIMINATOR, GENERATOR, load_weights
 from fedsynth.engine.records import METRICS, arrays_to_numpy, number, pack_model, unpack_model
-from fedsynth.engine.secure import secure_round
+from fedsynth.engine.secure import SecureAggregator
 from fedsynth.engine.strategy import RELEASE, GeneratorFedAvg, RoundReport, first_line
 from fedsynth.models import EMBEDDING, build_networks
 from fedsynth.models.networks import GeneratorNet
@@ -151,11 +151,12 @@ def _rounds(
         min_train_nodes=cfg.federation.min_hospitals,
         min_available_nodes=cfg.federation.min_hospitals,
     )
+    secure = SecureAggregator()
     for round_ in range(start, cfg.federation.rounds + 1):
         began = time.perf_counter()
         if cfg.federation.secure_aggregation == "on":
             # SecAgg+'s four stages: waiting and summing are interleaved, timed as waiting
-            aggregated = secure_round(strategy, round_, arrays, grid, timeout=cfg.federation.round_timeout)
+            aggregated = secure.round(strategy, round_, arrays, grid, timeout=cfg.federation.round_timeout)
             waited, aggregating = time.perf_counter() - began, 0.0
         else:
             messages = strategy.configure_train(round_, arrays, ConfigRecord(), grid)
