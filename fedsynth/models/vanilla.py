@@ -1,4 +1,4 @@
-"""The vanilla fully-connected GAN of seed 001 ("TumorGAN"), kept as a named baseline.
+"""The vanilla fully-connected GAN of the "TumorGAN" bachelor thesis (Leiden), kept as a named baseline.
 
 Generator: z (100) -> 256 -> 512 -> 1024 -> H*W, ReLU then tanh. Discriminator: H*W ->
 512 -> 256 -> 1 with LeakyReLU(0.2). As in the thesis it is unconditional: it learns
@@ -22,7 +22,7 @@ __all__ = ["VanillaDiscriminator", "VanillaGAN", "VanillaGenerator"]
 
 
 class VanillaGenerator(GeneratorNet):
-    """Fully-connected generator of seed 001 (unconditional)."""
+    """Fully-connected generator of the TumorGAN thesis (unconditional)."""
 
     def __init__(self, *, image_size: int, num_classes: int, latent_dim: int = 100) -> None:
         super().__init__()
@@ -43,7 +43,7 @@ class VanillaGenerator(GeneratorNet):
 
 
 class VanillaDiscriminator(nn.Module):
-    """Fully-connected discriminator of seed 001; returns logits (sigmoid in the loss)."""
+    """Fully-connected discriminator of the TumorGAN thesis; returns logits (sigmoid in the loss)."""
 
     def __init__(self, *, image_size: int, num_classes: int) -> None:
         super().__init__()
