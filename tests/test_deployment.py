@@ -104,16 +104,21 @@ class Processes:
         deadline = time.monotonic() + 10
         while self.marked() and time.monotonic() < deadline:
             time.sleep(0.3)
-        for pid in self.marked():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         for proc in self.started:
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 pass
+        # SIGKILL what is left, again while anything is (a helper can start another as it
+        # goes, and a killed process takes a moment to leave)
+        deadline = time.monotonic() + 10
+        while self.marked() and time.monotonic() < deadline:
+            for pid in self.marked():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.3)
         assert not self.marked(), "processes survived the test"
 
 

@@ -293,7 +293,9 @@ def test_a_stopped_simulation_leaves_no_process_and_resumes(tmp_path: Path, stop
     out = tmp_path / "run"
     command = [sys.executable, "-m", "fedsynth", "simulate", "--data", str(data), "--hospitals", "2",
                "--rounds", "50", "--local-steps", "2", "--out", str(out), *TINY]
-    cli = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # as from a terminal: SIGINT at its default (a shell's background job, CI's for one, ignores it)
+    cli = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     run = RunDir(out)
     deadline = time.monotonic() + 240
     while len(run.read_rounds()) < 2:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -178,7 +179,13 @@ def run_node(
     started = time.monotonic()
     attempt = 0
     while True:
-        proc = subprocess.Popen(node.command, env=node.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            node.command,
+            env=node.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+        )
         refused = threading.Event()
         relay = threading.Thread(target=_relay, args=(proc.stdout, refused), daemon=True)
         relay.start()
@@ -189,10 +196,15 @@ def run_node(
                     family.update({p.pid: p for p in psutil.Process(proc.pid).children(recursive=True)})
                 time.sleep(0.5)
         except KeyboardInterrupt:
-            # Ctrl-C reached the SuperNode too: let it say goodbye to the coordinator, or the
-            # coordinator holds its session and refuses the next start for about a minute
+            # Let the SuperNode say goodbye to the coordinator, or the coordinator holds its
+            # session and refuses the next start for about a minute: a terminal's Ctrl-C
+            # reached it too; a SIGTERM to this process alone is passed on.
             with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=5)
+                proc.wait(timeout=1.0)
+            if proc.poll() is None:
+                proc.terminate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=0.8)
             raise
         finally:
             stop_process(proc)
@@ -207,6 +219,16 @@ def run_node(
         if on_refused is not None:
             on_refused(attempt)
         time.sleep(retry_seconds)
+
+
+def _die_with_parent() -> None:
+    """In the SuperNode's process, before it runs (Linux): a SIGTERM when ``fedsynth
+    client`` dies, even by SIGKILL, so no SuperNode outlives the command that started it."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _relay(stream: IO[bytes] | None, refused: threading.Event) -> None:
