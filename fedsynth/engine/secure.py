@@ -398,8 +398,9 @@ class SecureAggregator:
             name = strategy.note_reply(report, node, info, metrics)
             if name is not None:
                 # the weight it masked its update with (what the sum used), not a clear claim
-                metrics["num-examples"] = _weight(reply)
-                self.weights[node] = _weight(reply) or self.weights.get(node, 0)
+                metrics["num-examples"] = weight = _weight(reply)
+                if weight:
+                    self.weights[node] = weight
                 report.hospitals[name] = {k: v for k, v in metrics.items() if not k.startswith("dp-")}
                 summed.append((name, node))
         # (a hospital whose masked update arrived is in the sum even if it fails to unmask:
