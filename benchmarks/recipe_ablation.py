@@ -19,6 +19,19 @@ in the audit's classifier feature space (a small CNN trained on the real TRAIN s
 only) against the real holdout: FD and precision/recall (k = 5); real training slices give
 the real-vs-real floor. The grids (fixed noise, 8 per class, not picked) go beside the
 tables, so the numbers can be checked by eye.
+
+With ``--downstream`` every arm also gets, on each data set:
+
+- the low-data study of the audit (``fedsynth.audit.utility.utility_study``): a small
+  hospital's share of train (``--lowdata-fraction`` of each class, whole patients), alone,
+  with as many class-balancing synthetic images, with as many re-drawn real ones (the
+  control) and with as many real training images it does not contain (the oracle: the
+  ceiling of what a generator could transfer); 5 seeds, 95% bootstrap intervals over the
+  holdout (whole patients where ids are known);
+- the classification accuracy score (CAS): the same classifier trained on as many
+  synthetic images alone, beside the one trained on the small real set;
+- the audit's copy check: near copies after undoing mirror, rotation, zoom, shift and
+  intensity curve, and the share of samples closer to train than to holdout.
 """
 
 from __future__ import annotations
@@ -35,6 +48,8 @@ import numpy as np
 import torch
 
 from .common import FEDSYNTH, HERE, machine, machine_line, phantom_slices, prepare_brain, progress, run, write
+from fedsynth.audit.memorization import CopySearch, closer_to_train_share, measure_distances, near_copies
+from fedsynth.audit.utility import BALANCED, CONTROL, ORACLE, REAL, SYNTHETIC_ONLY, small_set, utility_study
 from fedsynth.core.grids import grid_labels, save_grid
 from fedsynth.data.sliceset import SliceSet
 from fedsynth.metrics.features import ClassifierSpace
@@ -99,11 +114,16 @@ class AblationConfig:
     classifier_steps: int = 480
     seed: int = 0
     fed_rounds: int = 0  # >0: fed- arms run this many rounds instead of the time budget (a per-step comparison)
+    downstream: bool = False  # also the low-data study with its oracle, CAS and the copy check
+    lowdata_fraction: float = 0.2
+    lowdata_seeds: int = 5
+    lowdata_steps: int | None = None  # the audit's default
     arms: tuple[str, ...] = CENTRAL_ARMS
     datasets: tuple[str, ...] = DATASETS
 
 
-QUICK = dict(image_size=32, classifier_steps=60, arms=("reference", "fedsynth+nearest"), local_steps=5)
+QUICK = dict(image_size=32, classifier_steps=60, arms=("reference", "fedsynth+nearest"), local_steps=5, lowdata_seeds=2,
+             lowdata_steps=30)
 
 
 def prepare(name: str, work: Path, size: int) -> Path:
@@ -162,6 +182,35 @@ def measure(space: ClassifierSpace, holdout: np.ndarray, images: np.ndarray) -> 
     return {"fd": frechet_distance(real, fake), "precision": float(prdc["precision"]), "recall": float(prdc["recall"])}
 
 
+def downstream(cfg: AblationConfig, gen: torch.nn.Module, train: SliceSet, holdout: SliceSet,
+               small: np.ndarray) -> dict[str, Any]:
+    """The low-data study with its control and oracle, CAS, and the copy check, for one generator."""
+    counts = np.bincount(train.labels[small], minlength=len(train.class_names))
+    # as many of each class as the small set's largest class: enough to balance it, and for
+    # a synthetic-only set of its size in its class mix
+    labels = np.repeat(np.arange(len(counts)), counts.max())
+    images = generate(gen, labels, seed=cfg.seed + 2)
+    study = utility_study(train.images[small], train.labels[small], holdout.images, holdout.labels, images, labels,
+                          class_names=train.class_names, holdout_groups=holdout.patient_ids,
+                          unseen_images=train.images[~small], unseen_labels=train.labels[~small],
+                          seeds=cfg.lowdata_seeds, steps=cfg.lowdata_steps, ratios=(), seed=cfg.seed, threads=cfg.threads)
+    cond, gains = study["conditions"], study["gains"]
+    ba = {c: cond[c]["balanced_accuracy"]["mean"] for c in (REAL, CONTROL, BALANCED, ORACLE, SYNTHETIC_ONLY) if c in cond}
+    oracle = study.get("oracle", {}).get("balanced_accuracy", {})
+    d = measure_distances("pixels", CopySearch(), synthetic=images, train=train.images, holdout=holdout.images,
+                          seed=cfg.seed, train_patients=train.patient_ids, holdout_patients=holdout.patient_ids)
+    copies, closer = near_copies(d), closer_to_train_share(d)
+    return {"balanced_accuracy": ba, "small_set": int(small.sum()), "skipped": study.get("skipped", {}),
+            "gain_over_control": gains.get(BALANCED, {}).get("over_control", {}).get("balanced_accuracy"),
+            "oracle_over_control": gains.get(ORACLE, {}).get("over_control", {}).get("balanced_accuracy"),
+            "oracle_headroom": oracle.get("headroom"),
+            "share_of_oracle": (oracle.get("share_of_oracle") or {}).get(BALANCED),
+            "cas_ratio": ba[SYNTHETIC_ONLY] / ba[REAL] if SYNTHETIC_ONLY in ba and ba[REAL] > 0 else None,
+            "near_copies": copies["count"], "near_copy_share": copies["share"], "near_copy_null_rate": copies["null_rate"],
+            "near_copy_p": copies["p_value"], "exact_copies": copies["exact_copies"],
+            "closer_to_train": closer["share"], "closer_to_train_p": closer["p_value"]}
+
+
 def run_dataset(cfg: AblationConfig, name: str, work: Path, out: Path) -> dict[str, Any]:
     data = prepare(name, work, cfg.image_size)
     slices = SliceSet.load(data)
@@ -177,6 +226,7 @@ def run_dataset(cfg: AblationConfig, name: str, work: Path, out: Path) -> dict[s
     draw = rng.choice(train.labels, size=len(holdout), replace=True)  # the training class mix
     fixed = grid_labels(len(train.class_names), 8)
     rows = list(train.class_names)
+    small = small_set(train.labels, train.patient_ids, cfg.lowdata_fraction, seed=cfg.seed)
     for arm in cfg.arms:
         spent = f"{cfg.fed_rounds} rounds" if cfg.fed_rounds and arm.startswith("fed-") else f"{cfg.budget:g} s"
         progress(f"{name}: {arm}, {spent}")
@@ -184,7 +234,13 @@ def run_dataset(cfg: AblationConfig, name: str, work: Path, out: Path) -> dict[s
             gen, stats = train_federated(cfg, ARMS[arm.removeprefix("fed-")], data, work / f"fed-{name}")
         else:
             gen, stats = train_arm(cfg, ARMS[arm], train)
-        result[arm] = {**stats, **measure(space, holdout.images, generate(gen, draw, seed=cfg.seed + 1))}
+        images = generate(gen, draw, seed=cfg.seed + 1)
+        result[arm] = {**stats, **measure(space, holdout.images, images)}
+        # the scored samples, for measures added later (git ignores .npz: not in the repository)
+        np.savez_compressed(out / "samples" / f"{name}-{arm}.npz", images=images, labels=draw)
+        if cfg.downstream:
+            progress(f"{name}: {arm}: low-data study ({cfg.lowdata_seeds} seeds), CAS and copy check")
+            result[arm]["downstream"] = downstream(cfg, gen, train, holdout, small)
         save_grid(generate(gen, fixed, seed=12345), out / "grids" / f"{name}-{arm}.png", columns=8, row_names=rows,
                   title=f"{name}: {arm}, {spent}")
         progress(f"{name}: {arm}: FD {result[arm]['fd']:.2f}, precision {result[arm]['precision']:.2f}, "
@@ -213,6 +269,42 @@ def markdown(cfg: AblationConfig, result: dict[str, Any]) -> list[str]:
             steps = f", {r['generator_steps']} steps" if "generator_steps" in r else ""
             cells.append(f"{r['fd']:.2f} ({r['precision']:.2f} / {r['recall']:.2f}{steps})")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    if cfg.downstream:
+        lines += downstream_markdown(cfg, result)
+    return lines
+
+
+def _ci(g: dict[str, Any] | None) -> str:
+    return "-" if not g else f"{g['mean']:+.3f} ({g['ci_low']:+.3f} to {g['ci_high']:+.3f})"
+
+
+def downstream_markdown(cfg: AblationConfig, result: dict[str, Any]) -> list[str]:
+    lines = ["", f"Low-data study: a small hospital's {cfg.lowdata_fraction:.0%} of each class of train (whole patients), "
+             f"{cfg.lowdata_seeds} seeds, balanced accuracy on the real holdout; + synthetic and the control (re-drawn "
+             "real) and the oracle (unseen real) add the same class-balancing numbers. CAS: the classifier trained on as "
+             "many synthetic images alone, as a share of the one trained on the small real set. Copies: the audit's "
+             "disguise-aware search (near-copy share against its chance rate, closer-to-train share; 0.5 is honest).", ""]
+    for d in cfg.datasets:
+        lines += [f"**{d}**", "", "| arm | real | + control | + synthetic | + oracle | gain over control (95% CI) | "
+                  "oracle over control (95% CI) | share of oracle | CAS (x real) | near copies (chance) | closer to train |",
+                  "| --- |" + " --- |" * 10]
+        for arm in cfg.arms:
+            r = result["datasets"][d][arm].get("downstream")
+            if not r:
+                continue
+            ba = r["balanced_accuracy"]
+
+            def f(c: str) -> str:
+                return f"{ba[c]:.3f}" if c in ba else "-"
+
+            share = "-" if r["share_of_oracle"] is None else f"{r['share_of_oracle']:.0%}"
+            headroom = "" if r["oracle_headroom"] else " (no headroom)"
+            cas = "-" if r["cas_ratio"] is None else f"{ba[SYNTHETIC_ONLY]:.3f} ({r['cas_ratio']:.2f})"
+            lines.append(f"| {arm} | {f(REAL)} | {f(CONTROL)} | {f(BALANCED)} | {f(ORACLE)} | "
+                         f"{_ci(r['gain_over_control'])} | {_ci(r['oracle_over_control'])}{headroom} | {share} | {cas} | "
+                         f"{r['near_copy_share']:.1%} ({r['near_copy_null_rate']:.1%}, p = {r['near_copy_p']:.2g}) | "
+                         f"{r['closer_to_train']:.2f} |")
+        lines.append("")
     return lines
 
 
@@ -226,6 +318,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--arms", default="", help=f"comma-separated arms (default: {', '.join(CENTRAL_ARMS)}; any as fed-ARM, "
                    f"and {', '.join(sorted(FEDERATED_ONLY))} only as fed-ARM)")
     p.add_argument("--datasets", default="", help=f"comma-separated data sets (default: {', '.join(DATASETS)})")
+    p.add_argument("--downstream", action="store_true",
+                   help="also the low-data study with its control and oracle, CAS and the copy check, per arm")
+    p.add_argument("--lowdata-fraction", type=float, default=0.2, help="the small hospital's share of each class")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=HERE / "results" / "recipe-ablation")
     p.add_argument("--work", type=Path, default=HERE / ".work")
     args = p.parse_args(argv)
@@ -234,7 +330,8 @@ def main(argv: list[str] | None = None) -> None:
         overrides["arms"] = tuple(args.arms.split(","))
     if args.datasets:
         overrides["datasets"] = tuple(args.datasets.split(","))
-    cfg = AblationConfig(budget=args.budget, fed_rounds=args.fed_rounds, **overrides)
+    cfg = AblationConfig(budget=args.budget, fed_rounds=args.fed_rounds, downstream=args.downstream,
+                         lowdata_fraction=args.lowdata_fraction, seed=args.seed, **overrides)
     central_only = [a for a in cfg.arms if a in FEDERATED_ONLY]
     if central_only:
         raise SystemExit(f"{', '.join(central_only)}: federated-only arms, run as fed-ARM")
@@ -243,6 +340,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"unknown arm or data set: {', '.join(unknown)}")
     torch.set_num_threads(cfg.threads)
     (args.out / "grids").mkdir(parents=True, exist_ok=True)
+    (args.out / "samples").mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"config": asdict(cfg), "machine": machine(), "datasets": {}}
     for name in cfg.datasets:
