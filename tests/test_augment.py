@@ -50,6 +50,30 @@ def test_unknown_augmentation_is_a_config_error_naming_the_key() -> None:
     assert RunConfig.from_overrides({"train.augment": ""}).train.augment == "none"
 
 
+def test_cutout_with_a_probability_leaves_the_other_images_untouched() -> None:
+    """``cutout:0.5`` (ADA's remedy for an augmentation that leaks into the generator):
+    about half the images get a square cut out, the rest reach the discriminator as they
+    were; a name alone still cuts every image."""
+    x = torch.ones(400, 1, 16, 16)
+    gen = torch.Generator().manual_seed(3)
+    cut = (diff_augment(x, "cutout:0.5", gen) == -1.0).flatten(1).any(dim=1)
+    assert 160 <= int(cut.sum()) <= 240  # binomial(400, 0.5): mean 200, sd 10
+    untouched = diff_augment(x, "cutout:0.5", gen)
+    kept = ~(untouched == -1.0).flatten(1).any(dim=1)
+    assert torch.equal(untouched[kept], x[kept])
+    assert (diff_augment(x, "cutout", gen) == -1.0).flatten(1).any(dim=1).all()
+    # still one image's own draw: the gradient of image 2 reaches image 2 alone
+    y = _disc_images().requires_grad_(True)
+    diff_augment(y, "translation:0.5,cutout:0.5", gen)[2].sum().backward()
+    assert y.grad is not None and torch.count_nonzero(torch.cat([y.grad[:2], y.grad[3:]])) == 0
+
+
+@pytest.mark.parametrize("policy", ["cutout:1.5", "cutout:0", "cutout:half", "cutout:"])
+def test_a_bad_augmentation_probability_is_a_config_error_naming_the_key(policy: str) -> None:
+    with pytest.raises(ConfigError, match=r"train\.augment.*\(0, 1\]"):
+        RunConfig.from_overrides({"train.augment": policy})
+
+
 def test_mode_seeking_term_is_large_when_noise_is_ignored() -> None:
     """A generator that maps different noise to the same image (the collapse this term
     fights) scores far higher than one whose images differ with the noise."""

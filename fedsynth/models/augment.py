@@ -12,6 +12,13 @@ jitter, a translation by up to 1/8 of the side (zero padding, i.e. the backgroun
 a cutout of a square half the side. Each is drawn per image, so an augmented real slice
 depends on that slice alone: under DP-SGD the augmentation is part of one sample's loss
 and is clipped with it (the accounting is unchanged).
+
+A transformation applied to every image can leak into the generator when it cannot be
+undone: a discriminator that only ever sees slices with a black square cut out cannot
+tell a generated slice with a black hole of its own from a real one (Karras et al.,
+ADA, NeurIPS 2020, show that applying it to each image with a probability below 1
+prevents that). ``cutout:0.5`` in a policy applies cutout to each image with
+probability 0.5; a name alone means probability 1.
 """
 
 from __future__ import annotations
@@ -19,28 +26,49 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["POLICIES", "diff_augment", "diff_augment_paired"]
+__all__ = ["POLICIES", "diff_augment", "diff_augment_paired", "parse_policy"]
 
 POLICIES = ("color", "translation", "cutout")  # the transformations, by name (train.augment)
+
+
+def parse_policy(policy: str) -> list[tuple[str, float]]:
+    """(name, probability) for each transformation of a policy such as
+    ``translation,cutout:0.5``; [] for "" or "none".
+
+    Raises
+    ------
+    ValueError
+        An unknown name, or a probability that is not a number in (0, 1].
+    """
+    if policy in ("", "none"):
+        return []
+    parsed = []
+    for item in policy.split(","):
+        name, colon, p = item.partition(":")
+        if name not in POLICIES:
+            raise ValueError(f"unknown augmentation {name!r} (choose from {', '.join(POLICIES)}, or none)")
+        try:
+            probability = float(p) if colon else 1.0
+        except ValueError:
+            probability = float("nan")
+        if not 0 < probability <= 1:
+            raise ValueError(f"augmentation {item!r}: the probability after ':' must be a number in (0, 1]")
+        parsed.append((name, probability))
+    return parsed
 
 
 def diff_augment(x: torch.Tensor, policy: str, generator: torch.Generator) -> torch.Tensor:
     """``x`` (N, 1, H, W) with the policy's transformations drawn per image.
 
-    ``policy``: comma-separated names from :data:`POLICIES`, or "" / "none" for none.
+    ``policy``: comma-separated names from :data:`POLICIES`, each optionally with the
+    probability of applying it to an image (``cutout:0.5``), or "" / "none" for none.
     Random draws come from ``generator`` (a CPU generator; values move to ``x``'s device).
     """
-    if policy in ("", "none"):
-        return x
-    for name in policy.split(","):
-        if name == "color":
-            x = _color(x, generator)
-        elif name == "translation":
-            x = _translation(x, generator)
-        elif name == "cutout":
-            x = _cutout(x, generator)
-        else:
-            raise ValueError(f"unknown augmentation {name!r} (choose from {', '.join(POLICIES)})")
+    for name, probability in parse_policy(policy):
+        moved = _TRANSFORMS[name](x, generator)
+        if probability < 1:
+            moved = torch.where(_uniform(len(x), generator, x.device) < probability, moved, x)
+        x = moved
     return x
 
 
@@ -51,12 +79,11 @@ def diff_augment_paired(
     geometric transformations (translation, cutout), so each slice stays aligned with its
     mask (pix2pix's discriminator judges the pair); colour jitter touches ``x`` only.
     Pixels moved in from outside or cut out become background (label 0) in the mask."""
-    if policy in ("", "none"):
-        return x, masks
-    names = policy.split(",")
-    if "color" in names:
-        x = _color(x, generator)
-    geometric = ",".join(n for n in names if n != "color")
+    items = [i for i in policy.split(",") if i] if policy not in ("", "none") else []
+    colour = [i for i in items if i.partition(":")[0] == "color"]
+    if colour:
+        x = diff_augment(x, colour[0], generator)
+    geometric = ",".join(i for i in items if i.partition(":")[0] != "color")
     if not geometric:
         return x, masks
     stacked = diff_augment(torch.cat([x, masks[:, None].to(x.dtype)], dim=1), geometric, generator)
@@ -99,3 +126,6 @@ def _cutout(x: torch.Tensor, generator: torch.Generator, ratio: float = 0.5) -> 
     inside = ((ys - cy[:, None, None]).abs() <= ch // 2) & ((xs - cx[:, None, None]).abs() <= cw // 2)
     # Cut to the background value (-1), not to 0 (mid-grey in [-1, 1]).
     return torch.where(inside[:, None], torch.full_like(x, -1.0), x)
+
+
+_TRANSFORMS = {"color": _color, "translation": _translation, "cutout": _cutout}

@@ -24,7 +24,7 @@ from pydantic import (
 
 from fedsynth.core.errors import ConfigError
 from fedsynth.data.partition import SPEC_HELP, PartitionError, parse_spec
-from fedsynth.models.augment import POLICIES as AUGMENTATIONS
+from fedsynth.models.augment import parse_policy as parse_augmentation
 from fedsynth.models.family import EMBEDDING
 from fedsynth.models.registry import FAMILIES, get_family, presets
 
@@ -246,7 +246,8 @@ class TrainConfig(_Section):
     augment: str = Field(
         "translation,cutout",
         description="DiffAugment policy applied to every image the discriminator sees, real and "
-        "generated (comma-separated: color, translation, cutout; none: off). color is off by default: with "
+        "generated (comma-separated: color, translation, cutout, each optionally with the probability of "
+        "applying it to an image, e.g. cutout:0.5; none: off). color is off by default: with "
         "it the generator drifted to over-bright slices",
     )
     diversity_weight: float = Field(
@@ -311,11 +312,7 @@ class TrainConfig(_Section):
     def _check_augment(cls, value: str) -> str:
         if value in ("", "none"):
             return "none"
-        unknown = [p for p in value.split(",") if p not in AUGMENTATIONS]
-        if unknown:
-            raise ValueError(
-                f"unknown augmentation {', '.join(unknown)} (choose from {', '.join(AUGMENTATIONS)}, or none)"
-            )
+        parse_augmentation(value)  # raises ValueError naming the bad item
         return value
 
 
