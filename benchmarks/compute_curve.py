@@ -30,8 +30,8 @@ NAMES = {"reference": "central plain DCGAN", "fed-fedsynth": "fedsynth, 3 hospit
 def collect(out: Path, datasets: list[str]) -> dict[str, Any]:
     """{data set: {arm: [(budget, FD, gain over control or None), ...]}} from every budget run found."""
     curve: dict[str, Any] = {d: {a: [] for a in ARMS} for d in datasets}
-    for path in sorted(out.glob("budget-*/recipe_ablation.json"), key=lambda p: float(p.parent.name[7:])):
-        result = json.loads(path.read_text())
+    results = [json.loads(path.read_text()) for path in out.glob("budget-*/recipe_ablation.json")]
+    for result in sorted(results, key=lambda r: float(r["config"]["budget"])):
         budget = float(result["config"]["budget"])
         for d in datasets:
             for arm in ARMS:
@@ -66,10 +66,10 @@ def plot(curve: dict[str, Any], path: Path) -> None:
                 low = [g["mean"] - g["ci_low"] for _, g in gains]
                 high = [g["ci_high"] - g["mean"] for _, g in gains]
                 gain_ax.errorbar(gx, mean, yerr=[low, high], fmt="o-", capsize=3, label=NAMES[arm])
-        fd_ax.set(xscale="log", yscale="log", xlabel="seconds of training (2 CPU cores)",
+        fd_ax.set(xscale="log", yscale="log", xlabel="seconds of training per arm (budget)",
                   ylabel="classifier-feature FD (lower is better)", title=f"{d}: fidelity")
         gain_ax.axhline(0, color="grey", linewidth=1)
-        gain_ax.set(xscale="log", xlabel="seconds of training (2 CPU cores)",
+        gain_ax.set(xscale="log", xlabel="seconds of training per arm (budget)",
                     ylabel="balanced accuracy gain over control", title=f"{d}: low-data gain (95% CI)")
         for ax in (fd_ax, gain_ax):
             ax.legend(fontsize=8)
@@ -104,8 +104,11 @@ def main(argv: list[str] | None = None) -> None:
     for budget in (float(b) for b in args.budgets.split(",")):
         target = args.out / f"budget-{budget:g}"
         if (target / "recipe_ablation.json").exists():
-            progress(f"{budget:g} s: already measured in {target}")
-            continue
+            done = json.loads((target / "recipe_ablation.json").read_text())["config"]
+            if set(datasets) <= set(done["datasets"]) and done.get("downstream"):
+                progress(f"{budget:g} s: already measured in {target}")
+                continue
+            progress(f"{budget:g} s: {target} lacks some of {', '.join(datasets)} or the downstream study: measured again")
         progress(f"{budget:g} s per arm")
         ablation(["--budget", f"{budget:g}", "--arms", ",".join(ARMS), "--datasets", args.datasets, "--downstream",
                   "--out", str(target), "--work", str(args.work)])

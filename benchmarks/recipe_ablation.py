@@ -189,7 +189,7 @@ def measure(space: ClassifierSpace, holdout: np.ndarray, images: np.ndarray) -> 
 
 def downstream(cfg: AblationConfig, gen: torch.nn.Module, train: SliceSet, holdout: SliceSet,
                small: np.ndarray) -> dict[str, Any]:
-    """The low-data study with its control and oracle, CAS, and the copy check, for one generator."""
+    """The low-data study with its control and oracle, and CAS, for one generator."""
     counts = np.bincount(train.labels[small], minlength=len(train.class_names))
     # as many of each class as the small set's largest class: enough to balance it, and for
     # a synthetic-only set of its size in its class mix
@@ -202,18 +202,60 @@ def downstream(cfg: AblationConfig, gen: torch.nn.Module, train: SliceSet, holdo
     cond, gains = study["conditions"], study["gains"]
     ba = {c: cond[c]["balanced_accuracy"]["mean"] for c in (REAL, CONTROL, BALANCED, ORACLE, SYNTHETIC_ONLY) if c in cond}
     oracle = study.get("oracle", {}).get("balanced_accuracy", {})
-    d = measure_distances("pixels", CopySearch(), synthetic=images, train=train.images, holdout=holdout.images,
-                          seed=cfg.seed, train_patients=train.patient_ids, holdout_patients=holdout.patient_ids)
-    copies, closer = near_copies(d), closer_to_train_share(d)
     return {"balanced_accuracy": ba, "small_set": int(small.sum()), "skipped": study.get("skipped", {}),
             "gain_over_control": gains.get(BALANCED, {}).get("over_control", {}).get("balanced_accuracy"),
             "oracle_over_control": gains.get(ORACLE, {}).get("over_control", {}).get("balanced_accuracy"),
             "oracle_headroom": oracle.get("headroom"),
             "share_of_oracle": (oracle.get("share_of_oracle") or {}).get(BALANCED),
-            "cas_ratio": ba[SYNTHETIC_ONLY] / ba[REAL] if SYNTHETIC_ONLY in ba and ba[REAL] > 0 else None,
-            "near_copies": copies["count"], "near_copy_share": copies["share"], "near_copy_null_rate": copies["null_rate"],
-            "near_copy_p": copies["p_value"], "exact_copies": copies["exact_copies"],
-            "closer_to_train": closer["share"], "closer_to_train_p": closer["p_value"]}
+            "cas_ratio": ba[SYNTHETIC_ONLY] / ba[REAL] if SYNTHETIC_ONLY in ba and ba[REAL] > 0 else None}
+
+
+def copy_check(cfg: AblationConfig, images: np.ndarray, labels: np.ndarray, train: SliceSet,
+               holdout: SliceSet) -> dict[str, Any]:
+    """The audit's disguise-aware copy search for samples in the training class mix.
+
+    - Near copies: samples closer to a training slice than 99% of holdout slices are, and
+      exact copies, against the whole training set (as the audit does).
+    - Closer to train: the share of samples nearer a training slice than any holdout slice,
+      measured within each class (train subsampled to the class's holdout patients), then
+      pooled over classes with one test. Across classes, a holdout whose class mix differs
+      from train's, as the phantom-site set's does, would tilt the share: a class with few
+      holdout patients has its nearest slices in train. The pooled test is
+      ``closer_to_train_share``'s, with each nearest patient a unit within its class.
+    """
+    from scipy.stats import norm
+
+    d = measure_distances("pixels", CopySearch(), synthetic=images, train=train.images, holdout=holdout.images,
+                          seed=cfg.seed, train_patients=train.patient_ids, holdout_patients=holdout.patient_ids)
+    copies = near_copies(d)
+    per_class: dict[str, Any] = {}
+    closer, units = [], []
+    for k, name in enumerate(train.class_names):
+        s, t, h = labels == k, train.labels == k, holdout.labels == k
+        if s.sum() == 0 or h.sum() < 2 or t.sum() < 2:
+            per_class[name] = {"skipped": f"{int(s.sum())} samples, {int(t.sum())} train, {int(h.sum())} holdout slices"}
+            continue
+        dk = measure_distances("pixels", CopySearch(), synthetic=images[s], train=train.images[t],
+                               holdout=holdout.images[h], seed=cfg.seed, train_patients=train.patient_ids[t],
+                               holdout_patients=holdout.patient_ids[h])
+        c = closer_to_train_share(dk)
+        per_class[name] = {"share": c["share"], "p_value": c["p_value"], "n": c["n"]}
+        near = (dk.synthetic_to_train_subset < dk.synthetic_to_holdout).astype(float)
+        near[dk.synthetic_to_train_subset == dk.synthetic_to_holdout] = 0.5
+        in_train = dk.synthetic_to_train_subset <= dk.synthetic_to_holdout
+        closer.append(near)
+        units.append(np.char.add(f"{k}/", np.where(in_train, dk.subset_unit, dk.holdout_unit).astype(str)))
+    pooled: dict[str, Any] = {"closer_to_train": None, "closer_to_train_p": None}
+    if closer:
+        everything, unit = np.concatenate(closer), np.concatenate(units)
+        _, counts = np.unique(unit, return_counts=True)
+        sd = 0.5 * float(np.sqrt(((counts / len(unit)) ** 2).sum()))
+        share = float(everything.mean())
+        pooled = {"closer_to_train": share,
+                  "closer_to_train_p": float(norm.sf((share - 0.5) / sd)) if sd > 0 else float(share <= 0.5)}
+    return {"near_copies": copies["count"], "near_copy_share": copies["share"],
+            "near_copy_null_rate": copies["null_rate"], "near_copy_p": copies["p_value"],
+            "exact_copies": copies["exact_copies"], "closer_to_train_by_class": per_class, **pooled}
 
 
 def run_dataset(cfg: AblationConfig, name: str, work: Path, out: Path) -> dict[str, Any]:
@@ -245,7 +287,8 @@ def run_dataset(cfg: AblationConfig, name: str, work: Path, out: Path) -> dict[s
         np.savez_compressed(out / "samples" / f"{name}-{arm}.npz", images=images, labels=draw)
         if cfg.downstream:
             progress(f"{name}: {arm}: low-data study ({cfg.lowdata_seeds} seeds), CAS and copy check")
-            result[arm]["downstream"] = downstream(cfg, gen, train, holdout, small)
+            result[arm]["downstream"] = {**downstream(cfg, gen, train, holdout, small),
+                                         **copy_check(cfg, images, draw, train, holdout)}
         save_grid(generate(gen, fixed, seed=12345), out / "grids" / f"{name}-{arm}.png", columns=8, row_names=rows,
                   title=f"{name}: {arm}, {spent}")
         progress(f"{name}: {arm}: FD {result[arm]['fd']:.2f}, precision {result[arm]['precision']:.2f}, "
@@ -283,15 +326,23 @@ def _ci(g: dict[str, Any] | None) -> str:
     return "-" if not g else f"{g['mean']:+.3f} ({g['ci_low']:+.3f} to {g['ci_high']:+.3f})"
 
 
+def _share(r: dict[str, Any]) -> str:
+    if r.get("closer_to_train") is None:
+        return "-"
+    return f"{r['closer_to_train']:.2f} (p = {r['closer_to_train_p']:.2g})"
+
+
 def downstream_markdown(cfg: AblationConfig, result: dict[str, Any]) -> list[str]:
     lines = ["", f"Low-data study: a small hospital's {cfg.lowdata_fraction:.0%} of each class of train (whole patients), "
              f"{cfg.lowdata_seeds} seeds, balanced accuracy on the real holdout; + synthetic and the control (re-drawn "
              "real) and the oracle (unseen real) add the same class-balancing numbers. CAS: the classifier trained on as "
              "many synthetic images alone, as a share of the one trained on the small real set. Copies: the audit's "
-             "disguise-aware search (near-copy share against its chance rate, closer-to-train share; 0.5 is honest).", ""]
+             "disguise-aware search on samples in the training class mix (near-copy share against its chance rate; the "
+             "share closer to train than to holdout, measured within each class and pooled, 0.5 is honest, with "
+             "its one-sided p).", ""]
     for d in cfg.datasets:
         lines += [f"**{d}**", "", "| arm | real | + control | + synthetic | + oracle | gain over control (95% CI) | "
-                  "oracle over control (95% CI) | share of oracle | CAS (x real) | near copies (chance) | closer to train |",
+                  "oracle over control (95% CI) | share of oracle | CAS (x real) | near copies (chance) | closer to train (by class) |",
                   "| --- |" + " --- |" * 10]
         for arm in cfg.arms:
             r = result["datasets"][d][arm].get("downstream")
@@ -302,13 +353,14 @@ def downstream_markdown(cfg: AblationConfig, result: dict[str, Any]) -> list[str
             def f(c: str) -> str:
                 return f"{ba[c]:.3f}" if c in ba else "-"
 
-            share = "-" if r["share_of_oracle"] is None else f"{r['share_of_oracle']:.0%}"
-            headroom = "" if r["oracle_headroom"] else " (no headroom)"
+            # a share of an oracle that gained nothing measurable means nothing
+            share = "-" if r["share_of_oracle"] is None or not r["oracle_headroom"] else f"{r['share_of_oracle']:.0%}"
+            headroom = {True: "", False: " (no headroom)", None: " (skipped)"}[r["oracle_headroom"]]
             cas = "-" if r["cas_ratio"] is None else f"{ba[SYNTHETIC_ONLY]:.3f} ({r['cas_ratio']:.2f})"
             lines.append(f"| {arm} | {f(REAL)} | {f(CONTROL)} | {f(BALANCED)} | {f(ORACLE)} | "
                          f"{_ci(r['gain_over_control'])} | {_ci(r['oracle_over_control'])}{headroom} | {share} | {cas} | "
                          f"{r['near_copy_share']:.1%} ({r['near_copy_null_rate']:.1%}, p = {r['near_copy_p']:.2g}) | "
-                         f"{r['closer_to_train']:.2f} |")
+                         f"{_share(r)} |")
         lines.append("")
     return lines
 

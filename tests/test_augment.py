@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedsynth.models.augment import diff_augment
+from fedsynth.models.augment import diff_augment, diff_augment_paired
 from fedsynth.models.training import mode_seeking_loss
 from fedsynth.runs.config import ConfigError, RunConfig
 
@@ -66,6 +66,18 @@ def test_cutout_with_a_probability_leaves_the_other_images_untouched() -> None:
     y = _disc_images().requires_grad_(True)
     diff_augment(y, "translation:0.5,cutout:0.5", gen)[2].sum().backward()
     assert y.grad is not None and torch.count_nonzero(torch.cat([y.grad[:2], y.grad[3:]])) == 0
+
+
+def test_a_slice_and_its_mask_stay_aligned_when_a_transformation_has_a_probability() -> None:
+    """pix2pix's discriminator judges a slice with its label map: one draw per image decides
+    for both whether a transformation applies, so a cut slice has a cut mask and an uncut
+    slice an uncut mask."""
+    x = _disc_images(n=64)
+    masks = (x[:, 0] > 0).long() * 2  # label 2 where the square is
+    gen = torch.Generator().manual_seed(4)
+    out, out_masks = diff_augment_paired(x, masks, "translation:0.5,cutout:0.5", gen)
+    assert torch.equal((out[:, 0] > 0).long() * 2, out_masks)
+    assert 0 < int((out != x).flatten(1).any(dim=1).sum()) < 64  # some images changed, not all
 
 
 @pytest.mark.parametrize("policy", ["cutout:1.5", "cutout:0", "cutout:half", "cutout:"])
