@@ -88,6 +88,28 @@ def _one_dp_step(sample_rate: float, clip: float, sigma: float = 1e-12) -> dict[
     return {k: disc.state_dict()[k] - before[k] for k in before}
 
 
+def test_the_public_random_stream_does_not_depend_on_how_many_patients_were_sampled() -> None:
+    """The latent codes, fake labels and the fake term's augmentation come from the public
+    stream, outside the DP analysis: had the real slices' augmentation drawn from it too,
+    every later public draw would depend on the private Poisson batch size."""
+    slices = make_slices(n_patients=16).only("train")
+    cfg = RunConfig.from_overrides({"data.image-size": 32, "train.local-steps": 3, "train.batch-size": 8})
+    plan = plan_privacy(DPConfig(noise_multiplier=1.0, max_grad_norm=1.0), units=12, unit="patient",
+                        batch_size=8, planned_steps=3)
+    after = []
+    for rate in (0.0, 0.5, 1.0):  # no slices, some, every patient's
+        torch.manual_seed(0)
+        gen, disc = build_gan(cfg.model, image_size=32, num_classes=2)
+        public = torch.Generator().manual_seed(7)
+        sampler = PatientSampler(slices.patient_ids, rate, torch.Generator().manual_seed(1))
+        train_round_dp(gen, PerSampleClipper(disc, 1.0), torch.optim.SGD(gen.parameters(), lr=0.0),
+                       torch.optim.SGD(disc.parameters(), lr=0.1), torch.from_numpy(slices.as_float()),
+                       torch.from_numpy(slices.labels), sampler, plan, cfg.train, num_classes=2, generator=public)
+        after.append(torch.rand(4, generator=public))
+    assert cfg.train.augment != "none", "the default augments real slices: the case this guards"
+    assert torch.equal(after[0], after[1]) and torch.equal(after[0], after[2])
+
+
 def test_only_real_images_are_clipped_the_fake_term_passes_unclipped() -> None:
     fake_only = _one_dp_step(sample_rate=0.0, clip=1e-6)  # no real slices: the update is the fake gradient
     fake_norm = torch.cat([v.flatten() for v in fake_only.values()]).norm()

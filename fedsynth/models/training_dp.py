@@ -169,10 +169,14 @@ def _train_round_dp(
                 torch.normal(0.0, sigma * C, size=p.shape, generator=noise_generator).to(device)
                 for p in params
             ]
+            # The real slices' augmentation draws from a stream forked off the public one by a
+            # single draw, so the public stream (latent codes, fake labels, the fake term)
+            # never depends on how many patients the private Poisson sampling took.
+            fork = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
             if len(idx):
                 # Augmented per slice (from public randomness), before the per-sample clip:
                 # each augmented slice depends on that slice alone, so the accounting holds.
-                real = diff_augment(images[idx], cfg.augment, generator).requires_grad_(True)
+                real = diff_augment(images[idx], cfg.augment, fork).requires_grad_(True)
                 real_labels = labels[idx]
                 out_real = disc(real, real_labels)
                 per_sample = _real_loss_per_sample(out_real, real_labels, kind)
