@@ -188,6 +188,10 @@ def test_fresh_real_data_passes(tmp_path, brain_split, spaces, which) -> None:
     limit = 0.01 if which == "holdout" else 0.02  # the fresh pool is a new sample: ~1% by chance, give it room
     for space in ("pixels", "encoder"):
         assert audit["memorization"][space]["near_copies"]["share"] <= limit
+        # four classes: closer-to-train is measured within each, the whole-set share kept beside it
+        share = audit["memorization"][space]["closer_to_train"]
+        assert share["within_classes"] and set(share["by_class"]) == set(brain_split[0].class_names)
+        assert share["n"] == len(real) and "share" in share["whole_set"]
     for attack in audit["membership_inference"]["attacks"].values():
         assert attack["auc"] < 0.56
     assert audit["summary"]["fidelity"] == "green"

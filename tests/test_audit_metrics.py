@@ -47,6 +47,44 @@ def test_a_hub_is_one_coin_flip_not_hundreds() -> None:
     assert share["p_value"] > 0.1
 
 
+def test_a_holdout_with_another_class_mix_tilts_the_whole_set_share_but_not_the_within_class_one() -> None:
+    """Two classes, a generator that never saw train (fresh draws, half of each class), and a
+    holdout that is 90% class a where train is half and half: over the whole set the class-b
+    images find their nearest slice in train, so the share looks like copying; within each
+    class the two sides are exchangeable again."""
+    def draw(n: int, seed: int, shift: int) -> np.ndarray:  # the two classes lie far apart
+        return np.clip(_images(n, seed).astype(int) + shift, 0, 255).astype(np.uint8)
+
+    train = {"a": draw(300, 0, -50), "b": draw(300, 1, 50)}
+    holdout = {"a": draw(270, 2, -50), "b": draw(30, 3, 50)}
+    synthetic = {"a": draw(200, 4, -50), "b": draw(200, 5, 50)}
+    whole = M.closer_to_train_share(
+        _distances(np.concatenate(list(synthetic.values())), np.concatenate(list(train.values())),
+                   np.concatenate(list(holdout.values())))
+    )
+    assert whole["share"] > 0.55 and whole["p_value"] < 0.01  # a false alarm (the audit is amber at p < 0.01)
+    within = M.closer_to_train_within_classes(
+        {k: _distances(synthetic[k], train[k], holdout[k]) for k in train}
+    )
+    assert abs(within["share"] - 0.5) < 0.06 and within["p_value"] > 0.05
+    assert within["n"] == 400 and set(within["by_class"]) == {"a", "b"}
+
+
+def test_a_patient_in_two_classes_is_one_unit_of_the_pooled_test() -> None:
+    """A collapsed generator drawing one image per class, both nearest slices of one
+    training patient: one coin flip (that patient's side of the split), not two."""
+    slices = _images(40, 0)
+    patients = np.repeat(np.arange(20).astype(str), 2)  # two slices per patient, one per class
+    classes = {"a": slices[0::2], "b": slices[1::2]}
+    hubs = {k: np.repeat(v[:1], 100, axis=0) for k, v in classes.items()}  # patient 0's slices
+    holdout = {"a": _images(20, 1), "b": _images(20, 2)}
+    within = M.closer_to_train_within_classes(
+        {k: _distances(hubs[k], classes[k], holdout[k], train_patients=patients[0::2], seed=3) for k in classes}
+    )
+    assert within["distinct_nearest_patients"] == 1
+    assert within["p_value"] > 0.1
+
+
 def test_a_sample_of_synthetic_images_feeds_the_share_test_and_authenticity() -> None:
     """With more synthetic images than the sample, the share test and authenticity use the
     sample; each training image they need is measured against its nearest *other* training

@@ -292,23 +292,8 @@ def closer_to_train_share(d: Distances) -> dict[str, Any]:
     set. A generator that copies every training image scores 0.5 + s/2, s being the
     subsample's share of train; the other measures use the whole training set.
     """
-    closer = (d.synthetic_to_train_subset < d.synthetic_to_holdout).astype(float)
-    closer[d.synthetic_to_train_subset == d.synthetic_to_holdout] = 0.5
-    # The images are not independent trials: a poor generator's images may all fall
-    # nearest one "hub" real image, and slices of one patient sit on one side of the split
-    # together, by one coin flip. So the test treats each patient behind a nearest real
-    # image as one unit (in the train subsample with probability 1/2 under the null):
-    # share = sum_u w_u [u in train], variance 1/4 sum_u w_u^2, w_u = share of synthetic
-    # images whose nearest real image belongs to u. Copies each pick their own original.
-    in_train = d.synthetic_to_train_subset <= d.synthetic_to_holdout
-    units = np.where(in_train, d.subset_unit, d.holdout_unit)
-    _, counts = np.unique(units, return_counts=True)
-    weights = counts / len(units)
-    sd = 0.5 * float(np.sqrt((weights**2).sum()))
-    share = float(closer.mean())
-    from scipy.stats import norm  # SciPy and scikit-learn load when an audit runs, not with the CLI
-
-    p_value = float(norm.sf((share - 0.5) / sd)) if sd > 0 else float(share <= 0.5)
+    closer, units = _closer_and_units(d)
+    share, p_value, distinct = _share_test(closer, units)
     # a generator copying every training image scores 0.5 + s/2 (s: the subsample's share of
     # training patients); the excess as a share of that is comparable across split sizes
     copied = (share - 0.5) / (0.5 * d.train_share) if d.train_share > 0 else float("nan")
@@ -317,10 +302,72 @@ def closer_to_train_share(d: Distances) -> dict[str, Any]:
         "reference": 0.5,
         "p_value": p_value,
         "n": int(len(closer)),
-        "distinct_nearest_patients": int(len(counts)),
+        "distinct_nearest_patients": distinct,
         "train_subset": int(d.train_subset_size),
         "train_subset_patient_share": d.train_share,
         "copying_equivalent": float(copied),
+    }
+
+
+def _closer_and_units(d: Distances) -> tuple[np.ndarray, np.ndarray]:
+    """Per sampled synthetic image: 1 when its nearest train-subsample image is nearer than
+    its nearest holdout image (ties 0.5), and the patient behind the nearer of the two."""
+    closer = (d.synthetic_to_train_subset < d.synthetic_to_holdout).astype(float)
+    closer[d.synthetic_to_train_subset == d.synthetic_to_holdout] = 0.5
+    in_train = d.synthetic_to_train_subset <= d.synthetic_to_holdout
+    return closer, np.where(in_train, d.subset_unit, d.holdout_unit).astype(str)
+
+
+def _share_test(closer: np.ndarray, units: np.ndarray) -> tuple[float, float, int]:
+    """The share, its one-sided p-value against 0.5, and the number of distinct units.
+
+    The images are not independent trials: a poor generator's images may all fall nearest
+    one "hub" real image, and slices of one patient sit on one side of the split together,
+    by one coin flip. So each patient behind a nearest real image is one unit (in the train
+    subsample with probability 1/2 under the null): share = sum_u w_u [u in train],
+    variance 1/4 sum_u w_u^2, w_u = share of synthetic images whose nearest real image
+    belongs to u. Copies each pick their own original.
+    """
+    from scipy.stats import norm  # SciPy and scikit-learn load when an audit runs, not with the CLI
+
+    _, counts = np.unique(units, return_counts=True)
+    sd = 0.5 * float(np.sqrt(((counts / len(units)) ** 2).sum()))
+    share = float(closer.mean())
+    p_value = float(norm.sf((share - 0.5) / sd)) if sd > 0 else float(share <= 0.5)
+    return share, p_value, int(len(counts))
+
+
+def closer_to_train_within_classes(by_class: dict[str, Distances]) -> dict[str, Any]:
+    """:func:`closer_to_train_share` measured within each class (each class's synthetic
+    images against that class's train subsample and holdout), then pooled into one test.
+
+    Over the whole set, a holdout whose class mix differs from train's tilts the share: the
+    synthetic images of a class with few holdout patients find their nearest slice in
+    train, copying or not. Within a class the two sides are exchangeable again. A patient
+    with slices in several classes is one unit of the pooled test (its side of the split is
+    one coin flip), which is the conservative choice.
+    """
+    if not by_class:
+        raise ValueError("closer_to_train_within_classes: no class to measure")
+    per_class = {name: closer_to_train_share(d) for name, d in by_class.items()}
+    parts = [_closer_and_units(d) for d in by_class.values()]
+    share, p_value, distinct = _share_test(
+        np.concatenate([c for c, _ in parts]), np.concatenate([u for _, u in parts])
+    )
+    n = np.array([len(c) for c, _ in parts], dtype=float)
+    # copying every training image scores 0.5 + s_k/2 in class k: pooled, 0.5 + mean(s)/2
+    train_share = float((n * [d.train_share for d in by_class.values()]).sum() / n.sum())
+    return {
+        "share": share,
+        "reference": 0.5,
+        "p_value": p_value,
+        "n": int(n.sum()),
+        "distinct_nearest_patients": distinct,
+        "train_subset": int(sum(d.train_subset_size for d in by_class.values())),
+        "train_subset_patient_share": train_share,
+        "copying_equivalent": (share - 0.5) / (0.5 * train_share) if train_share > 0 else float("nan"),
+        "within_classes": True,
+        "by_class": per_class,
     }
 
 

@@ -212,7 +212,10 @@ def run_audit(
                 holdout_patients=inputs.holdout_patients,
                 sample=options.share_sample,
             )
-        memo = {name: _memorization(d) for name, d in distances.items()}
+        memo = {
+            name: _memorization(d, _class_distances(inputs, name, spaces[name], options))
+            for name, d in distances.items()
+        }
         timings["memorization"] = time.monotonic() - t
 
         t = time.monotonic()
@@ -343,11 +346,46 @@ def fit_feature_spaces(
 # --- measurements ---------------------------------------------------------------------------------
 
 
-def _memorization(d: memorization.Distances) -> dict[str, Any]:
+def _class_distances(
+    inputs: AuditInputs, space: str, search: memorization.Search, options: AuditOptions
+) -> dict[str, memorization.Distances]:
+    """Each class's synthetic images against that class's train and holdout slices, for the
+    closer-to-train share (empty for an unconditional generator or a single class). Over
+    the whole set, a holdout whose class mix differs from train's tilts that share: the
+    synthetic images of a class with few holdout patients find their nearest slice in train."""
+    if inputs.synthetic_labels is None or len(inputs.class_names) < 2:
+        return {}
+    by_class: dict[str, memorization.Distances] = {}
+    for k, name in enumerate(inputs.class_names):
+        s, t, h = inputs.synthetic_labels == k, inputs.train_labels == k, inputs.holdout_labels == k
+        if s.sum() == 0 or t.sum() < 2 or h.sum() < 2:
+            continue  # nothing to measure, or a class one side barely has
+        by_class[name] = memorization.measure_distances(
+            f"{space} ({name})",
+            search,
+            synthetic=inputs.synthetic_images[s],
+            train=inputs.train_images[t],
+            holdout=inputs.holdout_images[h],
+            seed=options.seed,
+            train_patients=inputs.train_patients[t],
+            holdout_patients=inputs.holdout_patients[h],
+            sample=options.share_sample,
+        )
+    return by_class if len(by_class) > 1 else {}
+
+
+def _memorization(
+    d: memorization.Distances, by_class: dict[str, memorization.Distances] | None = None
+) -> dict[str, Any]:
+    """The copying measures in one space. With ``by_class``, the closer-to-train share is
+    measured within each class and pooled (the whole-set share kept beside it)."""
     near = memorization.near_copies(d)
+    share = memorization.closer_to_train_share(d)
+    if by_class:
+        share = memorization.closer_to_train_within_classes(by_class) | {"whole_set": share}
     return {
         "dcr": memorization.dcr_summary(d),
-        "closer_to_train": memorization.closer_to_train_share(d),
+        "closer_to_train": share,
         "c_t": memorization.data_copying_ct(d),
         "authenticity": memorization.authenticity_test(d),
         "near_copies": {k: v for k, v in near.items() if k != "indices"}
@@ -744,8 +782,8 @@ def _checks(
                 "closer_to_train_excess",
                 light,
                 f"{share['share']:.1%} of synthetic images are closer to training patients than to as many "
-                "fresh patients (50% expected); the value is the excess as a share of what copying every "
-                "training image would give",
+                f"fresh patients{' of their class' if share.get('within_classes') else ''} (50% expected); "
+                "the value is the excess as a share of what copying every training image would give",
                 space,
             )
         )

@@ -640,6 +640,19 @@ def _empirical(audit: Mapping[str, Any], folder: Path, unit: str, *, local: bool
             ],
             rows,
         )
+    whole = {
+        space: m["closer_to_train"]["whole_set"]
+        for space, m in memo.items()
+        if m["closer_to_train"].get("within_classes")
+    }
+    if whole:
+        html += _plain(
+            "Closer to train is measured within each class (a class's synthetic images against that "
+            "class's training and fresh patients) and pooled: a holdout whose class mix differs from "
+            "train's would tilt it over the whole set. Over the whole set it is "
+            + "; ".join(f"{esc(k)} {v['share']:.1%} (p {_num(v['p_value'])})" for k, v in whole.items())
+            + "."
+        )
     html += _figure(
         folder,
         figs.get("dcr_histograms"),
