@@ -66,6 +66,7 @@ def test_cutout_with_a_probability_leaves_the_other_images_untouched() -> None:
     y = _disc_images().requires_grad_(True)
     diff_augment(y, "translation:0.5,cutout:0.5", gen)[2].sum().backward()
     assert y.grad is not None and torch.count_nonzero(torch.cat([y.grad[:2], y.grad[3:]])) == 0
+    assert torch.count_nonzero(y.grad[2]) > 0
 
 
 def test_a_slice_and_its_mask_stay_aligned_when_a_transformation_has_a_probability() -> None:
@@ -78,6 +79,8 @@ def test_a_slice_and_its_mask_stay_aligned_when_a_transformation_has_a_probabili
     out, out_masks = diff_augment_paired(x, masks, "translation:0.5,cutout:0.5", gen)
     assert torch.equal((out[:, 0] > 0).long() * 2, out_masks)
     assert 0 < int((out != x).flatten(1).any(dim=1).sum()) < 64  # some images changed, not all
+    with pytest.raises(ValueError, match="unknown augmentation"):  # as diff_augment: no item left empty
+        diff_augment_paired(x, masks, "translation,,cutout", gen)
 
 
 @pytest.mark.parametrize("policy", ["cutout:1.5", "cutout:0", "cutout:half", "cutout:"])
