@@ -104,11 +104,17 @@ def main(argv: list[str] | None = None) -> None:
     for budget in (float(b) for b in args.budgets.split(",")):
         target = args.out / f"budget-{budget:g}"
         if (target / "recipe_ablation.json").exists():
-            done = json.loads((target / "recipe_ablation.json").read_text())["config"]
-            if set(datasets) <= set(done["datasets"]) and done.get("downstream"):
+            done = json.loads((target / "recipe_ablation.json").read_text())
+            complete = set(datasets) <= set(done["config"]["datasets"]) and done["config"].get("downstream")
+            # results from before the copy check was measured within classes are measured again
+            current = all("closer_to_train_by_class" in (arm.get("downstream") or {})
+                          for name in datasets for arm in done["datasets"].get(name, {}).values()
+                          if isinstance(arm, dict) and "downstream" in arm)
+            if complete and current:
                 progress(f"{budget:g} s: already measured in {target}")
                 continue
-            progress(f"{budget:g} s: {target} lacks some of {', '.join(datasets)} or the downstream study: measured again")
+            progress(f"{budget:g} s: {target} lacks some of {', '.join(datasets)}, the downstream study or the "
+                     "within-class copy check: measured again")
         progress(f"{budget:g} s per arm")
         ablation(["--budget", f"{budget:g}", "--arms", ",".join(ARMS), "--datasets", args.datasets, "--downstream",
                   "--out", str(target), "--work", str(args.work)])

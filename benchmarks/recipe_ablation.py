@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from .common import FEDSYNTH, HERE, machine, machine_line, phantom_slices, prepare_brain, progress, run, write
-from fedsynth.audit.memorization import CopySearch, closer_to_train_share, measure_distances, near_copies
+from fedsynth.audit.memorization import CopySearch, closer_to_train_within_classes, measure_distances, near_copies
 from fedsynth.audit.utility import BALANCED, CONTROL, ORACLE, REAL, SYNTHETIC_ONLY, small_set, utility_study
 from fedsynth.core.grids import grid_labels, save_grid
 from fedsynth.data.sliceset import SliceSet
@@ -64,8 +64,9 @@ from fedsynth.synthesis.generator import load_generator
 # The central plain conditional DCGAN of issue 12 (benchmarks/recipe.py's REFERENCE).
 REFERENCE = {"model.upsample": "transpose", "train.batch-size": 64, "train.loss": "bce", "train.augment": "none",
              "train.diversity-weight": 0}
-# fedsynth's default recipe (hinge loss, DiffAugment translation+cutout, mode seeking, batch 32,
-# transposed-convolution generator), and the same with the upsample + conv generator.
+# fedsynth's default recipe (hinge loss, DiffAugment translation + cutout on half the images,
+# mode seeking, batch 32, transposed-convolution generator), and the same with the upsample +
+# conv generator.
 DEFAULT: dict[str, Any] = {}
 NEAREST = {"model.upsample": "nearest"}
 ARMS: dict[str, dict[str, Any]] = {
@@ -90,10 +91,12 @@ ARMS: dict[str, dict[str, Any]] = {
     "mean": {"model.d-readout": "mean"},
     "mean-lr-sqrt3": {"model.d-readout": "mean", "train.lr-d": 3.46e-4, "train.lr-g": 3.46e-4},
     "reference+mean": {**REFERENCE, "model.d-readout": "mean"},
-    # cutout on every image leaks: generated slices grow black squares the discriminator
-    # cannot tell from a real slice's cutout; on half the images it cannot leak (ADA)
+    # cutout on every image (the default before cutout-half was measured) leaks: generated
+    # slices grow black squares the discriminator cannot tell from a real slice's cutout; on
+    # half the images it does not (ADA). cutout-half is the default now, written out.
     "no-cutout": {"train.augment": "translation"},
     "cutout-half": {"train.augment": "translation,cutout:0.5"},
+    "cutout-always": {"train.augment": "translation,cutout"},
 }
 CENTRAL_ARMS = tuple(a for a in ARMS if not a.startswith(("lr-", "spatial", "mean", "no-cutout", "cutout-"))
                      and a != "reference+mean")  # the default screen
@@ -218,41 +221,28 @@ def copy_check(cfg: AblationConfig, images: np.ndarray, labels: np.ndarray, trai
       exact copies, against the whole training set (as the audit does).
     - Closer to train: the share of samples nearer a training slice than any holdout slice,
       measured within each class (train subsampled to the class's holdout patients), then
-      pooled over classes with one test. Across classes, a holdout whose class mix differs
-      from train's, as the phantom-site set's does, would tilt the share: a class with few
-      holdout patients has its nearest slices in train. The pooled test is
-      ``closer_to_train_share``'s, with each nearest patient a unit within its class.
+      pooled over classes with one test (the audit's ``closer_to_train_within_classes``).
+      Across classes, a holdout whose class mix differs from train's, as the phantom-site
+      set's does, would tilt the share: a class with few holdout patients has its nearest
+      slices in train.
     """
-    from scipy.stats import norm
-
     d = measure_distances("pixels", CopySearch(), synthetic=images, train=train.images, holdout=holdout.images,
                           seed=cfg.seed, train_patients=train.patient_ids, holdout_patients=holdout.patient_ids)
     copies = near_copies(d)
-    per_class: dict[str, Any] = {}
-    closer, units = [], []
+    skipped: dict[str, Any] = {}
+    by_class: dict[str, Any] = {}
     for k, name in enumerate(train.class_names):
         s, t, h = labels == k, train.labels == k, holdout.labels == k
         if s.sum() == 0 or h.sum() < 2 or t.sum() < 2:
-            per_class[name] = {"skipped": f"{int(s.sum())} samples, {int(t.sum())} train, {int(h.sum())} holdout slices"}
+            skipped[name] = {"skipped": f"{int(s.sum())} samples, {int(t.sum())} train, {int(h.sum())} holdout slices"}
             continue
-        dk = measure_distances("pixels", CopySearch(), synthetic=images[s], train=train.images[t],
-                               holdout=holdout.images[h], seed=cfg.seed, train_patients=train.patient_ids[t],
-                               holdout_patients=holdout.patient_ids[h])
-        c = closer_to_train_share(dk)
-        per_class[name] = {"share": c["share"], "p_value": c["p_value"], "n": c["n"]}
-        near = (dk.synthetic_to_train_subset < dk.synthetic_to_holdout).astype(float)
-        near[dk.synthetic_to_train_subset == dk.synthetic_to_holdout] = 0.5
-        in_train = dk.synthetic_to_train_subset <= dk.synthetic_to_holdout
-        closer.append(near)
-        units.append(np.char.add(f"{k}/", np.where(in_train, dk.subset_unit, dk.holdout_unit).astype(str)))
-    pooled: dict[str, Any] = {"closer_to_train": None, "closer_to_train_p": None}
-    if closer:
-        everything, unit = np.concatenate(closer), np.concatenate(units)
-        _, counts = np.unique(unit, return_counts=True)
-        sd = 0.5 * float(np.sqrt(((counts / len(unit)) ** 2).sum()))
-        share = float(everything.mean())
-        pooled = {"closer_to_train": share,
-                  "closer_to_train_p": float(norm.sf((share - 0.5) / sd)) if sd > 0 else float(share <= 0.5)}
+        by_class[name] = measure_distances("pixels", CopySearch(), synthetic=images[s], train=train.images[t],
+                                           holdout=holdout.images[h], seed=cfg.seed,
+                                           train_patients=train.patient_ids[t], holdout_patients=holdout.patient_ids[h])
+    within = closer_to_train_within_classes(by_class)
+    per_class = {name: {"share": c["share"], "p_value": c["p_value"], "n": c["n"]}
+                 for name, c in within["by_class"].items()} | skipped
+    pooled = {"closer_to_train": within["share"], "closer_to_train_p": within["p_value"]}
     return {"near_copies": copies["count"], "near_copy_share": copies["share"],
             "near_copy_null_rate": copies["null_rate"], "near_copy_p": copies["p_value"],
             "exact_copies": copies["exact_copies"], "closer_to_train_by_class": per_class, **pooled}

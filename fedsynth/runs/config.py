@@ -244,11 +244,12 @@ class TrainConfig(_Section):
     )
     r1_interval: int = Field(16, ge=1, le=64, description="stylegan2-lite: lazy R1, every this many D steps")
     augment: str = Field(
-        "translation,cutout",
+        "translation,cutout:0.5",
         description="DiffAugment policy applied to every image the discriminator sees, real and "
         "generated (comma-separated: color, translation, cutout, each optionally with the probability of "
         "applying it to an image, e.g. cutout:0.5; none: off). color is off by default: with "
-        "it the generator drifted to over-bright slices",
+        "it the generator drifted to over-bright slices. Cutout on every image leaked into the "
+        "generator as dark holes, so the default cuts half the images",
     )
     diversity_weight: float = Field(
         0.1,
