@@ -239,10 +239,13 @@ def copy_check(cfg: AblationConfig, images: np.ndarray, labels: np.ndarray, trai
         by_class[name] = measure_distances("pixels", CopySearch(), synthetic=images[s], train=train.images[t],
                                            holdout=holdout.images[h], seed=cfg.seed,
                                            train_patients=train.patient_ids[t], holdout_patients=holdout.patient_ids[h])
-    within = closer_to_train_within_classes(by_class)
-    per_class = {name: {"share": c["share"], "p_value": c["p_value"], "n": c["n"]}
-                 for name, c in within["by_class"].items()} | skipped
-    pooled = {"closer_to_train": within["share"], "closer_to_train_p": within["p_value"]}
+    pooled: dict[str, Any] = {"closer_to_train": None, "closer_to_train_p": None}
+    per_class = dict(skipped)
+    if by_class:
+        within = closer_to_train_within_classes(by_class)
+        per_class |= {name: {"share": c["share"], "p_value": c["p_value"], "n": c["n"]}
+                      for name, c in within["by_class"].items()}
+        pooled = {"closer_to_train": within["share"], "closer_to_train_p": within["p_value"]}
     return {"near_copies": copies["count"], "near_copy_share": copies["share"],
             "near_copy_null_rate": copies["null_rate"], "near_copy_p": copies["p_value"],
             "exact_copies": copies["exact_copies"], "closer_to_train_by_class": per_class, **pooled}

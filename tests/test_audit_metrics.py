@@ -153,3 +153,20 @@ def test_a_small_site_does_not_fail_membership_inference_by_chance() -> None:
     assert large["auc"] > 0.7 and large["auc_p_value"] < 1e-6
     assert judge("mia_auc", large["auc"], significant=True) == RED
     assert large["epsilon_lower_bound"] > 0
+
+
+def test_a_class_too_thin_to_measure_is_named_and_the_others_are_still_measured_within_class() -> None:
+    """A class with a single holdout slice cannot be measured within itself: the audit measures
+    the other class within itself (not the tilted whole set) and names the skipped one."""
+    from fedsynth.audit.pipeline import AuditInputs, AuditOptions, _class_distances, _memorization
+
+    train, holdout, synthetic = _images(120, 0), _images(41, 1), _images(60, 2)
+    labels = {"train": np.repeat([0, 1], 60), "holdout": np.r_[np.zeros(40, int), 1], "synthetic": np.repeat([0, 1], 30)}
+    inputs = AuditInputs(train, labels["train"], np.arange(120).astype(str), holdout, labels["holdout"],
+                         np.char.add("h", np.arange(41).astype(str)), synthetic, labels["synthetic"], ("a", "b"))
+    search = M.FeatureSearch(_flat)
+    by_class = _class_distances(inputs, "pixels", search, AuditOptions())
+    assert set(by_class) == {"a"}
+    whole = _distances(synthetic, train, holdout)
+    share = _memorization(whole, by_class, inputs.class_names)["closer_to_train"]
+    assert share["within_classes"] and share["skipped_classes"] == ["b"] and share["n"] == 30

@@ -213,7 +213,7 @@ def run_audit(
                 sample=options.share_sample,
             )
         memo = {
-            name: _memorization(d, _class_distances(inputs, name, spaces[name], options))
+            name: _memorization(d, _class_distances(inputs, name, spaces[name], options), inputs.class_names)
             for name, d in distances.items()
         }
         timings["memorization"] = time.monotonic() - t
@@ -371,18 +371,24 @@ def _class_distances(
             holdout_patients=inputs.holdout_patients[h],
             sample=options.share_sample,
         )
-    return by_class if len(by_class) > 1 else {}
+    return by_class
 
 
 def _memorization(
-    d: memorization.Distances, by_class: dict[str, memorization.Distances] | None = None
+    d: memorization.Distances,
+    by_class: dict[str, memorization.Distances] | None = None,
+    class_names: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """The copying measures in one space. With ``by_class``, the closer-to-train share is
-    measured within each class and pooled (the whole-set share kept beside it)."""
+    measured within each class and pooled (the whole-set share kept beside it, and the
+    classes too thin on one side to measure named)."""
     near = memorization.near_copies(d)
     share = memorization.closer_to_train_share(d)
     if by_class:
-        share = memorization.closer_to_train_within_classes(by_class) | {"whole_set": share}
+        share = memorization.closer_to_train_within_classes(by_class) | {
+            "whole_set": share,
+            "skipped_classes": [c for c in class_names if c not in by_class],
+        }
     return {
         "dcr": memorization.dcr_summary(d),
         "closer_to_train": share,

@@ -652,6 +652,13 @@ def _empirical(audit: Mapping[str, Any], folder: Path, unit: str, *, local: bool
             "train's would tilt it over the whole set. Over the whole set it is "
             + "; ".join(f"{esc(k)} {v['share']:.1%} (p {_num(v['p_value'])})" for k, v in whole.items())
             + "."
+            + "".join(
+                f" In {esc(k)}, not measured (fewer than 2 slices on one side, or no synthetic image): "
+                + ", ".join(esc(c) for c in skipped)
+                + "."
+                for k, m in memo.items()
+                if (skipped := m["closer_to_train"].get("skipped_classes"))
+            )
         )
     html += _figure(
         folder,

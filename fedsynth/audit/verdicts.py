@@ -34,8 +34,9 @@ THRESHOLDS: dict[str, dict[str, Any]] = {
         "safer": "higher",
     },
     "closer_to_train_excess": {
-        "rule": "share of synthetic images closer to a holdout-sized train subsample than to the holdout, as "
-        "(share - 0.5) / (s/2), s the subsample's share of training patients (1 = every image a copy): red "
+        "rule": "share of synthetic images closer to a holdout-sized train subsample than to the holdout "
+        "(within each class for a conditional generator, pooled), as (share - 0.5) / (s/2), s the "
+        "subsample's share of training patients (1 = every image a copy): red "
         "when > 0.4 and p < 0.001, amber when > 0.12 and p < 0.01, else green",
         "amber": 0.12,
         "red": 0.4,

@@ -72,7 +72,8 @@ def train_round_dp(
     (``cfg.critic_steps_per_step`` DP discriminator steps per generator step).
 
     ``generator`` draws the public noise (latent codes, fake labels) and may be seeded
-    for reproducibility. The DP noise comes from ``noise_generator``, which must not be
+    for reproducibility. The DP noise (and the real slices' augmentation) comes from
+    ``noise_generator``, which must not be
     predictable by anyone who sees the run config; by default a fresh one seeded from
     the operating system. (The sampler's generator must be unpredictable too:
     ``secure_generator()``.)
@@ -169,13 +170,16 @@ def _train_round_dp(
                 torch.normal(0.0, sigma * C, size=p.shape, generator=noise_generator).to(device)
                 for p in params
             ]
-            # The real slices' augmentation draws from a stream forked off the public one by a
-            # single draw, so the public stream (latent codes, fake labels, the fake term)
-            # never depends on how many patients the private Poisson sampling took.
-            fork = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+            # The real slices' augmentation draws from a stream seeded by one secret draw, so the
+            # public stream (latent codes, fake labels, the fake term) never depends on how
+            # many patients the private Poisson sampling took, and nobody can tell which
+            # augmentation a slice got (draws are handed out by position in the batch; kept
+            # secret, each slice's augmentation is an independent random draw, and adding a
+            # patient changes the clipped sum by one slice's term, at most C).
+            fork = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=noise_generator)))
             if len(idx):
-                # Augmented per slice (from public randomness), before the per-sample clip:
-                # each augmented slice depends on that slice alone, so the accounting holds.
+                # Augmented per slice, before the per-sample clip: each augmented slice depends
+                # on that slice and secret randomness alone, so the accounting holds.
                 real = diff_augment(images[idx], cfg.augment, fork).requires_grad_(True)
                 real_labels = labels[idx]
                 out_real = disc(real, real_labels)
