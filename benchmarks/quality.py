@@ -141,14 +141,12 @@ def draw(run_dir: Path, n: int, proportions: np.ndarray, seed: int) -> tuple[np.
     data's mix, so FD is not biased against conditional generators); labels None for an
     unconditional generator."""
     from fedsynth.audit.utility import _largest_remainder
-    from fedsynth.server.bookkeeping import build_global_models, restore_round
     from fedsynth.models.sampling import generate
+    from fedsynth.synthesis.generator import load_generator
 
     labels = np.repeat(np.arange(len(proportions)), _largest_remainder(n, proportions))
-    run = RunDir(run_dir)
-    cfg = run.load_config()
-    gen, _ = build_global_models(cfg)
-    restore_round(run, run.resolve_round(None), gen, None)
+    loaded = load_generator(RunDir(run_dir))
+    gen, cfg = loaded.gen, loaded.cfg
     conditional = cfg.model.family.conditional(cfg.model)
     # an unconditional generator ignores the labels: they are not its images' classes
     return generate(gen, labels, seed=seed), (labels if conditional else None)

@@ -37,6 +37,7 @@ With ``--downstream`` every arm also gets, on each data set:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shutil
 import time
@@ -54,11 +55,13 @@ from fedsynth.core.grids import grid_labels, save_grid
 from fedsynth.data.sliceset import SliceSet
 from fedsynth.metrics.features import ClassifierSpace
 from fedsynth.metrics.fidelity import frechet_distance, precision_recall_density_coverage
-from fedsynth.models import build_gan
+from fedsynth.core.weights import load_weights
+from fedsynth.models import build_gan, build_networks
 from fedsynth.models.sampling import generate
 from fedsynth.models.training import BatchSource, make_optimizers, train_round
 from fedsynth.runs.config import RunConfig
 from fedsynth.runs.rundir import RunDir
+from fedsynth.server.bookkeeping import update_average
 from fedsynth.synthesis.generator import load_generator
 
 # The central plain conditional DCGAN of issue 12 (benchmarks/recipe.py's REFERENCE).
@@ -108,9 +111,13 @@ FEDERATED_ONLY: dict[str, dict[str, Any]] = {
     "local-steps-150": {"train.local-steps": 150},
     "local-steps-25": {"train.local-steps": 25},  # less drift between averages, more rounds
     "server-lr-2": {"federation.server-lr": 2.0},  # the server doubles the averaged update
+    # sampling from the last round's generator itself, not the server's running average over rounds
+    "no-average": {"federation.generator-average": 0},
 }
 ARMS.update(FEDERATED_ONLY)
 DATASETS = ("brain", "phantom-lesion", "phantom-site")
+# the server's running average of the generator, read out of every fed- run at these decays per round
+READOUT_DECAYS = (0.5, 0.7, 0.8, 0.9)
 
 
 @dataclass(frozen=True)
@@ -177,11 +184,32 @@ def train_federated(cfg: AblationConfig, settings: dict[str, Any], data: Path, w
         cmd += ["--set", f"{key}={value}"]
     seconds = run(cmd, log=work / "simulate.log")
     rounds = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines() if line.strip()]
-    loaded = load_generator(RunDir(run_dir))
+    loaded = load_generator(RunDir(run_dir))  # what `fedsynth sample` draws from
     per_hospital = [m for r in rounds for m in r.get("hospitals", {}).values()]
     seen = int(sum(m.get("images-seen", 0) for m in per_hospital))
     return loaded.gen, {"seconds": seconds, "rounds": len(rounds), "images_seen": seen, "images_per_second": seen / seconds,
                         "generator_steps": int(sum(m.get("steps", 0) for m in per_hospital))}
+
+
+def round_readouts(run_dir: Path, draw: np.ndarray, score: Any, seed: int) -> dict[str, dict[str, float]]:
+    """The same federated run read out other ways, paired (no training): the last round's
+    generator itself, and the server's running average over rounds at each of
+    ``READOUT_DECAYS``, recomputed from the run's checkpoints with the server's own update."""
+    run = RunDir(run_dir)
+    cfg = run.load_config()
+    rounds = [r for r in run.checkpoint_rounds() if r > 0]
+    gens = []
+    for r in rounds:
+        gen, _ = build_networks(cfg)
+        load_weights(gen, run.read_checkpoint(r)[0])
+        gens.append(gen)
+    out = {"itself": score(generate(gens[-1], draw, seed=seed))}
+    for decay in READOUT_DECAYS:
+        average = copy.deepcopy(gens[0])
+        for r, gen in zip(rounds, gens, strict=True):
+            update_average(average, gen, r, decay)
+        out[f"average-{decay:g}"] = score(generate(average, draw, seed=seed))
+    return out
 
 
 def measure(space: ClassifierSpace, holdout: np.ndarray, images: np.ndarray) -> dict[str, float]:
@@ -276,6 +304,9 @@ def run_dataset(cfg: AblationConfig, name: str, work: Path, out: Path) -> dict[s
             gen, stats = train_arm(cfg, ARMS[arm], train)
         images = generate(gen, draw, seed=cfg.seed + 1)
         result[arm] = {**stats, **measure(space, holdout.images, images)}
+        if arm.startswith("fed-"):
+            result[arm]["readouts"] = round_readouts(work / f"fed-{name}" / "run", draw,
+                                                     lambda x: measure(space, holdout.images, x), cfg.seed + 1)
         # the scored samples, for measures added later (git ignores .npz: not in the repository)
         np.savez_compressed(out / "samples" / f"{name}-{arm}.npz", images=images, labels=draw)
         if cfg.downstream:
@@ -310,6 +341,19 @@ def markdown(cfg: AblationConfig, result: dict[str, Any]) -> list[str]:
             steps = f", {r['generator_steps']} steps" if "generator_steps" in r else ""
             cells.append(f"{r['fd']:.2f} ({r['precision']:.2f} / {r['recall']:.2f}{steps})")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    fed_arms = [a for a in cfg.arms if a.startswith("fed-") and all(
+        "readouts" in result["datasets"][d][a] for d in cfg.datasets)]
+    if fed_arms:
+        lines += ["", "The same federated runs read out other ways (paired, no training): the last round's generator "
+                  "itself, and the server's running average over rounds at other decays, recomputed from each run's "
+                  "checkpoints (the arm's own row above is what `fedsynth sample` draws: its "
+                  "`federation.generator-average`). FD (precision / recall).", "",
+                  "| arm | readout | " + " | ".join(cfg.datasets) + " |", "| --- | --- |" + " --- |" * len(cfg.datasets)]
+        for arm in fed_arms:
+            for readout in result["datasets"][cfg.datasets[0]][arm]["readouts"]:
+                cells = [result["datasets"][d][arm]["readouts"][readout] for d in cfg.datasets]
+                lines.append(f"| {arm} | {readout} | " + " | ".join(
+                    f"{c['fd']:.2f} ({c['precision']:.2f} / {c['recall']:.2f})" for c in cells) + " |")
     if cfg.downstream:
         lines += downstream_markdown(cfg, result)
     return lines

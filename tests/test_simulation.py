@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -23,10 +24,12 @@ from fedsynth.cli import app
 from fedsynth.engine.launcher import run_simulation_engine
 from fedsynth.engine.simulation import prepare_simulation
 from fedsynth.core.checkpoint import load_checkpoint
+from fedsynth.core.weights import AVERAGE, GENERATOR, split_model
 from fedsynth.core.errors import ConfigError
 from fedsynth.runs.config import RunConfig
 from fedsynth.runs.rundir import RunDir
 from fedsynth.data.sliceset import SliceSet
+from fedsynth.synthesis.generator import load_generator
 
 from .conftest import make_slices
 
@@ -136,14 +139,24 @@ def test_every_round_is_scored_on_validation_patients_and_best_picks_the_lowest(
     assert SliceSet.load(tmp_path / "best" / "synthetic.npz").meta["round"] == best
 
 
-def test_global_generator_changes_every_round(finished_run: Path) -> None:
+def test_global_generator_changes_every_round_and_sampling_draws_its_average(finished_run: Path) -> None:
     run = RunDir(finished_run)
     weights = [load_checkpoint(run.checkpoint(r))[0] for r in range(4)]
-    for before, after in zip(weights, weights[1:]):
+    gens = [split_model(w)[0] for w in weights]
+    for before, after in zip(gens, gens[1:]):
         assert set(before) == set(after)
         assert any(not np.array_equal(before[k].numpy(), after[k].numpy()) for k in before)
     # Only generator weights are federated by default: the hospitals' discriminators stay home.
-    assert all(k.startswith("generator.") for k in weights[-1])
+    # The checkpoint also keeps the server's running average of the generator.
+    assert {k.partition(".")[0] for k in weights[-1]} == {GENERATOR, AVERAGE}
+    # Sampling draws from the average, which over the first rounds weighs each round's
+    # generator by its number; the run was resumed after round 2 and the average went on.
+    sampled = load_generator(run, 3).gen.state_dict()
+    floats = [k for k, v in gens[3].items() if v.is_floating_point()]
+    for k in floats:
+        expected = (gens[1][k] + 2 * gens[2][k] + 3 * gens[3][k]) / 6
+        torch.testing.assert_close(sampled[k], expected, rtol=1e-4, atol=1e-5)
+    assert any(not torch.equal(sampled[k], gens[3][k]) for k in floats), "not the last round's generator"
 
 
 def test_sample_png_and_npz(finished_run: Path, tmp_path: Path) -> None:

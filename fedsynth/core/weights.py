@@ -4,9 +4,20 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["DISCRIMINATOR", "GENERATOR", "exchanged_state", "model_tensors", "split_model"]
+__all__ = [
+    "AVERAGE",
+    "DISCRIMINATOR",
+    "GENERATOR",
+    "exchanged_state",
+    "model_tensors",
+    "sampling_state",
+    "split_model",
+]
 
 GENERATOR, DISCRIMINATOR = "generator", "discriminator"
+# The server's running average of the global generator over rounds (federation.generator-average):
+# kept in the round's checkpoint beside the generator, never sent to a hospital; sampling uses it.
+AVERAGE = "generator-average"
 _SKIP_SUFFIX = "num_batches_tracked"  # an integer step counter, meaningless to average
 
 
@@ -15,16 +26,23 @@ def exchanged_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in module.state_dict().items() if not k.endswith(_SKIP_SUFFIX)}
 
 
-def model_tensors(gen: torch.nn.Module, disc: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
-    """One flat dict of prefixed tensors: the generator, and the discriminator if given."""
+def model_tensors(
+    gen: torch.nn.Module, disc: torch.nn.Module | None = None, average: torch.nn.Module | None = None
+) -> dict[str, torch.Tensor]:
+    """One flat dict of prefixed tensors: the generator, and the discriminator and the
+    generator's running average if given."""
     out = {f"{GENERATOR}.{k}": v.detach().cpu() for k, v in exchanged_state(gen).items()}
     if disc is not None:
         out.update({f"{DISCRIMINATOR}.{k}": v.detach().cpu() for k, v in exchanged_state(disc).items()})
+    if average is not None:
+        out.update({f"{AVERAGE}.{k}": v.detach().cpu() for k, v in exchanged_state(average).items()})
     return out
 
 
 def split_model(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Prefixed tensors (``generator.x``, ``discriminator.y``) to two state dicts.
+    """Prefixed tensors (``generator.x``, ``discriminator.y``) to two state dicts. The
+    generator's running average (``generator-average.z``), in a checkpoint, is left out:
+    training goes on from the generator itself; :func:`sampling_state` reads the average.
 
     Raises
     ------
@@ -38,9 +56,16 @@ def split_model(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
             gen[name] = value
         elif prefix == DISCRIMINATOR:
             disc[name] = value
-        else:
+        elif prefix != AVERAGE:
             raise KeyError(f"unexpected model key {key!r}")
     return gen, disc
+
+
+def sampling_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The generator weights to draw images from: the running average where the
+    checkpoint holds one, else the generator itself."""
+    average = {k.partition(".")[2]: v for k, v in tensors.items() if k.partition(".")[0] == AVERAGE}
+    return average or split_model(tensors)[0]
 
 
 def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -10,10 +11,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedsynth.core.checkpoint import save_checkpoint
+from fedsynth.core.checkpoint import load_checkpoint, save_checkpoint
 from fedsynth.core.plotting import pyplot
-from fedsynth.core.weights import load_weights, model_tensors
-from fedsynth.models import build_networks
+from fedsynth.core.weights import load_weights, model_tensors, sampling_state, split_model
+from fedsynth.models import EMBEDDING, build_networks
 from fedsynth.models.networks import GeneratorNet
 from fedsynth.privacy import epsilon_for
 from fedsynth.runs.config import RunConfig
@@ -27,6 +28,8 @@ __all__ = [
     "record_privacy",
     "record_round",
     "restore_round",
+    "start_average",
+    "update_average",
 ]
 
 log = logging.getLogger(__name__)
@@ -42,12 +45,44 @@ def build_global_models(cfg: RunConfig) -> tuple[GeneratorNet, nn.Module | None]
     return gen, disc
 
 
-def restore_round(run: RunDir, round_: int, gen: GeneratorNet, disc: nn.Module | None) -> None:
-    """Load a round's checkpoint into the global models."""
-    gen_state, disc_state = run.read_checkpoint(round_)
+def restore_round(
+    run: RunDir, round_: int, gen: GeneratorNet, disc: nn.Module | None, average: GeneratorNet | None = None
+) -> None:
+    """Load a round's checkpoint into the global models, and the generator's running
+    average where the checkpoint holds one (else the average starts from the generator)."""
+    tensors, _ = load_checkpoint(run.checkpoint(round_))
+    gen_state, disc_state = split_model(tensors)
     load_weights(gen, gen_state)
     if disc is not None and disc_state:
         load_weights(disc, disc_state)
+    if average is not None:
+        load_weights(average, sampling_state(tensors))
+
+
+def start_average(cfg: RunConfig, gen: GeneratorNet) -> GeneratorNet | None:
+    """The generator's running average over rounds (``federation.generator-average``),
+    starting as a copy of the global generator; None when it is off, or for a family
+    fitted once to its hospitals' releases (dp-merf: one round, nothing to average)."""
+    if cfg.federation.generator_average <= 0 or cfg.model.family.federation == EMBEDDING:
+        return None
+    return copy.deepcopy(gen)
+
+
+@torch.no_grad()
+def update_average(average: GeneratorNet, gen: GeneratorNet, round_: int, decay: float) -> None:
+    """Fold round ``round_``'s global generator into the running average: an exponential
+    moving average with ``decay`` per round, after a ramp (decay (r - 1) / (r + 1) in round
+    r, while that is smaller) that makes it, over the first rounds, the average of every
+    round so far weighted by round number: a short run is not dragged back to its first,
+    untrained rounds. BatchNorm's running statistics are averaged like the weights; its
+    step counters are the generator's."""
+    beta = min(decay, (round_ - 1) / (round_ + 1))
+    current = gen.state_dict()
+    for key, value in average.state_dict().items():
+        if value.is_floating_point():
+            value.mul_(beta).add_(current[key], alpha=1 - beta)
+        else:
+            value.copy_(current[key])
 
 
 def record_round(
@@ -59,8 +94,10 @@ def record_round(
     *,
     report: dict[str, Any],
     seconds: float,
+    average: GeneratorNet | None = None,
 ) -> dict[str, Any]:
-    """Write the round's checkpoint (atomically), its sample grid and its metrics line.
+    """Write the round's checkpoint (atomically), its sample grid (drawn from the running
+    average where there is one: what sampling will draw from) and its metrics line.
 
     The checkpoint is written first: a round counts as done once its checkpoint exists,
     and ``rounds.jsonl`` is appended only after that, so a crash in between loses no
@@ -68,7 +105,7 @@ def record_round(
     """
     checkpoint = save_checkpoint(
         run.checkpoint(round_),
-        model_tensors(gen, disc),
+        model_tensors(gen, disc, average),
         {
             "round": str(round_),
             "model": cfg.model.name,
@@ -76,7 +113,9 @@ def record_round(
             "class-names": cfg.data.class_names,
         },
     )
-    grid = cfg.model.family.round_grid(gen, cfg, run.grid(round_), title=f"round {round_}")
+    grid = cfg.model.family.round_grid(
+        average if average is not None else gen, cfg, run.grid(round_), title=f"round {round_}"
+    )
     record = {
         "round": round_,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

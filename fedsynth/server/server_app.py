@@ -35,6 +35,8 @@ from fedsynth.server.bookkeeping import (
     record_privacy,
     record_round,
     restore_round,
+    start_average,
+    update_average,
 )
 from fedsynth.synthesis.generator import find_warm_start
 
@@ -93,9 +95,10 @@ def _federate(grid: Grid, cfg: RunConfig, run: RunDir) -> str | None:
     """The rounds; returns why the run stopped before its last round, if it did."""
     started = time.perf_counter()
     gen, disc = build_global_models(cfg)
+    average = start_average(cfg, gen)
     last = run.last_round()
     if cfg.output.resume and last is not None:
-        restore_round(run, last, gen, disc)
+        restore_round(run, last, gen, disc, average)
         run.truncate_rounds_after(last)
         start = last + 1
         log.info("resuming after round %d", last)
@@ -105,7 +108,7 @@ def _federate(grid: Grid, cfg: RunConfig, run: RunDir) -> str | None:
             raise RuntimeError(
                 f"{run.root} already holds checkpoints; resume it (output.resume) or use a new run directory"
             )
-        initial = record_round(run, cfg, 0, gen, disc, report={}, seconds=0.0)
+        initial = record_round(run, cfg, 0, gen, disc, report={}, seconds=0.0, average=average)
         start = 1
         tracker = RunTracker(run, cfg)
         tracker.round(initial)
@@ -114,7 +117,7 @@ def _federate(grid: Grid, cfg: RunConfig, run: RunDir) -> str | None:
         if cfg.model.family.federation == EMBEDDING:
             stopped = _release_round(grid, cfg, run, gen, tracker) if start == 1 else None
         else:
-            stopped = _rounds(grid, cfg, run, gen, disc, start, started, tracker)
+            stopped = _rounds(grid, cfg, run, gen, disc, start, started, tracker, average)
         state = "finished"
         return stopped
     finally:
@@ -130,8 +133,10 @@ def _rounds(
     start: int,
     started: float,
     tracker: RunTracker,
+    average: GeneratorNet | None = None,
 ) -> str | None:
-    """Rounds ``start`` onwards; returns why the run stopped before its last round, if it did."""
+    """Rounds ``start`` onwards; returns why the run stopped before its last round, if it did.
+    ``average``: the generator's running average over rounds, updated after each round."""
     arrays = pack_model(gen, disc)
     client_dp = None
     trainable = {f"{GENERATOR}.{k}" for k, _ in gen.named_parameters()}
@@ -179,9 +184,13 @@ def _rounds(
             )
             arrays = pack_model(gen, disc)
             record_client_privacy(run, cfg, round_, report)
+        if average is not None:
+            update_average(average, gen, round_, cfg.federation.generator_average)
         trained = [node for node, name in strategy.node_names.items() if name in report.hospitals]
+        # the hospitals score what sampling draws from: the running average, where there is one
+        scored = pack_model(average, disc) if average is not None else arrays
         validation = (
-            _validate(strategy, round_, arrays, grid, cfg, trained) if validation_enabled(cfg) else None
+            _validate(strategy, round_, scored, grid, cfg, trained) if validation_enabled(cfg) else None
         )
         record = record_round(
             run,
@@ -199,6 +208,7 @@ def _rounds(
                 "server": {"wait-seconds": round(waited, 3), "aggregate-seconds": round(aggregating, 4)},
             },
             seconds=time.perf_counter() - began,
+            average=average,
         )
         tracker.round(record)
         if report.declined and cfg.dp.on_budget_exhausted == "stop":

@@ -10,7 +10,7 @@ from torch import nn
 
 from fedsynth.core.checkpoint import CheckpointError, file_sha256, load_checkpoint
 from fedsynth.core.errors import ConfigError
-from fedsynth.core.weights import load_weights, split_model
+from fedsynth.core.weights import load_weights, sampling_state, split_model
 from fedsynth.models import Family, build_networks
 from fedsynth.models.networks import GeneratorNet
 from fedsynth.runs.config import RunConfig
@@ -31,7 +31,9 @@ class LoadedGenerator:
 
 
 def load_generator(run: RunDir, round_: int | str | None = "last") -> LoadedGenerator:
-    """The run's global generator after ``round_`` (a number, ``"last"`` or ``"best"``).
+    """The run's global generator after ``round_`` (a number, ``"last"`` or ``"best"``):
+    the server's running average of it over rounds where the checkpoint holds one
+    (``federation.generator-average``), else the round's generator itself.
 
     Raises
     ------
@@ -43,7 +45,8 @@ def load_generator(run: RunDir, round_: int | str | None = "last") -> LoadedGene
     cfg = run.load_config()
     used = run.resolve_round(round_)
     gen, _ = build_networks(cfg)
-    load_weights(gen, run.read_checkpoint(used)[0])
+    tensors, _ = load_checkpoint(run.checkpoint(used))
+    load_weights(gen, sampling_state(tensors))
     return LoadedGenerator(gen, cfg.model.family, cfg, used, run.checkpoint(used))
 
 
