@@ -198,6 +198,8 @@ def round_readouts(run_dir: Path, draw: np.ndarray, score: Any, seed: int) -> di
     run = RunDir(run_dir)
     cfg = run.load_config()
     rounds = [r for r in run.checkpoint_rounds() if r > 0]
+    # the benchmark's own runs: one invocation, every round checkpointed (the ramp reads round numbers)
+    assert rounds == list(range(1, len(rounds) + 1)), f"{run_dir}: rounds {rounds}"
     gens = []
     for r in rounds:
         gen, _ = build_networks(cfg)

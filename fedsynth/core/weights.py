@@ -16,7 +16,8 @@ __all__ = [
 
 GENERATOR, DISCRIMINATOR = "generator", "discriminator"
 # The server's running average of the global generator over rounds (federation.generator-average):
-# kept in the round's checkpoint beside the generator, never sent to a hospital; sampling uses it.
+# kept in the round's checkpoint beside the generator and never trained on (hospitals receive it
+# only to score it, in validation messages); sampling uses it.
 AVERAGE = "generator-average"
 _SKIP_SUFFIX = "num_batches_tracked"  # an integer step counter, meaningless to average
 

@@ -6,8 +6,9 @@ Layout::
     RUN/manifest.json                versions, seeds, git revision, data hashes
     RUN/status.json                  running / finished / failed (with the error)
     RUN/rounds.jsonl                 one JSON line per finished round, per-hospital metrics
-    RUN/checkpoints/round-NNNN.safetensors   global generator after round NNNN (0 = initial)
-    RUN/samples/round-NNNN.png       fixed-noise sample grid, one row per class
+    RUN/checkpoints/round-NNNN.safetensors   global generator after round NNNN (0 = initial),
+                                     and its running average over rounds (sampled from)
+    RUN/samples/round-NNNN.png       fixed-noise sample grid (of the average), one row per class
     RUN/curves.png                   losses per hospital over rounds
     RUN/tensorboard/                 TensorBoard event files (see fedsynth.runs.tracking)
     RUN/tracking.json                the MLflow run this run logs to (with output.mlflow)
