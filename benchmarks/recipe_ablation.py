@@ -49,7 +49,8 @@ import numpy as np
 import torch
 
 from .common import FEDSYNTH, HERE, machine, machine_line, phantom_slices, prepare_brain, progress, run, write
-from fedsynth.audit.memorization import CopySearch, closer_to_train_within_classes, measure_distances, near_copies
+from fedsynth.audit.memorization import (CopySearch, closer_to_train_within_classes, measure_distances, near_copies,
+                                         share_distances_within)
 from fedsynth.audit.utility import BALANCED, CONTROL, ORACLE, REAL, SYNTHETIC_ONLY, small_set, utility_study
 from fedsynth.core.grids import grid_labels, save_grid
 from fedsynth.data.sliceset import SliceSet
@@ -256,7 +257,8 @@ def copy_check(cfg: AblationConfig, images: np.ndarray, labels: np.ndarray, trai
       set's does, would tilt the share: a class with few holdout patients has its nearest
       slices in train.
     """
-    d = measure_distances("pixels", CopySearch(), synthetic=images, train=train.images, holdout=holdout.images,
+    search = CopySearch()
+    d = measure_distances("pixels", search, synthetic=images, train=train.images, holdout=holdout.images,
                           seed=cfg.seed, train_patients=train.patient_ids, holdout_patients=holdout.patient_ids)
     copies = near_copies(d)
     skipped: dict[str, Any] = {}
@@ -266,9 +268,7 @@ def copy_check(cfg: AblationConfig, images: np.ndarray, labels: np.ndarray, trai
         if s.sum() == 0 or h.sum() < 2 or t.sum() < 2:
             skipped[name] = {"skipped": f"{int(s.sum())} samples, {int(t.sum())} train, {int(h.sum())} holdout slices"}
             continue
-        by_class[name] = measure_distances("pixels", CopySearch(), synthetic=images[s], train=train.images[t],
-                                           holdout=holdout.images[h], seed=cfg.seed,
-                                           train_patients=train.patient_ids[t], holdout_patients=holdout.patient_ids[h])
+        by_class[name] = share_distances_within(d, search, synthetic=s, train=t, holdout=h, seed=cfg.seed)
     pooled: dict[str, Any] = {"closer_to_train": None, "closer_to_train_p": None}
     per_class = dict(skipped)
     if by_class:

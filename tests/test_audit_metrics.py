@@ -70,6 +70,24 @@ def test_a_holdout_with_another_class_mix_tilts_the_whole_set_share_but_not_the_
     assert within["n"] == 400 and set(within["by_class"]) == {"a", "b"}
 
 
+def test_the_share_within_a_class_reuses_the_whole_set_search_and_equals_measuring_the_class_alone() -> None:
+    """The audit measures each class's share on the images it already indexed for the whole
+    set: the same distances, patients and test as measuring that class from scratch."""
+    train, holdout, synthetic = _images(120, 0), _images(40, 1), _images(60, 2)
+    patients = np.repeat(np.arange(60).astype(str), 2)
+    t, h, s = np.arange(120) % 3 == 0, np.arange(40) < 25, np.arange(60) % 2 == 1
+    search = M.FeatureSearch(_flat)
+    whole = M.measure_distances("pixels", search, synthetic=synthetic, train=train, holdout=holdout,
+                                train_patients=patients, seed=3)
+    part = M.share_distances_within(whole, search, synthetic=s, train=t, holdout=h, seed=3)
+    alone = _distances(synthetic[s], train[t], holdout[h], train_patients=patients[t], seed=3)
+    np.testing.assert_allclose(part.synthetic_to_holdout, alone.synthetic_to_holdout, rtol=1e-6)
+    np.testing.assert_allclose(part.synthetic_to_train_subset, alone.synthetic_to_train_subset, rtol=1e-6)
+    np.testing.assert_array_equal(part.subset_unit, alone.subset_unit)
+    assert part.train_subset_size == alone.train_subset_size and part.train_share == alone.train_share
+    assert M.closer_to_train_share(part) == M.closer_to_train_share(alone)
+
+
 def test_a_patient_in_two_classes_is_one_unit_of_the_pooled_test() -> None:
     """A collapsed generator drawing one image per class, both nearest slices of one
     training patient: one coin flip (that patient's side of the split), not two."""
@@ -165,8 +183,9 @@ def test_a_class_too_thin_to_measure_is_named_and_the_others_are_still_measured_
     inputs = AuditInputs(train, labels["train"], np.arange(120).astype(str), holdout, labels["holdout"],
                          np.char.add("h", np.arange(41).astype(str)), synthetic, labels["synthetic"], ("a", "b"))
     search = M.FeatureSearch(_flat)
-    by_class = _class_distances(inputs, "pixels", search, AuditOptions())
+    whole = M.measure_distances("pixels", search, synthetic=synthetic, train=train, holdout=holdout,
+                                train_patients=inputs.train_patients, holdout_patients=inputs.holdout_patients)
+    by_class = _class_distances(inputs, whole, search, AuditOptions())
     assert set(by_class) == {"a"}
-    whole = _distances(synthetic, train, holdout)
     share = _memorization(whole, by_class, inputs.class_names)["closer_to_train"]
     assert share["within_classes"] and share["skipped_classes"] == ["b"] and share["n"] == 30

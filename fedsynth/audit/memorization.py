@@ -43,6 +43,7 @@ __all__ = [
     "Distances",
     "FeatureSearch",
     "Search",
+    "ShareDistances",
     "authenticity",
     "authenticity_test",
     "closer_to_train_share",
@@ -50,6 +51,7 @@ __all__ = [
     "dcr_summary",
     "measure_distances",
     "near_copies",
+    "share_distances_within",
 ]
 
 log = logging.getLogger(__name__)
@@ -157,6 +159,9 @@ class Distances:
     holdout_theta: np.ndarray | None = None  # the same for each holdout image's match in train
     synthetic_index: Any = None  # the synthetic images as the search indexed them (membership inference)
     holdout_index: Any = None  # the holdout, the same way (the gallery)
+    train_index: Any = None  # the training images, the same way (the share within classes)
+    train_patients: np.ndarray | None = None  # patient id per training image, as strings
+    holdout_patients: np.ndarray | None = None  # the same per holdout image
 
     @property
     def sampled(self) -> np.ndarray | slice:
@@ -195,60 +200,154 @@ def measure_distances(
     theta = finder.last_theta if isinstance(finder, CopySearch) else None
     ht_d, ht_i = finder.nearest(holdout_x, train_x)
     holdout_theta = finder.last_theta if isinstance(finder, CopySearch) else None
-    rng = np.random.default_rng(seed)
-    train_p = (
-        np.arange(len(train)).astype(str)
-        if train_patients is None
-        else np.asarray(train_patients).astype(str)
+    share = _share_distances(
+        finder,
+        synthetic_x,
+        len(synthetic),
+        train_x,
+        holdout_x,
+        _patients(train_patients, len(train), ""),
+        _patients(holdout_patients, len(holdout), "h"),
+        seed=seed,
+        sample=sample,
     )
-    holdout_p = (
-        np.char.add("h", np.arange(len(holdout)).astype(str))
-        if holdout_patients is None
-        else np.asarray(holdout_patients).astype(str)
-    )
-    train_ids = np.unique(train_p)
-    chosen = rng.choice(train_ids, size=min(len(np.unique(holdout_p)), len(train_ids)), replace=False)
-    subset = np.flatnonzero(np.isin(train_p, chosen))
-    rows = (
-        np.arange(len(synthetic))
-        if len(synthetic) <= sample
-        else np.sort(rng.choice(len(synthetic), size=sample, replace=False))
-    )
-    sampled_x = synthetic_x if len(rows) == len(synthetic) else finder.subset(synthetic_x, rows)
-    sh_d, sh_i = finder.nearest(sampled_x, holdout_x)
-    sts_d, sts_i = finder.nearest(sampled_x, finder.subset(train_x, subset))
     # each needed training image to its nearest other training image (authenticity)
-    needed = np.unique(np.concatenate([st_i[rows], ht_i]))
+    needed = np.unique(np.concatenate([st_i[share.sample], ht_i]))
     tt_d = np.full(len(train), np.nan, dtype=np.float32)
     if len(train) > 1:
         queries = train_x if len(needed) == len(train) else finder.subset(train_x, needed)
         tt_d[needed], _ = finder.nearest(queries, train_x, exclude=needed)
-    # the patient (unit of the share test) behind each sampled image's nearest subsample/holdout image
-    subset_unit = np.char.add("t:", train_p[subset][sts_i])
-    holdout_unit = np.char.add("h:", holdout_p[sh_i])
     return Distances(
         space,
         st_d,
         st_i,
-        sh_d,
-        sh_i,
+        share.synthetic_to_holdout,
+        share.synthetic_to_holdout_index,
         ht_d,
         ht_i,
-        sts_d,
-        sts_i,
-        len(subset),
+        share.synthetic_to_train_subset,
+        share.synthetic_to_train_subset_index,
+        share.train_subset_size,
         tt_d,
         finder.features(train_x),
         finder.features(holdout_x),
         finder.features(synthetic_x),
-        subset_unit,
-        holdout_unit,
-        train_share=len(chosen) / len(train_ids),
-        sample=rows,
+        share.subset_unit,
+        share.holdout_unit,
+        train_share=share.train_share,
+        sample=share.sample,
         synthetic_theta=theta,
         holdout_theta=holdout_theta,
         synthetic_index=synthetic_x,
         holdout_index=holdout_x,
+        train_index=train_x,
+        train_patients=share.train_patients,
+        holdout_patients=share.holdout_patients,
+    )
+
+
+def _patients(ids: np.ndarray | None, n: int, prefix: str) -> np.ndarray:
+    """Patient ids as strings; None: every image its own patient."""
+    if ids is None:
+        return np.char.add(prefix, np.arange(n).astype(str))
+    return np.asarray(ids).astype(str)
+
+
+@dataclass
+class ShareDistances:
+    """What the closer-to-train share needs, over a sample of the synthetic images: each
+    one's nearest holdout and train-subsample image (train subsampled to as many whole
+    patients as the holdout has), and the patient behind each."""
+
+    synthetic_to_holdout: np.ndarray
+    synthetic_to_holdout_index: np.ndarray
+    synthetic_to_train_subset: np.ndarray
+    synthetic_to_train_subset_index: np.ndarray
+    train_subset_size: int
+    subset_unit: np.ndarray
+    holdout_unit: np.ndarray
+    train_share: float
+    sample: np.ndarray
+    train_patients: np.ndarray
+    holdout_patients: np.ndarray
+
+
+def _share_distances(
+    finder: Search,
+    synthetic_x: Any,
+    n_synthetic: int,
+    train_x: Any,
+    holdout_x: Any,
+    train_p: np.ndarray,
+    holdout_p: np.ndarray,
+    *,
+    seed: int,
+    sample: int,
+) -> ShareDistances:
+    """The two searches of the closer-to-train share, on indexed images."""
+    rng = np.random.default_rng(seed)
+    train_ids = np.unique(train_p)
+    chosen = rng.choice(train_ids, size=min(len(np.unique(holdout_p)), len(train_ids)), replace=False)
+    subset = np.flatnonzero(np.isin(train_p, chosen))
+    rows = (
+        np.arange(n_synthetic)
+        if n_synthetic <= sample
+        else np.sort(rng.choice(n_synthetic, size=sample, replace=False))
+    )
+    sampled_x = synthetic_x if len(rows) == n_synthetic else finder.subset(synthetic_x, rows)
+    sh_d, sh_i = finder.nearest(sampled_x, holdout_x)
+    sts_d, sts_i = finder.nearest(sampled_x, finder.subset(train_x, subset))
+    # the patient (unit of the share test) behind each sampled image's nearest subsample/holdout image
+    return ShareDistances(
+        sh_d,
+        sh_i,
+        sts_d,
+        sts_i,
+        len(subset),
+        np.char.add("t:", train_p[subset][sts_i]),
+        np.char.add("h:", holdout_p[sh_i]),
+        len(chosen) / len(train_ids),
+        rows,
+        train_p,
+        holdout_p,
+    )
+
+
+def share_distances_within(
+    d: Distances,
+    search: Search,
+    *,
+    synthetic: np.ndarray,
+    train: np.ndarray,
+    holdout: np.ndarray,
+    seed: int = 0,
+    sample: int = SAMPLE,
+) -> ShareDistances:
+    """The closer-to-train share's searches for a part of the images that ``d`` measured
+    (boolean masks or rows of its synthetic, train and holdout images: one class, say),
+    reusing the images ``search`` indexed for ``d``; the same as
+    :func:`measure_distances` on that part, without the searches only the whole set needs."""
+    synthetic, train, holdout = (
+        np.flatnonzero(m) if m.dtype == bool else m for m in (synthetic, train, holdout)
+    )
+    if (
+        d.synthetic_index is None
+        or d.train_index is None
+        or d.holdout_index is None
+        or d.train_patients is None
+        or d.holdout_patients is None
+    ):
+        raise ValueError("share_distances_within: these distances keep no indexed images")
+    return _share_distances(
+        search,
+        search.subset(d.synthetic_index, synthetic),
+        len(synthetic),
+        search.subset(d.train_index, train),
+        search.subset(d.holdout_index, holdout),
+        d.train_patients[train],
+        d.holdout_patients[holdout],
+        seed=seed,
+        sample=sample,
     )
 
 
@@ -281,7 +380,7 @@ def _safe_ratio(a: float, b: float) -> float:
     return float(a / b) if b > 0 else float("nan")
 
 
-def closer_to_train_share(d: Distances) -> dict[str, Any]:
+def closer_to_train_share(d: Distances | ShareDistances) -> dict[str, Any]:
     """Share of synthetic images nearer to a training image than to any holdout image,
     with train subsampled to the holdout's size (ties counted half), and a one-sided
     test against 0.5 that is robust to many images sharing one nearest real image.
@@ -309,7 +408,7 @@ def closer_to_train_share(d: Distances) -> dict[str, Any]:
     }
 
 
-def _closer_and_units(d: Distances) -> tuple[np.ndarray, np.ndarray]:
+def _closer_and_units(d: Distances | ShareDistances) -> tuple[np.ndarray, np.ndarray]:
     """Per sampled synthetic image: 1 when its nearest train-subsample image is nearer than
     its nearest holdout image (ties 0.5), and the patient behind the nearer of the two."""
     closer = (d.synthetic_to_train_subset < d.synthetic_to_holdout).astype(float)
@@ -337,7 +436,9 @@ def _share_test(closer: np.ndarray, units: np.ndarray) -> tuple[float, float, in
     return share, p_value, int(len(counts))
 
 
-def closer_to_train_within_classes(by_class: dict[str, Distances]) -> dict[str, Any]:
+def closer_to_train_within_classes(
+    by_class: dict[str, ShareDistances] | dict[str, Distances],
+) -> dict[str, Any]:
     """:func:`closer_to_train_share` measured within each class (each class's synthetic
     images against that class's train subsample and holdout), then pooled into one test.
 

@@ -213,7 +213,7 @@ def run_audit(
                 sample=options.share_sample,
             )
         memo = {
-            name: _memorization(d, _class_distances(inputs, name, spaces[name], options), inputs.class_names)
+            name: _memorization(d, _class_distances(inputs, d, spaces[name], options), inputs.class_names)
             for name, d in distances.items()
         }
         timings["memorization"] = time.monotonic() - t
@@ -347,36 +347,29 @@ def fit_feature_spaces(
 
 
 def _class_distances(
-    inputs: AuditInputs, space: str, search: memorization.Search, options: AuditOptions
-) -> dict[str, memorization.Distances]:
+    inputs: AuditInputs, d: memorization.Distances, search: memorization.Search, options: AuditOptions
+) -> dict[str, memorization.ShareDistances]:
     """Each class's synthetic images against that class's train and holdout slices, for the
-    closer-to-train share (empty for an unconditional generator or a single class). Over
-    the whole set, a holdout whose class mix differs from train's tilts that share: the
-    synthetic images of a class with few holdout patients find their nearest slice in train."""
+    closer-to-train share (empty for an unconditional generator or a single class), on the
+    images ``search`` indexed for the whole set ``d``. Over the whole set, a holdout whose
+    class mix differs from train's tilts that share: the synthetic images of a class with
+    few holdout patients find their nearest slice in train."""
     if inputs.synthetic_labels is None or len(inputs.class_names) < 2:
         return {}
-    by_class: dict[str, memorization.Distances] = {}
+    by_class: dict[str, memorization.ShareDistances] = {}
     for k, name in enumerate(inputs.class_names):
         s, t, h = inputs.synthetic_labels == k, inputs.train_labels == k, inputs.holdout_labels == k
         if s.sum() == 0 or t.sum() < 2 or h.sum() < 2:
             continue  # nothing to measure, or a class one side barely has
-        by_class[name] = memorization.measure_distances(
-            f"{space} ({name})",
-            search,
-            synthetic=inputs.synthetic_images[s],
-            train=inputs.train_images[t],
-            holdout=inputs.holdout_images[h],
-            seed=options.seed,
-            train_patients=inputs.train_patients[t],
-            holdout_patients=inputs.holdout_patients[h],
-            sample=options.share_sample,
+        by_class[name] = memorization.share_distances_within(
+            d, search, synthetic=s, train=t, holdout=h, seed=options.seed, sample=options.share_sample
         )
     return by_class
 
 
 def _memorization(
     d: memorization.Distances,
-    by_class: dict[str, memorization.Distances] | None = None,
+    by_class: dict[str, memorization.ShareDistances] | None = None,
     class_names: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """The copying measures in one space. With ``by_class``, the closer-to-train share is
