@@ -200,16 +200,10 @@ def measure_distances(
     theta = finder.last_theta if isinstance(finder, CopySearch) else None
     ht_d, ht_i = finder.nearest(holdout_x, train_x)
     holdout_theta = finder.last_theta if isinstance(finder, CopySearch) else None
+    train_p = _patients(train_patients, len(train), "")
+    holdout_p = _patients(holdout_patients, len(holdout), "h")
     share = _share_distances(
-        finder,
-        synthetic_x,
-        len(synthetic),
-        train_x,
-        holdout_x,
-        _patients(train_patients, len(train), ""),
-        _patients(holdout_patients, len(holdout), "h"),
-        seed=seed,
-        sample=sample,
+        finder, synthetic_x, len(synthetic), train_x, holdout_x, train_p, holdout_p, seed=seed, sample=sample
     )
     # each needed training image to its nearest other training image (authenticity)
     needed = np.unique(np.concatenate([st_i[share.sample], ht_i]))
@@ -241,8 +235,8 @@ def measure_distances(
         synthetic_index=synthetic_x,
         holdout_index=holdout_x,
         train_index=train_x,
-        train_patients=share.train_patients,
-        holdout_patients=share.holdout_patients,
+        train_patients=train_p,
+        holdout_patients=holdout_p,
     )
 
 
@@ -268,8 +262,6 @@ class ShareDistances:
     holdout_unit: np.ndarray
     train_share: float
     sample: np.ndarray
-    train_patients: np.ndarray
-    holdout_patients: np.ndarray
 
 
 def _share_distances(
@@ -308,8 +300,6 @@ def _share_distances(
         np.char.add("h:", holdout_p[sh_i]),
         len(chosen) / len(train_ids),
         rows,
-        train_p,
-        holdout_p,
     )
 
 
