@@ -18,6 +18,27 @@ BRAIN_MRI = SHARED_DATA / "brain-tumor-mri"
 CT_VOLUMES = SHARED_DATA / "ct-volumes"
 # The demo's hospitals with fewer patients each, to keep the tests quick.
 SMALL_HOSPITALS = tuple(replace(p, patients=5) for p in DEFAULT_HOSPITALS)
+# pytest runs one worker per core (pyproject's addopts: -n auto --dist loadfile), at most this many:
+# each may run a Flower simulation of about 1.5 GB.
+MAX_WORKERS = 4
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: one worker per core this process may use (not ``os.cpu_count()``)."""
+    return max(1, min(len(os.sched_getaffinity(0)), MAX_WORKERS))
+
+
+def _pin_worker_to_its_cores() -> None:
+    """Each pytest-xdist worker, and every process it starts, gets its own share of the cores.
+    Two torch processes spinning threads on the same two cores slow each other many times over
+    (NOTES.md); pinned, each sizes its threads from its own share (``available_cores``)."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    cores = sorted(os.sched_getaffinity(0))
+    if worker and 1 < count <= len(cores):
+        os.sched_setaffinity(0, cores[int(worker.removeprefix("gw")) :: count])
+
+
+_pin_worker_to_its_cores()
 
 
 def require(path: Path) -> Path:

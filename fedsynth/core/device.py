@@ -61,8 +61,9 @@ def available_cores() -> int:
 
 
 class CpuWatch:
-    """How much CPU processes *outside* this one and its children use: sampled between
-    calls to :meth:`foreign_cores`, from the machine's busy time minus this process tree's.
+    """How much CPU processes *outside* this one and its children use on the cores this process
+    may run on: sampled between calls to :meth:`foreign_cores`, from those cores' busy time minus
+    this process tree's.
     Two torch processes with default threads on two cores slow each other many times over,
     so a long command says when the machine is oversubscribed."""
 
@@ -81,13 +82,19 @@ class CpuWatch:
         return total
 
     def _sample(self) -> tuple[float, float, float]:
-        busy = psutil.cpu_times()
-        machine = (
+        # only the cores this process may run on: a process pinned to other cores slows it not
+        per_core = psutil.cpu_times(percpu=True)
+        try:
+            mine = [per_core[i] for i in os.sched_getaffinity(0) if i < len(per_core)]
+        except AttributeError:  # no affinity on this platform: the whole machine
+            mine = per_core
+        machine = sum(
             busy.user
             + busy.system
             + getattr(busy, "nice", 0.0)
             + getattr(busy, "irq", 0.0)
             + getattr(busy, "softirq", 0.0)
+            for busy in mine
         )
         return time.monotonic(), machine, self._own_seconds()
 
