@@ -32,6 +32,11 @@ With ``--downstream`` every arm also gets, on each data set:
   synthetic images alone, beside the one trained on the small real set;
 - the audit's copy check: near copies after undoing mirror, rotation, zoom, shift and
   intensity curve, and the share of samples closer to train than to holdout.
+
+The DP arms (``fed-dp-10``, ``fed-dp-1``: the default recipe under DP-SGD, epsilon per slice
+on the brain MRI, per patient on the phantoms) are planned for ``--dp-rounds`` rounds, since a
+DP plan sets its noise for the steps it will charge, and still stopped by ``--budget``; each
+hospital's spending is read from the run's privacy ledger.
 """
 
 from __future__ import annotations
@@ -114,6 +119,10 @@ FEDERATED_ONLY: dict[str, dict[str, Any]] = {
     "server-lr-2": {"federation.server-lr": 2.0},  # the server doubles the averaged update
     # sampling from the last round's generator itself, not the server's running average over rounds
     "no-average": {"federation.generator-average": 0},
+    # the default recipe under DP-SGD on the discriminators, epsilon per privacy unit (a slice on the
+    # brain MRI, a patient on the phantoms); planned for --dp-rounds rounds, still stopped by --budget
+    "dp-10": {"dp.target-epsilon": 10},
+    "dp-1": {"dp.target-epsilon": 1},
 }
 ARMS.update(FEDERATED_ONLY)
 DATASETS = ("brain", "phantom-lesion", "phantom-site")
@@ -130,6 +139,9 @@ class AblationConfig:
     classifier_steps: int = 480
     seed: int = 0
     fed_rounds: int = 0  # >0: fed- arms run this many rounds instead of the time budget (a per-step comparison)
+    # DP arms: a DP plan sets its noise for the steps it will charge, so they are planned for this many
+    # rounds (about 600 s of DP rounds on 2 cores at 64 px), and stopped by the budget if it runs out first
+    dp_rounds: int = 24
     downstream: bool = False  # also the low-data study with its oracle, CAS and the copy check
     lowdata_fraction: float = 0.2
     lowdata_seeds: int = 5
@@ -177,8 +189,9 @@ def train_federated(cfg: AblationConfig, settings: dict[str, Any], data: Path, w
     stopped after the round in which the budget ran out; its last global generator."""
     run_dir = work / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
+    dp = "dp.target-epsilon" in settings
     cmd = [FEDSYNTH, "simulate", "--data", str(data), "--hospitals", "3", "--partition", "dirichlet:0.5",
-           "--rounds", str(cfg.fed_rounds or 10000), "--out", str(run_dir),
+           "--rounds", str(cfg.fed_rounds or (cfg.dp_rounds if dp else 10000)), "--out", str(run_dir),
            "--set", f"federation.time-budget={0 if cfg.fed_rounds else cfg.budget:g}",
            "--set", f"train.seed={cfg.seed}", "--set", "simulation.validation=0"]
     for key, value in settings.items():
@@ -188,8 +201,14 @@ def train_federated(cfg: AblationConfig, settings: dict[str, Any], data: Path, w
     loaded = load_generator(RunDir(run_dir))  # what `fedsynth sample` draws from
     per_hospital = [m for r in rounds for m in r.get("hospitals", {}).values()]
     seen = int(sum(m.get("images-seen", 0) for m in per_hospital))
-    return loaded.gen, {"seconds": seconds, "rounds": len(rounds), "images_seen": seen, "images_per_second": seen / seconds,
-                        "generator_steps": int(sum(m.get("steps", 0) for m in per_hospital))}
+    stats = {"seconds": seconds, "rounds": len(rounds), "images_seen": seen, "images_per_second": seen / seconds,
+             "generator_steps": int(sum(m.get("steps", 0) for m in per_hospital))}
+    if dp:  # what the ledger says each hospital spent (less than the target if the budget stopped it early)
+        ledger = [json.loads(line) for line in (run_dir / "privacy.jsonl").read_text().splitlines() if line.strip()]
+        spent = {r["hospital"]: r for r in ledger}  # the last row per hospital is its total
+        stats["privacy"] = {h: {k: r.get(k) for k in ("epsilon_rdp", "privacy_unit", "units", "noise_multiplier", "delta")}
+                            for h, r in sorted(spent.items())}
+    return loaded.gen, stats
 
 
 def round_readouts(run_dir: Path, draw: np.ndarray, score: Any, seed: int) -> dict[str, dict[str, float]]:
@@ -301,13 +320,13 @@ def run_dataset(cfg: AblationConfig, name: str, work: Path, out: Path) -> dict[s
         spent = f"{cfg.fed_rounds} rounds" if cfg.fed_rounds and arm.startswith("fed-") else f"{cfg.budget:g} s"
         progress(f"{name}: {arm}, {spent}")
         if arm.startswith("fed-"):
-            gen, stats = train_federated(cfg, ARMS[arm.removeprefix("fed-")], data, work / f"fed-{name}")
+            gen, stats = train_federated(cfg, ARMS[arm.removeprefix("fed-")], data, work / f"{arm}-{name}")
         else:
             gen, stats = train_arm(cfg, ARMS[arm], train)
         images = generate(gen, draw, seed=cfg.seed + 1)
         result[arm] = {**stats, **measure(space, holdout.images, images)}
         if arm.startswith("fed-"):
-            result[arm]["readouts"] = round_readouts(work / f"fed-{name}" / "run", draw,
+            result[arm]["readouts"] = round_readouts(work / f"{arm}-{name}" / "run", draw,
                                                      lambda x: measure(space, holdout.images, x), cfg.seed + 1)
         # the scored samples, for measures added later (git ignores .npz: not in the repository)
         np.savez_compressed(out / "samples" / f"{name}-{arm}.npz", images=images, labels=draw)
@@ -356,6 +375,19 @@ def markdown(cfg: AblationConfig, result: dict[str, Any]) -> list[str]:
                 cells = [result["datasets"][d][arm]["readouts"][readout] for d in cfg.datasets]
                 lines.append(f"| {arm} | {readout} | " + " | ".join(
                     f"{c['fd']:.2f} ({c['precision']:.2f} / {c['recall']:.2f})" for c in cells) + " |")
+    dp_arms = [a for a in cfg.arms if "privacy" in result["datasets"][cfg.datasets[0]].get(a, {})]
+    if dp_arms:
+        lines += ["", "What the DP arms spent, from each run's privacy ledger: epsilon per privacy unit at each "
+                  "hospital (noise multiplier, units).", "",
+                  "| arm | " + " | ".join(cfg.datasets) + " |", "| --- |" + " --- |" * len(cfg.datasets)]
+        for arm in dp_arms:
+            cells = []
+            for d in cfg.datasets:
+                spent = result["datasets"][d][arm]["privacy"]
+                unit = next(iter(spent.values()))["privacy_unit"]
+                cells.append(f"per {unit}: " + ", ".join(
+                    f"{r['epsilon_rdp']:.2f} ({r['noise_multiplier']:.2f}, {r['units']})" for r in spent.values()))
+            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     if cfg.downstream:
         lines += downstream_markdown(cfg, result)
     return lines
@@ -410,6 +442,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fed-rounds", type=int, default=0,
                    help="fed- arms run this many rounds, not --budget seconds: compares recipes per step, which "
                    "other load on the cores cannot bias (for changes that leave a step's cost alone)")
+    p.add_argument("--dp-rounds", type=int, default=24,
+                   help="rounds the DP arms (fed-dp-*) plan their noise for and run, unless --budget runs out first")
     p.add_argument("--quick", action="store_true", help="tiny settings: checks that it runs")
     p.add_argument("--arms", default="", help=f"comma-separated arms (default: {', '.join(CENTRAL_ARMS)}; any as fed-ARM, "
                    f"and {', '.join(sorted(FEDERATED_ONLY))} only as fed-ARM)")
@@ -426,7 +460,7 @@ def main(argv: list[str] | None = None) -> None:
         overrides["arms"] = tuple(args.arms.split(","))
     if args.datasets:
         overrides["datasets"] = tuple(args.datasets.split(","))
-    cfg = AblationConfig(budget=args.budget, fed_rounds=args.fed_rounds, downstream=args.downstream,
+    cfg = AblationConfig(budget=args.budget, fed_rounds=args.fed_rounds, dp_rounds=args.dp_rounds, downstream=args.downstream,
                          lowdata_fraction=args.lowdata_fraction, seed=args.seed, **overrides)
     central_only = [a for a in cfg.arms if a in FEDERATED_ONLY]
     if central_only:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,6 +22,7 @@ SMALL_HOSPITALS = tuple(replace(p, patients=5) for p in DEFAULT_HOSPITALS)
 # pytest runs one worker per core (pyproject's addopts: -n auto --dist loadfile), at most this many:
 # each may run a Flower simulation of about 1.5 GB.
 MAX_WORKERS = 4
+ALL_CORES = os.sched_getaffinity(0)
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
@@ -33,12 +35,38 @@ def _pin_worker_to_its_cores() -> None:
     Two torch processes spinning threads on the same two cores slow each other many times over
     (NOTES.md); pinned, each sizes its threads from its own share (``available_cores``)."""
     worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    cores = sorted(os.sched_getaffinity(0))
+    cores = sorted(ALL_CORES)
     if worker and 1 < count <= len(cores):
         os.sched_setaffinity(0, cores[int(worker.removeprefix("gw")) :: count])
 
 
 _pin_worker_to_its_cores()
+# The files that take longest go first (pyproject: --no-loadscope-reorder), so that they do not
+# end the run on one worker while the other idles.
+RUN_FIRST = ("test_deployment.py", "test_benchmarks.py", "test_audit.py", "test_simulation.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return RUN_FIRST.index(name) if name in RUN_FIRST else len(RUN_FIRST)
+
+    items.sort(key=rank)  # stable: each file keeps its own order
+
+
+@pytest.fixture(autouse=True)
+def _whole_machine(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Tests marked ``whole_machine`` (a SuperLink and several SuperNodes in their own processes,
+    waiting on each other with timeouts) may use every core, not just their worker's share."""
+    if request.node.get_closest_marker("whole_machine") is None or not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield
+        return
+    own = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, ALL_CORES)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, own)
 
 
 def require(path: Path) -> Path:

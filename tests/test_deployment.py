@@ -30,7 +30,7 @@ from fedsynth.runs.rundir import RunDir
 
 from .conftest import REPO, make_slices
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.whole_machine]
 
 FEDSYNTH = str(Path(sys.executable).parent / "fedsynth")
 MARK = "FEDSYNTH_TEST_PROCESS"

@@ -194,7 +194,7 @@ def run_node(
             while proc.poll() is None:
                 with contextlib.suppress(psutil.Error):
                     family.update({p.pid: p for p in psutil.Process(proc.pid).children(recursive=True)})
-                time.sleep(0.5)
+                time.sleep(0.2)
         except KeyboardInterrupt:
             # Let the SuperNode say goodbye to the coordinator, or the coordinator holds its
             # session and refuses the next start for about a minute: a terminal's Ctrl-C
