@@ -154,6 +154,22 @@ def _nest(flat: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _wait_gone(procs: list[Any], timeout: float) -> None:
+    """Wait until the killed processes are gone (a kill takes effect when the process next
+    runs, late on a busy machine); one whose parent left it unreaped counts as gone."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = 0
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                alive += p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        if not alive:
+            return
+        time.sleep(0.05)
+
+
 def run_node(
     node: HospitalNode,
     *,
@@ -208,9 +224,12 @@ def run_node(
             raise
         finally:
             stop_process(proc)
+            killed = []
             for child in family.values():
                 with contextlib.suppress(psutil.Error):
                     child.kill()  # only a process still the same (psutil checks its start time)
+                    killed.append(child)
+            _wait_gone(killed, timeout=5.0)
             relay.join(timeout=5)
         waited = time.monotonic() - started
         if not refused.is_set() or (max_wait > 0 and waited + retry_seconds > max_wait):
