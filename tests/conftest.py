@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedsynth.core.device import available_cores
 from fedsynth.data.phantoms import DEFAULT_HOSPITALS
 from fedsynth.data.sliceset import SliceSet, assign_split_by_patient
 
@@ -22,12 +23,12 @@ SMALL_HOSPITALS = tuple(replace(p, patients=5) for p in DEFAULT_HOSPITALS)
 # pytest runs one worker per core (pyproject's addopts: -n auto --dist loadfile), at most this many:
 # each may run a Flower simulation of about 1.5 GB.
 MAX_WORKERS = 4
-ALL_CORES = os.sched_getaffinity(0)
+ALL_CORES: set[int] = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()  # Linux only
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """``-n auto``: one worker per core this process may use (not ``os.cpu_count()``)."""
-    return max(1, min(len(os.sched_getaffinity(0)), MAX_WORKERS))
+    return min(available_cores(), MAX_WORKERS)
 
 
 def _pin_worker_to_its_cores() -> None:
@@ -58,7 +59,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def _whole_machine(request: pytest.FixtureRequest) -> Iterator[None]:
     """Tests marked ``whole_machine`` (a SuperLink and several SuperNodes in their own processes,
     waiting on each other with timeouts) may use every core, not just their worker's share."""
-    if request.node.get_closest_marker("whole_machine") is None or not os.environ.get("PYTEST_XDIST_WORKER"):
+    if request.node.get_closest_marker("whole_machine") is None or not os.environ.get("PYTEST_XDIST_WORKER") \
+            or not ALL_CORES:
         yield
         return
     own = os.sched_getaffinity(0)
