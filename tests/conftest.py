@@ -20,8 +20,8 @@ BRAIN_MRI = SHARED_DATA / "brain-tumor-mri"
 CT_VOLUMES = SHARED_DATA / "ct-volumes"
 # The demo's hospitals with fewer patients each, to keep the tests quick.
 SMALL_HOSPITALS = tuple(replace(p, patients=5) for p in DEFAULT_HOSPITALS)
-# pytest runs one worker per core (pyproject's addopts: -n auto --dist loadfile), at most this many:
-# each may run a Flower simulation of about 1.5 GB.
+# `pytest -n auto --dist loadfile --no-loadscope-reorder` runs one worker per core, at most this many
+# (each may run a Flower simulation of about 1.5 GB); plain `pytest` runs in one process.
 MAX_WORKERS = 4
 ALL_CORES: set[int] = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()  # Linux only
 
